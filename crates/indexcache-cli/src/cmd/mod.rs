@@ -1,0 +1,4 @@
+pub mod demo;
+pub mod forward;
+pub mod generate;
+pub mod info;

@@ -1,0 +1,52 @@
+//! Loading a model with a progress bar and a report of what was skipped.
+
+use anyhow::{Context, Result};
+use indexcache_model::{DsaModel, IndexerSelection, LoadOptions};
+use indexcache_ops::cpu::CpuBackend;
+use indexcache_config::ScheduleOverride;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+use std::time::Instant;
+
+pub type Model = DsaModel<CpuBackend>;
+
+pub fn load_model(dir: &Path, schedule: Option<ScheduleOverride>, indexers: IndexerSelection) -> Result<Model> {
+    let t0 = Instant::now();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} loading weights [{bar:30}] {pos}/{len} {wide_msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let opts = LoadOptions { schedule, indexers };
+    let mut on_tensor = |name: &str, done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(name.to_string());
+    };
+    let loaded = DsaModel::load(dir, CpuBackend::new(), &opts, &mut on_tensor);
+    bar.finish_and_clear();
+    let (model, report) = loaded.with_context(|| format!("loading model from {}", dir.display()))?;
+    if !report.skipped_mtp.is_empty() {
+        tracing::info!(
+            "skipped {} tensors of the multi-token-prediction layer (model.layers.{}), as transformers does",
+            report.skipped_mtp.len(),
+            model.config().num_hidden_layers
+        );
+    }
+    if !report.unused.is_empty() {
+        let shown: Vec<&str> = report.unused.iter().take(8).map(String::as_str).collect();
+        tracing::info!("{} checkpoint tensors unused by this schedule/model: {}{}", report.unused.len(), shown.join(", "),
+            if report.unused.len() > 8 { ", …" } else { "" });
+    }
+    tracing::info!(
+        "loaded {} tensors in {:.2}s; schedule {} ({} Full of {}); backend {}",
+        report.tensors_loaded,
+        t0.elapsed().as_secs_f64(),
+        model.schedule(),
+        model.schedule().num_full(),
+        model.schedule().len(),
+        indexcache_ops::Backend::name(model.backend()),
+    );
+    Ok(model)
+}

@@ -1,0 +1,57 @@
+//! `indexcache`: run DSA checkpoints (DeepSeek-V3.2, GLM-5) with IndexCache, and the tools to
+//! choose, check and export IndexCache patterns.
+
+mod args;
+mod cmd;
+mod load;
+mod output;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "indexcache", version, about = "Sparse-attention (DSA) engine and IndexCache toolkit", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture, parameters, dtypes, the IndexCache schedule and KV-cache bytes per token.
+    Info(cmd::info::Args),
+    /// Run token ids through the model and write logits and per-layer top-k to safetensors.
+    Forward(cmd::forward::Args),
+    /// Generate text from a prompt (greedy or sampled), reporting TTFT and decode speed.
+    Generate(cmd::generate::Args),
+    /// The built-in demo: schedule, generation, and DSA vs IndexCache timing on a tiny model.
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,indexcache=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Info(a) => cmd::info::run(a),
+        Command::Forward(a) => cmd::forward::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::BrokenPipe
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Model configuration for DeepSeek Sparse Attention checkpoints, and the IndexCache schedule.
+//!
+//! Two stages, like candle's llama config: [`RawConfig`] mirrors `config.json` key for key
+//! (serde defaults equal to HF transformers ≥ 5.13), and [`ModelConfig`] is the resolved,
+//! validated form the engine uses — no `Option`s left where transformers has a default.
+//!
+//! * [`ModelConfig::from_file`] — parse + resolve `config.json` for `model_type`
+//!   `deepseek_v32` or `glm_moe_dsa`; anything else is a [`ConfigError`] naming the key.
+//! * [`IndexSchedule`] — per layer Full (runs its indexer) or Shared (reuses the top-k of the
+//!   nearest preceding Full layer), resolved as transformers does:
+//!   `indexer_types` > `index_topk_pattern` > `index_topk_freq` + `index_skip_topk_offset`,
+//!   and overridable at run time by [`ScheduleOverride`].
+
+mod config;
+mod rope;
+mod schedule;
+
+pub use config::{Arch, ConfigError, Fp8Quant, MlpKind, ModelConfig, RawConfig, RopeConfig, RopeScaling, TokenIds};
+pub use schedule::{IndexSchedule, LayerIndexer, ScheduleError, ScheduleOverride};

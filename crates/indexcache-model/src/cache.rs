@@ -1,0 +1,107 @@
+//! Per-sequence state: the MLA latent cache of every layer and the indexer-key cache of Full
+//! layers only, preallocated for a fixed capacity and a fixed schedule.
+//!
+//! **What is cached.** Each layer stores, per token, the *absorbed* MLA form: the normalised
+//! latent `c_kv` (`R` = `kv_lora_rank`) followed by the RoPE'd shared key `k_pe` (`P`), i.e.
+//! `R+P` numbers (576 for DeepSeek-V3.2 / GLM-5). That is what sparse kernels (FlashMLA) gather
+//! per selected position — one row shared by all heads — and it is `2·H·(nope+v)/(R+P)`× smaller
+//! than expanded K/V (≈ 57× for DeepSeek-V3.2). Queries are absorbed instead (`q_nope·W_UK`).
+//!
+//! **IndexCache.** Only Full layers own an indexer-key cache (`D` per token). The schedule is
+//! fixed for the life of the cache: a Shared layer has no keys to fall back on.
+
+use crate::error::ModelError;
+use indexcache_config::{IndexSchedule, ModelConfig};
+use indexcache_ops::{Backend, RopeTable};
+
+pub struct LayerCache<B: Backend> {
+    /// `[capacity, R+P]`: rows `[c_kv | k_pe]`.
+    pub latent: B::Tensor,
+    /// `[capacity, D]` on Full layers; `None` on Shared layers.
+    pub index_keys: Option<B::Tensor>,
+}
+
+pub struct Cache<B: Backend> {
+    pub(crate) schedule: IndexSchedule,
+    pub(crate) layers: Vec<LayerCache<B>>,
+    pub(crate) rope: RopeTable,
+    len: usize,
+    capacity: usize,
+}
+
+impl<B: Backend> Cache<B> {
+    pub(crate) fn new(
+        b: &B,
+        cfg: &ModelConfig,
+        schedule: IndexSchedule,
+        capacity: usize,
+    ) -> Result<Self, ModelError> {
+        if capacity > cfg.max_position_embeddings {
+            return Err(ModelError::ContextTooLong {
+                needed: capacity,
+                limit: cfg.max_position_embeddings,
+                what: "model's max_position_embeddings",
+            });
+        }
+        let width = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| LayerCache {
+                latent: b.zeros(capacity, width),
+                index_keys: schedule.is_full(l).then(|| b.zeros(capacity, cfg.index_head_dim)),
+            })
+            .collect();
+        let rope = RopeTable::new(&cfg.rope.inv_freq(), cfg.rope.attention_factor(), capacity);
+        Ok(Self { schedule, layers, rope, len: 0, capacity })
+    }
+
+    /// Tokens cached so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn schedule(&self) -> &IndexSchedule {
+        &self.schedule
+    }
+
+    /// Forget all tokens (keeps the allocation).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Roll back to `len` tokens (e.g. to re-run a suffix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// Cache bytes per token for a schedule, in two storage formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheBytes {
+    /// This engine's f32 cache.
+    pub engine_f32: usize,
+    /// The production layout (FlashMLA FP8 latent 656 B + DeepGEMM FP8 indexer key 132 B, for
+    /// R=512,P=64,D=128; generalised as R + 4·R/128 + 2·P and D + 4).
+    pub production_fp8: usize,
+}
+
+pub fn cache_bytes_per_token(cfg: &ModelConfig, schedule: &IndexSchedule) -> CacheBytes {
+    let (r, p, d) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim);
+    let layers = cfg.num_hidden_layers;
+    let full = schedule.num_full();
+    CacheBytes {
+        engine_f32: 4 * ((r + p) * layers + d * full),
+        production_fp8: (r + 4 * r.div_ceil(128) + 2 * p) * layers + (d + 4) * full,
+    }
+}

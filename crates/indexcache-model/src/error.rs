@@ -1,0 +1,33 @@
+//! Errors of model loading and running. Every variant names what the user has to fix.
+
+use indexcache_config::{ConfigError, ScheduleError};
+use indexcache_weights::WeightError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error("invalid schedule: {0}")]
+    Schedule(#[from] ScheduleError),
+    #[error(
+        "layer {layer} is Full in the schedule but the checkpoint has no indexer weights for it \
+         (missing {tensor:?}); this checkpoint ships indexers only on layers {available}"
+    )]
+    MissingIndexer { layer: usize, tensor: String, available: String },
+    #[error(
+        "context too long: {needed} tokens needed but the {what} allows {limit} \
+         (prompt + generated tokens must fit)"
+    )]
+    ContextTooLong { needed: usize, limit: usize, what: &'static str },
+    #[error("token id {id} at input position {index} is out of range for vocabulary size {vocab}")]
+    TokenOutOfRange { id: u32, index: usize, vocab: usize },
+    #[error("empty input: at least one token is required")]
+    EmptyInput,
+    #[error("schedule has {got} layers but the model has {expected}")]
+    ScheduleLength { expected: usize, got: usize },
+    #[error("{0}")]
+    Invalid(String),
+}

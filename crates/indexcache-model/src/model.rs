@@ -1,0 +1,367 @@
+//! The DSA decoder (DeepSeek-V3.2 and GLM-5 share it; they differ in sizes and the indexer's
+//! RoPE layout), with IndexCache: Full layers run the lightning indexer and publish their
+//! top-k; Shared layers attend over the top-k of the nearest preceding Full layer.
+//!
+//! Reference: transformers 5.24 `modeling_deepseek_v32.py` / `modeling_glm_moe_dsa.py`.
+//! Per layer, in paper order:
+//! ```text
+//! h = rms_norm(x)                                   input_layernorm
+//! qr = rms_norm(q_a(h)); q = q_b(qr)                q latent (shared with the indexer)
+//! c, k_pe = rms_norm(kv_a(h)[:R]), rope(kv_a(h)[R:])  → cache row [c | k_pe]
+//! sel = Full ? topk(indexer(h, qr)) : sel(source)   IndexCache
+//! o = W_UV · sparse_attn(q_nope·W_UK, rope(q_pe), cache, sel)
+//! x += o_proj(o); x += ffn(rms_norm(x))             dense SwiGLU or MoE
+//! ```
+
+use crate::cache::{Cache, LayerCache};
+use crate::error::ModelError;
+use crate::weights::{
+    CheckpointSource, FfnWeights, IndexerSelection, ModelWeights, RandomSource, WeightSource, load_weights,
+};
+use indexcache_config::{IndexSchedule, LayerIndexer, ModelConfig, ScheduleOverride};
+use indexcache_ops::{Backend, RopeLayout, TopK};
+use indexcache_weights::WeightStore;
+use std::path::Path;
+
+/// transformers builds `q_a_layernorm` / `kv_a_layernorm` with the RMSNorm default eps, not
+/// `rms_norm_eps`.
+const LATENT_NORM_EPS: f32 = 1e-6;
+/// The indexer's `k_norm` is `nn.LayerNorm(D, eps=1e-6)`.
+const INDEXER_NORM_EPS: f32 = 1e-6;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Replace the checkpoint's schedule.
+    pub schedule: Option<ScheduleOverride>,
+    /// Which indexers to materialise.
+    pub indexers: IndexerSelection,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { schedule: None, indexers: IndexerSelection::Full }
+    }
+}
+
+/// What loading found in the checkpoint besides the weights it used.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Tensors of the multi-token-prediction layer(s) `model.layers.{N..}`, skipped like
+    /// transformers does.
+    pub skipped_mtp: Vec<String>,
+    /// Other tensors the model did not use.
+    pub unused: Vec<String>,
+    /// Tensors read (weights and their fp8 scales).
+    pub tensors_loaded: usize,
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+    None,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    pub logits: Logits,
+    /// Return the top-k of every layer that ran its indexer.
+    pub capture_topk: bool,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self { logits: Logits::Last, capture_topk: false }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOutput {
+    /// `[rows, vocab]` row-major, `rows` = T (All), 1 (Last) or 0.
+    pub logits: Vec<f32>,
+    pub rows: usize,
+    /// `(layer, top-k)` for each Full layer, when captured.
+    pub topk: Vec<(usize, TopK)>,
+}
+
+pub struct DsaModel<B: Backend> {
+    backend: B,
+    cfg: ModelConfig,
+    schedule: IndexSchedule,
+    weights: ModelWeights<B>,
+    indexer_layout: RopeLayout,
+}
+
+impl<B: Backend> DsaModel<B> {
+    /// Load `config.json` + safetensors from `dir`. `on_tensor(name, done, total)` is called
+    /// after each tensor (for a progress bar).
+    pub fn load(
+        dir: &Path,
+        backend: B,
+        opts: &LoadOptions,
+        on_tensor: &mut dyn FnMut(&str, usize, usize),
+    ) -> Result<(Self, LoadReport), ModelError> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut store = WeightStore::open(dir)?;
+        if let Some(q) = cfg.quantization {
+            store.set_fp8_block(q.block);
+        }
+        let schedule = match &opts.schedule {
+            Some(o) => o.apply(cfg.num_hidden_layers)?,
+            None => cfg.schedule.clone(),
+        };
+        check_indexers(&cfg, &schedule, |n| store.contains(n))?;
+
+        let n_layers = cfg.num_hidden_layers;
+        let is_mtp = |name: &str| layer_of(name).is_some_and(|l| l >= n_layers);
+        let total = store.names().into_iter().filter(|n| !is_mtp(n)).count();
+        let mut done = 0usize;
+        let mut progress = |name: &str| {
+            done += 1;
+            on_tensor(name, done, total);
+        };
+        let mut src = CheckpointSource { store: &store, on_tensor: &mut progress };
+        let model = Self::from_source(cfg, backend, schedule, &mut src, opts.indexers)?;
+
+        let mut report = LoadReport::default();
+        for name in store.unused() {
+            if is_mtp(&name) {
+                report.skipped_mtp.push(name);
+            } else {
+                report.unused.push(name);
+            }
+        }
+        report.tensors_loaded = store.len() - report.skipped_mtp.len() - report.unused.len();
+        Ok((model, report))
+    }
+
+    /// Build from any weight source (checkpoint or random).
+    pub fn from_source(
+        cfg: ModelConfig,
+        backend: B,
+        schedule: IndexSchedule,
+        src: &mut dyn WeightSource,
+        indexers: IndexerSelection,
+    ) -> Result<Self, ModelError> {
+        if schedule.len() != cfg.num_hidden_layers {
+            return Err(ModelError::ScheduleLength { expected: cfg.num_hidden_layers, got: schedule.len() });
+        }
+        check_indexers(&cfg, &schedule, |n| src.has(n))?;
+        let full: Vec<bool> = (0..cfg.num_hidden_layers).map(|l| schedule.is_full(l)).collect();
+        let weights = load_weights(&backend, &cfg, src, &full, indexers)?;
+        let indexer_layout =
+            if cfg.indexer_rope_interleave { RopeLayout::Interleaved } else { RopeLayout::HalfSplit };
+        Ok(Self { backend, cfg, schedule, weights, indexer_layout })
+    }
+
+    /// Seeded random weights at the config's shapes, with an indexer on every layer.
+    pub fn random(cfg: ModelConfig, backend: B, schedule: IndexSchedule, seed: u64) -> Result<Self, ModelError> {
+        Self::from_source(cfg, backend, schedule, &mut RandomSource::new(seed), IndexerSelection::All)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The schedule caches get by default.
+    pub fn schedule(&self) -> &IndexSchedule {
+        &self.schedule
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Layers whose indexer weights are loaded.
+    pub fn layers_with_indexer(&self) -> Vec<usize> {
+        (0..self.cfg.num_hidden_layers).filter(|&l| self.weights.layers[l].attn.indexer.is_some()).collect()
+    }
+
+    /// A cache for `capacity` tokens with the model's schedule.
+    pub fn new_cache(&self, capacity: usize) -> Result<Cache<B>, ModelError> {
+        self.new_cache_with(self.schedule.clone(), capacity)
+    }
+
+    /// A cache with another schedule (every Full layer needs its indexer loaded).
+    pub fn new_cache_with(&self, schedule: IndexSchedule, capacity: usize) -> Result<Cache<B>, ModelError> {
+        if schedule.len() != self.cfg.num_hidden_layers {
+            return Err(ModelError::ScheduleLength { expected: self.cfg.num_hidden_layers, got: schedule.len() });
+        }
+        let loaded = self.layers_with_indexer();
+        for l in schedule.full_layers() {
+            if !loaded.contains(&l) {
+                return Err(ModelError::MissingIndexer {
+                    layer: l,
+                    tensor: format!("model.layers.{l}.self_attn.indexer.*"),
+                    available: format_layers(&loaded),
+                });
+            }
+        }
+        Cache::new(&self.backend, &self.cfg, schedule, capacity)
+    }
+
+    /// Run `ids` (the next tokens of the sequence in `cache`) through the model.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache<B>,
+        opts: &ForwardOptions,
+    ) -> Result<ForwardOutput, ModelError> {
+        let (mut x, positions) = self.begin(ids, cache)?;
+        let mut out = ForwardOutput::default();
+        let mut shared: Option<TopK> = None;
+        for l in 0..self.cfg.num_hidden_layers {
+            self.layer(l, &mut x, cache, &positions, &mut shared)?;
+            if opts.capture_topk && cache.schedule.is_full(l) {
+                if let Some(t) = &shared {
+                    out.topk.push((l, t.clone()));
+                }
+            }
+        }
+        cache.advance(ids.len());
+        let b = &self.backend;
+        let x = match opts.logits {
+            Logits::None => return Ok(out),
+            Logits::All => x,
+            Logits::Last => b.rows(&x, ids.len() - 1, 1),
+        };
+        let logits = self.logits(&x);
+        out.rows = b.dims(&logits).0;
+        out.logits = b.download(&logits);
+        Ok(out)
+    }
+
+    /// Validate `ids` against the vocabulary and the cache, embed them, and return their
+    /// absolute positions. Building block for tools that drive layers one by one.
+    pub fn begin(&self, ids: &[u32], cache: &Cache<B>) -> Result<(B::Tensor, Vec<usize>), ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        if let Some((index, &id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, index, vocab: self.cfg.vocab_size });
+        }
+        let needed = cache.len() + ids.len();
+        if needed > cache.capacity() {
+            return Err(ModelError::ContextTooLong { needed, limit: cache.capacity(), what: "cache capacity" });
+        }
+        let x = self.backend.embedding(&self.weights.embed, ids);
+        Ok((x, (cache.len()..needed).collect()))
+    }
+
+    /// One decoder layer, in place on `x`. `shared` carries the latest Full layer's top-k.
+    /// The caller advances the cache after the last layer.
+    pub fn layer(
+        &self,
+        l: usize,
+        x: &mut B::Tensor,
+        cache: &mut Cache<B>,
+        positions: &[usize],
+        shared: &mut Option<TopK>,
+    ) -> Result<(), ModelError> {
+        let b = &self.backend;
+        let lw = &self.weights.layers[l];
+        let eps = self.cfg.rms_norm_eps;
+        let h = b.rms_norm(x, &lw.input_norm, eps);
+        let attn = self.attention(l, &h, cache, positions, shared)?;
+        b.add_inplace(x, &attn);
+        let h = b.rms_norm(x, &lw.post_attn_norm, eps);
+        let ffn = match &lw.ffn {
+            FfnWeights::Dense(m) => b.mlp(&h, m),
+            FfnWeights::Moe(m) => b.moe(&h, m),
+        };
+        b.add_inplace(x, &ffn);
+        Ok(())
+    }
+
+    /// Final norm + LM head: `[T, hidden]` → `[T, vocab]`.
+    pub fn logits(&self, x: &B::Tensor) -> B::Tensor {
+        let b = &self.backend;
+        let h = b.rms_norm(x, &self.weights.norm, self.cfg.rms_norm_eps);
+        b.matmul_t(&h, self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed))
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        h: &B::Tensor,
+        cache: &mut Cache<B>,
+        positions: &[usize],
+        shared: &mut Option<TopK>,
+    ) -> Result<B::Tensor, ModelError> {
+        let b = &self.backend;
+        let c = &self.cfg;
+        let w = &self.weights.layers[l].attn;
+        let (heads, nope, p, r) = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank);
+        let pos0 = positions[0];
+        let Cache { schedule, layers, rope, .. } = cache;
+        let lc: &mut LayerCache<B> = &mut layers[l];
+
+        // Queries: latent qr (shared with the indexer), then per head [nope | rope].
+        let qr = b.rms_norm(&b.matmul_t(h, &w.q_a), &w.q_a_norm, LATENT_NORM_EPS); // [T, q_lora]
+        let q = b.matmul_t(&qr, &w.q_b); // [T, H*(nope+P)]
+        let q_nope = b.head_columns(&q, heads, nope + p, 0, nope); // [T, H*nope]
+        let mut q_pe = b.head_columns(&q, heads, nope + p, nope, p); // [T, H*P]
+        b.rope_inplace(&mut q_pe, p, p, RopeLayout::Interleaved, positions, rope);
+        let q_lat = b.matmul_heads(&q_nope, &w.w_uk); // [T, H*R] absorbed
+
+        // Keys/values: the latent row [c_kv | k_pe] goes straight into the cache.
+        let kv = b.matmul_t(h, &w.kv_a); // [T, R+P]
+        let c_kv = b.rms_norm(&b.columns(&kv, 0, r), &w.kv_a_norm, LATENT_NORM_EPS);
+        let mut k_pe = b.columns(&kv, r, p);
+        b.rope_inplace(&mut k_pe, p, p, RopeLayout::Interleaved, positions, rope);
+        b.write_block(&mut lc.latent, pos0, 0, &c_kv);
+        b.write_block(&mut lc.latent, pos0, r, &k_pe);
+
+        // IndexCache: a Full layer runs its indexer and publishes the top-k; a Shared layer
+        // reuses it.
+        if let LayerIndexer::Full = schedule.layer(l) {
+            let (Some(ix), Some(keys)) = (&w.indexer, lc.index_keys.as_mut()) else {
+                return Err(ModelError::Invalid(format!("layer {l} is Full but has no indexer loaded")));
+            };
+            let (hi, d) = (c.index_n_heads, c.index_head_dim);
+            let mut qi = b.matmul_t(&qr, &ix.wq_b); // [T, HI*D]
+            b.rope_inplace(&mut qi, d, p, self.indexer_layout, positions, rope);
+            let mut ki = b.layer_norm(&b.matmul_t(h, &ix.wk), &ix.k_norm_w, &ix.k_norm_b, INDEXER_NORM_EPS);
+            b.rope_inplace(&mut ki, d, p, self.indexer_layout, positions, rope);
+            b.write_block(keys, pos0, 0, &ki);
+            let mut head_w = b.matmul_t(h, &ix.weights_proj); // [T, HI]
+            b.scale_inplace(&mut head_w, (hi as f32).powf(-0.5));
+            *shared = Some(b.indexer_topk(&qi, &head_w, keys, positions, c.index_topk, (d as f32).powf(-0.5)));
+        }
+        let sel = shared
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid(format!("layer {l} is Shared but no Full layer precedes it")))?;
+
+        let o_lat = b.sparse_mla(&q_lat, &q_pe, &lc.latent, sel, c.softmax_scale); // [T, H*R]
+        let o = b.matmul_heads(&o_lat, &w.w_uv); // [T, H*v]
+        Ok(b.matmul_t(&o, &w.o))
+    }
+}
+
+/// Every Full layer of `schedule` needs its indexer weights (`wk` is the probe); `has` says
+/// whether the checkpoint holds a tensor.
+pub fn check_indexers(cfg: &ModelConfig, schedule: &IndexSchedule, has: impl Fn(&str) -> bool) -> Result<(), ModelError> {
+    let name = |l: usize| format!("model.layers.{l}.self_attn.indexer.wk.weight");
+    for l in schedule.full_layers() {
+        if !has(&name(l)) {
+            let available: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| has(&name(l))).collect();
+            return Err(ModelError::MissingIndexer { layer: l, tensor: name(l), available: format_layers(&available) });
+        }
+    }
+    Ok(())
+}
+
+fn format_layers(ls: &[usize]) -> String {
+    if ls.is_empty() {
+        return "(none)".into();
+    }
+    let v: Vec<String> = ls.iter().map(|l| l.to_string()).collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// `model.layers.{N}.…` → N.
+pub(crate) fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}

@@ -1,0 +1,319 @@
+//! CPU backend: f32 compute, matmuls through `gemm`, everything else parallel over rows with
+//! `rayon`. Fast kernels live in the sibling modules; [`reference`] holds their plain twins.
+
+mod attention;
+mod indexer;
+mod linalg;
+pub mod reference;
+
+use crate::{Backend, Mlp, Moe, RopeLayout, RopeTable, TopK};
+use rayon::prelude::*;
+
+/// A row-major f32 matrix in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "CpuTensor: data length != rows*cols");
+        Self { data, rows, cols }
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// The CPU backend. Stateless apart from the thread count used by `gemm`.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self { threads: rayon::current_num_threads().max(1) }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuTensor;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads, f32)", self.threads)
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor::new(data.to_vec(), rows, cols)
+    }
+
+    fn download(&self, t: &CpuTensor) -> Vec<f32> {
+        t.data.clone()
+    }
+
+    fn dims(&self, t: &CpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor::new(vec![0.0; rows * cols], rows, cols)
+    }
+
+    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor::new(data, rows, cols)
+    }
+
+    fn weight_dims(&self, w: &CpuTensor) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn columns(&self, x: &CpuTensor, start: usize, len: usize) -> CpuTensor {
+        debug_assert!(start + len <= x.cols);
+        let mut data = Vec::with_capacity(x.rows * len);
+        for r in 0..x.rows {
+            data.extend_from_slice(&x.row(r)[start..start + len]);
+        }
+        CpuTensor::new(data, x.rows, len)
+    }
+
+    fn rows(&self, x: &CpuTensor, start: usize, len: usize) -> CpuTensor {
+        debug_assert!(start + len <= x.rows);
+        CpuTensor::new(x.data[start * x.cols..(start + len) * x.cols].to_vec(), len, x.cols)
+    }
+
+    fn head_columns(&self, x: &CpuTensor, heads: usize, stride: usize, offset: usize, len: usize) -> CpuTensor {
+        debug_assert_eq!(x.cols, heads * stride);
+        debug_assert!(offset + len <= stride);
+        let mut data = Vec::with_capacity(x.rows * heads * len);
+        for r in 0..x.rows {
+            let row = x.row(r);
+            for h in 0..heads {
+                data.extend_from_slice(&row[h * stride + offset..h * stride + offset + len]);
+            }
+        }
+        CpuTensor::new(data, x.rows, heads * len)
+    }
+
+    fn write_block(&self, dst: &mut CpuTensor, row0: usize, col0: usize, src: &CpuTensor) {
+        assert!(row0 + src.rows <= dst.rows, "write_block: rows {}+{} > {}", row0, src.rows, dst.rows);
+        assert!(col0 + src.cols <= dst.cols, "write_block: cols {}+{} > {}", col0, src.cols, dst.cols);
+        let cols = dst.cols;
+        for r in 0..src.rows {
+            let d = (row0 + r) * cols + col0;
+            dst.data[d..d + src.cols].copy_from_slice(src.row(r));
+        }
+    }
+
+    fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> CpuTensor {
+        let mut data = Vec::with_capacity(ids.len() * table.cols);
+        for &id in ids {
+            data.extend_from_slice(table.row(id as usize));
+        }
+        CpuTensor::new(data, ids.len(), table.cols)
+    }
+
+    fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        debug_assert_eq!((x.rows, x.cols), (y.rows, y.cols));
+        x.data.par_iter_mut().zip(y.data.par_iter()).for_each(|(a, b)| *a += *b);
+    }
+
+    fn scale_inplace(&self, x: &mut CpuTensor, s: f32) {
+        x.data.par_iter_mut().for_each(|a| *a *= s);
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &[f32], eps: f32) -> CpuTensor {
+        debug_assert_eq!(w.len(), x.cols);
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols).for_each(|row| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for (v, g) in row.iter_mut().zip(w) {
+                *v = g * (*v * inv);
+            }
+        });
+        out
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, w: &[f32], b: &[f32], eps: f32) -> CpuTensor {
+        debug_assert_eq!(w.len(), x.cols);
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols).for_each(|row| {
+            let n = row.len() as f32;
+            let mean = row.iter().sum::<f32>() / n;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, g), bb) in row.iter_mut().zip(w).zip(b) {
+                *v = (*v - mean) * inv * g + bb;
+            }
+        });
+        out
+    }
+
+    fn rope_inplace(
+        &self,
+        x: &mut CpuTensor,
+        head_dim: usize,
+        rot_dims: usize,
+        layout: RopeLayout,
+        positions: &[usize],
+        table: &RopeTable,
+    ) {
+        debug_assert_eq!(x.rows, positions.len());
+        debug_assert_eq!(x.cols % head_dim, 0);
+        debug_assert_eq!(rot_dims, 2 * table.half());
+        x.data.par_chunks_mut(x.cols).zip(positions.par_iter()).for_each(|(row, &pos)| {
+            for head in row.chunks_mut(head_dim) {
+                table.rotate(&mut head[..rot_dims], pos, layout);
+            }
+        });
+    }
+
+    fn matmul_t(&self, x: &CpuTensor, w: &CpuTensor) -> CpuTensor {
+        debug_assert_eq!(x.cols, w.cols, "matmul_t: inner dims");
+        let out = linalg::matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows, self.threads);
+        CpuTensor::new(out, x.rows, w.rows)
+    }
+
+    fn matmul_heads(&self, x: &CpuTensor, ws: &[CpuTensor]) -> CpuTensor {
+        let heads = ws.len();
+        let n_in = ws[0].cols;
+        let n_out = ws[0].rows;
+        debug_assert_eq!(x.cols, heads * n_in);
+        let per_head: Vec<Vec<f32>> = ws
+            .par_iter()
+            .enumerate()
+            .map(|(h, w)| {
+                let mut xs = Vec::with_capacity(x.rows * n_in);
+                for r in 0..x.rows {
+                    xs.extend_from_slice(&x.row(r)[h * n_in..(h + 1) * n_in]);
+                }
+                linalg::matmul_t(&xs, x.rows, n_in, &w.data, n_out, 1)
+            })
+            .collect();
+        let mut out = vec![0.0f32; x.rows * heads * n_out];
+        for (h, ph) in per_head.iter().enumerate() {
+            for r in 0..x.rows {
+                out[r * heads * n_out + h * n_out..r * heads * n_out + (h + 1) * n_out]
+                    .copy_from_slice(&ph[r * n_out..(r + 1) * n_out]);
+            }
+        }
+        CpuTensor::new(out, x.rows, heads * n_out)
+    }
+
+    fn indexer_topk(
+        &self,
+        q: &CpuTensor,
+        head_w: &CpuTensor,
+        keys: &CpuTensor,
+        positions: &[usize],
+        topk: usize,
+        scale: f32,
+    ) -> TopK {
+        indexer::indexer_topk(q, head_w, keys, positions, topk, scale)
+    }
+
+    fn sparse_mla(&self, q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &TopK, scale: f32) -> CpuTensor {
+        attention::sparse_mla(q_lat, q_pe, cache, sel, scale)
+    }
+
+    fn mlp(&self, x: &CpuTensor, mlp: &Mlp<CpuTensor>) -> CpuTensor {
+        let g = self.matmul_t(x, &mlp.gate);
+        let u = self.matmul_t(x, &mlp.up);
+        let mut a = g;
+        a.data.par_iter_mut().zip(u.data.par_iter()).for_each(|(gv, uv)| *gv = silu(*gv) * uv);
+        self.matmul_t(&a, &mlp.down)
+    }
+
+    fn moe(&self, x: &CpuTensor, moe: &Moe<CpuTensor>) -> CpuTensor {
+        let logits = self.matmul_t(x, &moe.router);
+        let n_exp = moe.experts.len();
+        // Route every token: (expert, weight) pairs.
+        let routes: Vec<Vec<(usize, f32)>> = (0..x.rows)
+            .into_par_iter()
+            .map(|t| crate::cpu::route(&logits.data[t * n_exp..(t + 1) * n_exp], &moe.score_bias, &moe.routing))
+            .collect();
+        // Tokens per expert, in token order.
+        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_exp];
+        for (t, r) in routes.iter().enumerate() {
+            for &(e, w) in r {
+                assigned[e].push((t, w));
+            }
+        }
+        let hidden = x.cols;
+        let mut out = vec![0.0f32; x.rows * hidden];
+        for (e, toks) in assigned.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let mut xs = Vec::with_capacity(toks.len() * hidden);
+            for &(t, _) in toks {
+                xs.extend_from_slice(x.row(t));
+            }
+            let y = self.mlp(&CpuTensor::new(xs, toks.len(), hidden), &moe.experts[e]);
+            for (i, &(t, w)) in toks.iter().enumerate() {
+                let dst = &mut out[t * hidden..(t + 1) * hidden];
+                for (d, v) in dst.iter_mut().zip(y.row(i)) {
+                    *d += v * w;
+                }
+            }
+        }
+        let mut out = CpuTensor::new(out, x.rows, hidden);
+        if let Some(shared) = &moe.shared {
+            let s = self.mlp(x, shared);
+            self.add_inplace(&mut out, &s);
+        }
+        out
+    }
+}
+
+/// DeepSeek-V3 `noaux_tc` routing for one token: sigmoid scores, bias for the choice only,
+/// group-limited (sum of the top-2 biased scores per group, keep `topk_group` groups), top-k
+/// experts, weights = unbiased scores normalised (+1e-20, as transformers) × scaling factor.
+pub fn route(logits: &[f32], bias: &[f32], r: &crate::MoeRouting) -> Vec<(usize, f32)> {
+    let n = logits.len();
+    let scores: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+    let choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
+    let per_group = n / r.n_group;
+    let mut group_score: Vec<(f32, usize)> = (0..r.n_group)
+        .map(|g| {
+            let mut v: Vec<f32> = choice[g * per_group..(g + 1) * per_group].to_vec();
+            v.sort_unstable_by(|a, b| b.total_cmp(a));
+            (v[0] + v[1], g)
+        })
+        .collect();
+    group_score.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut allowed = vec![false; r.n_group];
+    for &(_, g) in group_score.iter().take(r.topk_group) {
+        allowed[g] = true;
+    }
+    let mut cand: Vec<(f32, usize)> =
+        (0..n).filter(|e| allowed[e / per_group]).map(|e| (choice[e], e)).collect();
+    cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    cand.truncate(r.top_k);
+    let mut picked: Vec<(usize, f32)> = cand.iter().map(|&(_, e)| (e, scores[e])).collect();
+    if r.norm_topk_prob {
+        let z: f32 = picked.iter().map(|p| p.1).sum::<f32>() + 1e-20;
+        for p in picked.iter_mut() {
+            p.1 /= z;
+        }
+    }
+    for p in picked.iter_mut() {
+        p.1 *= r.routed_scaling_factor;
+    }
+    picked
+}
