@@ -1,16 +1,20 @@
 //! Loading a model with a progress bar and a report of what was skipped.
 
 use anyhow::{Context, Result};
+use indexcache_config::ScheduleOverride;
 use indexcache_model::{DsaModel, IndexerSelection, LoadOptions};
 use indexcache_ops::cpu::CpuBackend;
-use indexcache_config::ScheduleOverride;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::time::Instant;
 
 pub type Model = DsaModel<CpuBackend>;
 
-pub fn load_model(dir: &Path, schedule: Option<ScheduleOverride>, indexers: IndexerSelection) -> Result<Model> {
+pub fn load_model(
+    dir: &Path,
+    schedule: Option<ScheduleOverride>,
+    indexers: IndexerSelection,
+) -> Result<Model> {
     let t0 = Instant::now();
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -26,7 +30,8 @@ pub fn load_model(dir: &Path, schedule: Option<ScheduleOverride>, indexers: Inde
     };
     let loaded = DsaModel::load(dir, CpuBackend::new(), &opts, &mut on_tensor);
     bar.finish_and_clear();
-    let (model, report) = loaded.with_context(|| format!("loading model from {}", dir.display()))?;
+    let (model, report) =
+        loaded.with_context(|| format!("loading model from {}", dir.display()))?;
     if !report.skipped_mtp.is_empty() {
         tracing::info!(
             "skipped {} tensors of the multi-token-prediction layer (model.layers.{}), as transformers does",
@@ -36,8 +41,12 @@ pub fn load_model(dir: &Path, schedule: Option<ScheduleOverride>, indexers: Inde
     }
     if !report.unused.is_empty() {
         let shown: Vec<&str> = report.unused.iter().take(8).map(String::as_str).collect();
-        tracing::info!("{} checkpoint tensors unused by this schedule/model: {}{}", report.unused.len(), shown.join(", "),
-            if report.unused.len() > 8 { ", …" } else { "" });
+        tracing::info!(
+            "{} checkpoint tensors unused by this schedule/model: {}{}",
+            report.unused.len(),
+            shown.join(", "),
+            if report.unused.len() > 8 { ", …" } else { "" }
+        );
     }
     tracing::info!(
         "loaded {} tensors in {:.2}s; schedule {} ({} Full of {}); backend {}",

@@ -15,5 +15,7 @@ mod config;
 mod rope;
 mod schedule;
 
-pub use config::{Arch, ConfigError, Fp8Quant, MlpKind, ModelConfig, RawConfig, RopeConfig, RopeScaling, TokenIds};
+pub use config::{
+    Arch, ConfigError, Fp8Quant, MlpKind, ModelConfig, RawConfig, RopeConfig, RopeScaling, TokenIds,
+};
 pub use schedule::{IndexSchedule, LayerIndexer, ScheduleError, ScheduleOverride};

@@ -47,11 +47,19 @@ impl<B: Backend> Cache<B> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| LayerCache {
                 latent: b.zeros(capacity, width),
-                index_keys: schedule.is_full(l).then(|| b.zeros(capacity, cfg.index_head_dim)),
+                index_keys: schedule
+                    .is_full(l)
+                    .then(|| b.zeros(capacity, cfg.index_head_dim)),
             })
             .collect();
         let rope = RopeTable::new(&cfg.rope.inv_freq(), cfg.rope.attention_factor(), capacity);
-        Ok(Self { schedule, layers, rope, len: 0, capacity })
+        Ok(Self {
+            schedule,
+            layers,
+            rope,
+            len: 0,
+            capacity,
+        })
     }
 
     /// Tokens cached so far (the next token's position).

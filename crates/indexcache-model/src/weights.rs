@@ -96,7 +96,9 @@ pub struct RandomSource {
 
 impl RandomSource {
     pub fn new(seed: u64) -> Self {
-        Self { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 }
+        Self {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
     }
     fn next_f32(&mut self) -> f32 {
         // xorshift64*: fast, deterministic, good enough for synthetic weights.
@@ -115,7 +117,11 @@ impl WeightSource for RandomSource {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         let n: usize = shape.iter().product();
         if shape.len() == 1 {
-            let fill = if name.ends_with(".bias") || name.ends_with("e_score_correction_bias") { 0.0 } else { 1.0 };
+            let fill = if name.ends_with(".bias") || name.ends_with("e_score_correction_bias") {
+                0.0
+            } else {
+                1.0
+            };
             return Ok(vec![fill; n]);
         }
         let a = 1.0 / (shape[1] as f32).sqrt();
@@ -146,7 +152,9 @@ pub(crate) fn load_weights<B: Backend>(
     for l in 0..cfg.num_hidden_layers {
         let want_indexer = match selection {
             IndexerSelection::Full => full_layers[l],
-            IndexerSelection::All => full_layers[l] || src.has(&format!("model.layers.{l}.self_attn.indexer.wk.weight")),
+            IndexerSelection::All => {
+                full_layers[l] || src.has(&format!("model.layers.{l}.self_attn.indexer.wk.weight"))
+            }
         };
         layers.push(load_layer(b, cfg, src, l, want_indexer)?);
     }
@@ -154,9 +162,18 @@ pub(crate) fn load_weights<B: Backend>(
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        Some(b.weight(src.get("lm_head.weight", &[cfg.vocab_size, hid])?, cfg.vocab_size, hid))
+        Some(b.weight(
+            src.get("lm_head.weight", &[cfg.vocab_size, hid])?,
+            cfg.vocab_size,
+            hid,
+        ))
     };
-    Ok(ModelWeights { embed, layers, norm, lm_head })
+    Ok(ModelWeights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+    })
 }
 
 fn matrix<B: Backend>(
@@ -179,14 +196,25 @@ fn load_layer<B: Backend>(
     let p = format!("model.layers.{l}");
     let hid = cfg.hidden_size;
     let h = cfg.num_attention_heads;
-    let (nope, rope, v, r) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+    let (nope, rope, v, r) = (
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    );
     let a = format!("{p}.self_attn");
 
     let indexer = if want_indexer {
         let ip = format!("{a}.indexer");
         let (hi, d) = (cfg.index_n_heads, cfg.index_head_dim);
         Some(IndexerWeights {
-            wq_b: matrix(b, src, &format!("{ip}.wq_b.weight"), hi * d, cfg.q_lora_rank)?,
+            wq_b: matrix(
+                b,
+                src,
+                &format!("{ip}.wq_b.weight"),
+                hi * d,
+                cfg.q_lora_rank,
+            )?,
             wk: matrix(b, src, &format!("{ip}.wk.weight"), d, hid)?,
             k_norm_w: src.get(&format!("{ip}.k_norm.weight"), &[d])?,
             k_norm_b: src.get(&format!("{ip}.k_norm.bias"), &[d])?,
@@ -215,10 +243,28 @@ fn load_layer<B: Backend>(
     }
 
     let attn = AttentionWeights {
-        q_a: matrix(b, src, &format!("{a}.q_a_proj.weight"), cfg.q_lora_rank, hid)?,
+        q_a: matrix(
+            b,
+            src,
+            &format!("{a}.q_a_proj.weight"),
+            cfg.q_lora_rank,
+            hid,
+        )?,
         q_a_norm: src.get(&format!("{a}.q_a_layernorm.weight"), &[cfg.q_lora_rank])?,
-        q_b: matrix(b, src, &format!("{a}.q_b_proj.weight"), h * (nope + rope), cfg.q_lora_rank)?,
-        kv_a: matrix(b, src, &format!("{a}.kv_a_proj_with_mqa.weight"), r + rope, hid)?,
+        q_b: matrix(
+            b,
+            src,
+            &format!("{a}.q_b_proj.weight"),
+            h * (nope + rope),
+            cfg.q_lora_rank,
+        )?,
+        kv_a: matrix(
+            b,
+            src,
+            &format!("{a}.kv_a_proj_with_mqa.weight"),
+            r + rope,
+            hid,
+        )?,
         kv_a_norm: src.get(&format!("{a}.kv_a_layernorm.weight"), &[r])?,
         w_uk,
         w_uv,
@@ -227,7 +273,13 @@ fn load_layer<B: Backend>(
     };
 
     let ffn = match cfg.mlp_layer_types[l] {
-        MlpKind::Dense => FfnWeights::Dense(load_mlp(b, src, &format!("{p}.mlp"), cfg.intermediate_size, hid)?),
+        MlpKind::Dense => FfnWeights::Dense(load_mlp(
+            b,
+            src,
+            &format!("{p}.mlp"),
+            cfg.intermediate_size,
+            hid,
+        )?),
         MlpKind::Moe => {
             let e = cfg.n_routed_experts;
             let mi = cfg.moe_intermediate_size;
@@ -235,7 +287,13 @@ fn load_layer<B: Backend>(
             let score_bias = src.get(&format!("{p}.mlp.gate.e_score_correction_bias"), &[e])?;
             let experts = load_experts(b, src, &format!("{p}.mlp.experts"), e, mi, hid)?;
             let shared = if cfg.n_shared_experts > 0 {
-                Some(load_mlp(b, src, &format!("{p}.mlp.shared_experts"), mi * cfg.n_shared_experts, hid)?)
+                Some(load_mlp(
+                    b,
+                    src,
+                    &format!("{p}.mlp.shared_experts"),
+                    mi * cfg.n_shared_experts,
+                    hid,
+                )?)
             } else {
                 None
             };
@@ -297,10 +355,16 @@ fn load_experts<B: Backend>(
                 Mlp {
                     gate: b.weight(gu[..inter * hid].to_vec(), inter, hid),
                     up: b.weight(gu[inter * hid..].to_vec(), inter, hid),
-                    down: b.weight(down[e * hid * inter..(e + 1) * hid * inter].to_vec(), hid, inter),
+                    down: b.weight(
+                        down[e * hid * inter..(e + 1) * hid * inter].to_vec(),
+                        hid,
+                        inter,
+                    ),
                 }
             })
             .collect());
     }
-    (0..n).map(|e| load_mlp(b, src, &format!("{prefix}.{e}"), inter, hid)).collect()
+    (0..n)
+        .map(|e| load_mlp(b, src, &format!("{prefix}.{e}"), inter, hid))
+        .collect()
 }

@@ -34,6 +34,9 @@ pub use fp8::{f8e4m3_lut, f8e4m3_to_f32, f32_to_f8e4m3};
 /// Name of the shard index of a sharded HF checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// The HF name of an unsharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
 /// Suffix appended to an fp8 weight's name to find its block scales
 /// (`"a.weight"` → `"a.weight_scale_inv"`).
 pub const SCALE_SUFFIX: &str = "_scale_inv";
@@ -215,6 +218,12 @@ impl WeightStore {
         let index_path = dir.join(INDEX_FILE);
         if index_path.is_file() {
             return Self::open_index(dir, &index_path);
+        }
+        // The HF single-file name wins, so other safetensors files kept beside a checkpoint
+        // (reference dumps, adapters) are not mistaken for weights.
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::open_files(&[single]);
         }
         let rd = std::fs::read_dir(dir)
             .map_err(|e| file_err(dir, format!("cannot read checkpoint directory: {e}")))?;

@@ -692,3 +692,18 @@ fn empty_directory() {
     let st = WeightStore::open_files(&[]).expect("empty list");
     assert!(st.is_empty() && st.names().is_empty() && st.total_bytes() == 0);
 }
+
+#[test]
+fn model_safetensors_wins_over_other_files_in_the_directory() {
+    let d = tmp();
+    write_st(
+        &d.path().join("model.safetensors"),
+        &[("w", Dtype::F32, vec![1], f32_bytes(&[2.0]))],
+    );
+    write_st(
+        &d.path().join("reference.safetensors"),
+        &[("logits", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
+    );
+    let st = WeightStore::open(d.path()).expect("open");
+    assert_eq!(st.names(), vec!["w"]);
+}
