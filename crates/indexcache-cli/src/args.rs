@@ -51,9 +51,6 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .enumerate()
-        .map(|(i, t)| {
-            t.parse::<u32>()
-                .map_err(|e| anyhow::anyhow!("--input-ids: item {i} ({t:?}): {e}"))
-        })
+        .map(|(i, t)| t.parse::<u32>().map_err(|e| anyhow::anyhow!("--input-ids: item {i} ({t:?}): {e}")))
         .collect()
 }

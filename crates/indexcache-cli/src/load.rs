@@ -10,11 +10,7 @@ use std::time::Instant;
 
 pub type Model = DsaModel<CpuBackend>;
 
-pub fn load_model(
-    dir: &Path,
-    schedule: Option<ScheduleOverride>,
-    indexers: IndexerSelection,
-) -> Result<Model> {
+pub fn load_model(dir: &Path, schedule: Option<ScheduleOverride>, indexers: IndexerSelection) -> Result<Model> {
     let t0 = Instant::now();
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -30,8 +26,7 @@ pub fn load_model(
     };
     let loaded = DsaModel::load(dir, CpuBackend::new(), &opts, &mut on_tensor);
     bar.finish_and_clear();
-    let (model, report) =
-        loaded.with_context(|| format!("loading model from {}", dir.display()))?;
+    let (model, report) = loaded.with_context(|| format!("loading model from {}", dir.display()))?;
     if !report.skipped_mtp.is_empty() {
         tracing::info!(
             "skipped {} tensors of the multi-token-prediction layer (model.layers.{}), as transformers does",

@@ -26,14 +26,15 @@ enum Command {
     Generate(cmd::generate::Args),
     /// The built-in demo: schedule, generation, and DSA vs IndexCache timing on a tiny model.
     Demo(cmd::demo::Args),
+    /// Time-to-first-token and decode tokens/s per IndexCache pattern, with the indexer's share.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,indexcache=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,indexcache=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
         Command::Forward(a) => cmd::forward::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -180,9 +180,7 @@ impl TokenIds {
 
 /// Distinguishes a missing key (`None`) from an explicit `null` (`Some(None)`), for keys whose
 /// transformers default is not null (`bos_token_id`, `eos_token_id`, `q_lora_rank`).
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -264,7 +262,7 @@ pub struct RawConfig {
     /// Missing → 0 (transformers default); `null` → no BOS.
     #[serde(default, deserialize_with = "present")]
     pub bos_token_id: Option<Option<u32>>,
-    /// Missing → [1] (transformers default); `null` → none.
+    /// Missing → `[1]` (transformers default); `null` → none.
     #[serde(default, deserialize_with = "present")]
     pub eos_token_id: Option<Option<TokenIds>>,
     /// MTP layers stored after the decoder layers (not run by the engine).
@@ -318,36 +316,21 @@ pub struct ModelConfig {
 /// (`origin`: the file, or what the caller passed) and, except `Io` / `Json`, which key.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The file could not be read; the I/O error is the `source` (printed by error chains).
+    #[error("{path}: cannot read config")]
+    Io { path: String, source: std::io::Error },
     #[error("{origin}: malformed config.json: {message}")]
     Json { origin: String, message: String },
-    #[error(
-        "{origin}: unsupported model_type {model_type:?} (supported: deepseek_v32, glm_moe_dsa)"
-    )]
+    #[error("{origin}: unsupported model_type {model_type:?} (supported: deepseek_v32, glm_moe_dsa)")]
     UnknownModelType { origin: String, model_type: String },
     #[error("{origin}: {key}: {message}")]
-    Invalid {
-        origin: String,
-        key: String,
-        message: String,
-    },
+    Invalid { origin: String, key: String, message: String },
     #[error("{origin}: {key}: unsupported: {message}")]
-    Unsupported {
-        origin: String,
-        key: String,
-        message: String,
-    },
+    Unsupported { origin: String, key: String, message: String },
     /// A schedule key is malformed. When it comes from `config.json`, `origin` is
     /// `"<file>: <key>"` (e.g. `config.json: index_topk_pattern`) so the message names the key.
     #[error("{origin}: schedule: {source}")]
-    Schedule {
-        origin: String,
-        source: crate::schedule::ScheduleError,
-    },
+    Schedule { origin: String, source: crate::schedule::ScheduleError },
 }
 
 /// Builds the errors of one resolution pass, all tagged with the same origin.
@@ -357,35 +340,20 @@ struct Errs<'a> {
 
 impl Errs<'_> {
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            origin: self.origin.to_string(),
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError::Invalid { origin: self.origin.to_string(), key: key.into(), message: message.into() }
     }
 
     fn unsupported(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Unsupported {
-            origin: self.origin.to_string(),
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError::Unsupported { origin: self.origin.to_string(), key: key.into(), message: message.into() }
     }
 
     fn schedule(&self, key: &str, source: ScheduleError) -> ConfigError {
-        ConfigError::Schedule {
-            origin: format!("{}: {key}", self.origin),
-            source,
-        }
+        ConfigError::Schedule { origin: format!("{}: {key}", self.origin), source }
     }
 
     /// Rejects a zero size.
     fn nonzero(&self, key: &str, value: usize) -> Result<usize, ConfigError> {
-        if value == 0 {
-            Err(self.invalid(key, "must be > 0, got 0"))
-        } else {
-            Ok(value)
-        }
+        if value == 0 { Err(self.invalid(key, "must be > 0, got 0")) } else { Ok(value) }
     }
 }
 
@@ -393,10 +361,8 @@ impl ModelConfig {
     /// Reads and resolves a `config.json`. I/O errors name the path; all other errors name
     /// the path as their origin.
     pub fn from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
@@ -404,10 +370,8 @@ impl ModelConfig {
     /// Malformed JSON and wrong value types give [`ConfigError::Json`] with serde's message,
     /// which includes line and column.
     pub fn from_json_str(json: &str, origin: &str) -> Result<ModelConfig, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(json).map_err(|e| ConfigError::Json {
-            origin: origin.to_string(),
-            message: e.to_string(),
-        })?;
+        let raw: RawConfig = serde_json::from_str(json)
+            .map_err(|e| ConfigError::Json { origin: origin.to_string(), message: e.to_string() })?;
         Self::from_raw(&raw, origin)
     }
 
@@ -421,33 +385,24 @@ impl ModelConfig {
     pub fn from_raw(raw: &RawConfig, origin: &str) -> Result<ModelConfig, ConfigError> {
         let e = Errs { origin };
 
-        let model_type = raw.model_type.as_deref().ok_or_else(|| {
-            e.invalid(
-                "model_type",
-                "missing (expected \"deepseek_v32\" or \"glm_moe_dsa\")",
-            )
+        let model_type = raw
+            .model_type
+            .as_deref()
+            .ok_or_else(|| e.invalid("model_type", "missing (expected \"deepseek_v32\" or \"glm_moe_dsa\")"))?;
+        let arch = Arch::from_model_type(model_type).ok_or_else(|| ConfigError::UnknownModelType {
+            origin: origin.to_string(),
+            model_type: model_type.to_string(),
         })?;
-        let arch =
-            Arch::from_model_type(model_type).ok_or_else(|| ConfigError::UnknownModelType {
-                origin: origin.to_string(),
-                model_type: model_type.to_string(),
-            })?;
         let d = arch.defaults();
 
         // Options the engine does not implement (transformers would build a different model).
         if let Some(act) = &raw.hidden_act
             && act != "silu"
         {
-            return Err(e.unsupported(
-                "hidden_act",
-                format!("{act:?} (only \"silu\" is supported)"),
-            ));
+            return Err(e.unsupported("hidden_act", format!("{act:?} (only \"silu\" is supported)")));
         }
         if raw.attention_bias == Some(true) {
-            return Err(e.unsupported(
-                "attention_bias",
-                "true (attention projections have no bias)",
-            ));
+            return Err(e.unsupported("attention_bias", "true (attention projections have no bias)"));
         }
         if raw.mlp_bias == Some(true) {
             return Err(e.unsupported("mlp_bias", "true (MLP projections have no bias)"));
@@ -455,18 +410,12 @@ impl ModelConfig {
         if let Some(f) = &raw.scoring_func
             && f != "sigmoid"
         {
-            return Err(e.unsupported(
-                "scoring_func",
-                format!("{f:?} (only \"sigmoid\" is supported)"),
-            ));
+            return Err(e.unsupported("scoring_func", format!("{f:?} (only \"sigmoid\" is supported)")));
         }
         if let Some(m) = &raw.topk_method
             && m != "noaux_tc"
         {
-            return Err(e.unsupported(
-                "topk_method",
-                format!("{m:?} (only \"noaux_tc\" is supported)"),
-            ));
+            return Err(e.unsupported("topk_method", format!("{m:?} (only \"noaux_tc\" is supported)")));
         }
         if let Some(freq) = raw.moe_layer_freq
             && freq != 1
@@ -478,28 +427,16 @@ impl ModelConfig {
             None => d.q_lora_rank,
             Some(Some(r)) => r,
             Some(None) => {
-                return Err(e.unsupported(
-                    "q_lora_rank",
-                    "null (a full-rank q projection is not supported)",
-                ));
+                return Err(e.unsupported("q_lora_rank", "null (a full-rank q projection is not supported)"));
             }
         };
 
-        let num_hidden_layers = e.nonzero(
-            "num_hidden_layers",
-            raw.num_hidden_layers.unwrap_or(d.num_hidden_layers),
-        )?;
-        let num_attention_heads = e.nonzero(
-            "num_attention_heads",
-            raw.num_attention_heads.unwrap_or(d.num_attention_heads),
-        )?;
+        let num_hidden_layers = e.nonzero("num_hidden_layers", raw.num_hidden_layers.unwrap_or(d.num_hidden_layers))?;
+        let num_attention_heads =
+            e.nonzero("num_attention_heads", raw.num_attention_heads.unwrap_or(d.num_attention_heads))?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(d.num_key_value_heads);
         if num_key_value_heads != num_attention_heads {
-            let how = if raw.num_key_value_heads.is_some() {
-                ""
-            } else {
-                ", the transformers default when absent"
-            };
+            let how = if raw.num_key_value_heads.is_some() { "" } else { ", the transformers default when absent" };
             return Err(e.unsupported(
                 "num_key_value_heads",
                 format!("{num_key_value_heads}{how} != num_attention_heads {num_attention_heads} (MLA needs one KV head per head)"),
@@ -508,40 +445,22 @@ impl ModelConfig {
 
         let vocab_size = e.nonzero("vocab_size", raw.vocab_size.unwrap_or(d.vocab_size))?;
         let hidden_size = e.nonzero("hidden_size", raw.hidden_size.unwrap_or(d.hidden_size))?;
-        let intermediate_size = e.nonzero(
-            "intermediate_size",
-            raw.intermediate_size.unwrap_or(d.intermediate_size),
-        )?;
-        let moe_intermediate_size = e.nonzero(
-            "moe_intermediate_size",
-            raw.moe_intermediate_size.unwrap_or(2048),
-        )?;
+        let intermediate_size = e.nonzero("intermediate_size", raw.intermediate_size.unwrap_or(d.intermediate_size))?;
+        let moe_intermediate_size = e.nonzero("moe_intermediate_size", raw.moe_intermediate_size.unwrap_or(2048))?;
         let q_lora_rank = e.nonzero("q_lora_rank", q_lora_rank)?;
         let kv_lora_rank = e.nonzero("kv_lora_rank", raw.kv_lora_rank.unwrap_or(512))?;
-        let qk_nope_head_dim = e.nonzero(
-            "qk_nope_head_dim",
-            raw.qk_nope_head_dim.unwrap_or(d.qk_nope_head_dim),
-        )?;
+        let qk_nope_head_dim = e.nonzero("qk_nope_head_dim", raw.qk_nope_head_dim.unwrap_or(d.qk_nope_head_dim))?;
         let qk_rope_head_dim = e.nonzero("qk_rope_head_dim", raw.qk_rope_head_dim.unwrap_or(64))?;
         let v_head_dim = e.nonzero("v_head_dim", raw.v_head_dim.unwrap_or(d.v_head_dim))?;
-        let max_position_embeddings = e.nonzero(
-            "max_position_embeddings",
-            raw.max_position_embeddings
-                .unwrap_or(d.max_position_embeddings),
-        )?;
-        let index_n_heads = e.nonzero(
-            "index_n_heads",
-            raw.index_n_heads.unwrap_or(d.index_n_heads),
-        )?;
+        let max_position_embeddings =
+            e.nonzero("max_position_embeddings", raw.max_position_embeddings.unwrap_or(d.max_position_embeddings))?;
+        let index_n_heads = e.nonzero("index_n_heads", raw.index_n_heads.unwrap_or(d.index_n_heads))?;
         let index_head_dim = e.nonzero("index_head_dim", raw.index_head_dim.unwrap_or(128))?;
         let index_topk = e.nonzero("index_topk", raw.index_topk.unwrap_or(2048))?;
 
         // RoPE rotates (x_2i, x_2i+1) / (x_i, x_i+d/2) pairs.
         if qk_rope_head_dim % 2 != 0 {
-            return Err(e.invalid(
-                "qk_rope_head_dim",
-                format!("must be even, got {qk_rope_head_dim}"),
-            ));
+            return Err(e.invalid("qk_rope_head_dim", format!("must be even, got {qk_rope_head_dim}")));
         }
         // The indexer ropes the first qk_rope_head_dim dims of each index head.
         if index_head_dim < qk_rope_head_dim {
@@ -553,17 +472,11 @@ impl ModelConfig {
 
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(d.rms_norm_eps);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
-            return Err(e.invalid(
-                "rms_norm_eps",
-                format!("must be a finite number > 0, got {rms_norm_eps}"),
-            ));
+            return Err(e.invalid("rms_norm_eps", format!("must be a finite number > 0, got {rms_norm_eps}")));
         }
         let routed_scaling_factor = raw.routed_scaling_factor.unwrap_or(2.5);
         if !routed_scaling_factor.is_finite() {
-            return Err(e.invalid(
-                "routed_scaling_factor",
-                format!("must be finite, got {routed_scaling_factor}"),
-            ));
+            return Err(e.invalid("routed_scaling_factor", format!("must be finite, got {routed_scaling_factor}")));
         }
 
         // MLP layer kinds: explicit list, else the first `first_k_dense_replace` layers dense.
@@ -572,10 +485,7 @@ impl ModelConfig {
                 if types.len() != num_hidden_layers {
                     return Err(e.invalid(
                         "mlp_layer_types",
-                        format!(
-                            "has {} entries but num_hidden_layers is {num_hidden_layers}",
-                            types.len()
-                        ),
+                        format!("has {} entries but num_hidden_layers is {num_hidden_layers}", types.len()),
                     ));
                 }
                 types
@@ -592,10 +502,7 @@ impl ModelConfig {
                     .collect::<Result<Vec<_>, _>>()?
             }
             None => {
-                let n_dense = raw
-                    .first_k_dense_replace
-                    .unwrap_or(3)
-                    .min(num_hidden_layers);
+                let n_dense = raw.first_k_dense_replace.unwrap_or(3).min(num_hidden_layers);
                 let mut kinds = vec![MlpKind::Dense; n_dense];
                 kinds.resize(num_hidden_layers, MlpKind::Moe);
                 kinds
@@ -605,18 +512,11 @@ impl ModelConfig {
 
         // MoE routing: n_group groups of experts, the best topk_group groups (scored by the sum of
         // their top-2 experts), then num_experts_per_tok experts among those groups.
-        let n_routed_experts = e.nonzero(
-            "n_routed_experts",
-            raw.num_experts.or(raw.n_routed_experts).unwrap_or(256),
-        )?;
-        let n_routed_key = if raw.num_experts.is_some() {
-            "num_experts"
-        } else {
-            "n_routed_experts"
-        };
+        let n_routed_experts =
+            e.nonzero("n_routed_experts", raw.num_experts.or(raw.n_routed_experts).unwrap_or(256))?;
+        let n_routed_key = if raw.num_experts.is_some() { "num_experts" } else { "n_routed_experts" };
         let n_shared_experts = raw.n_shared_experts.unwrap_or(1);
-        let num_experts_per_tok =
-            e.nonzero("num_experts_per_tok", raw.num_experts_per_tok.unwrap_or(8))?;
+        let num_experts_per_tok = e.nonzero("num_experts_per_tok", raw.num_experts_per_tok.unwrap_or(8))?;
         let n_group = e.nonzero("n_group", raw.n_group.unwrap_or(d.n_group))?;
         let topk_group = raw.topk_group.unwrap_or(d.topk_group);
         if n_routed_experts % n_group != 0 {
@@ -626,10 +526,7 @@ impl ModelConfig {
             ));
         }
         if topk_group == 0 || topk_group > n_group {
-            return Err(e.invalid(
-                "topk_group",
-                format!("must be in 1..={n_group} (n_group), got {topk_group}"),
-            ));
+            return Err(e.invalid("topk_group", format!("must be in 1..={n_group} (n_group), got {topk_group}")));
         }
         let per_group = n_routed_experts / n_group;
         if num_experts_per_tok > topk_group * per_group {
@@ -700,9 +597,7 @@ impl ModelConfig {
             index_n_heads,
             index_head_dim,
             index_topk,
-            indexer_rope_interleave: raw
-                .indexer_rope_interleave
-                .unwrap_or(d.indexer_rope_interleave),
+            indexer_rope_interleave: raw.indexer_rope_interleave.unwrap_or(d.indexer_rope_interleave),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             quantization,
             max_position_embeddings,
@@ -715,18 +610,12 @@ impl ModelConfig {
 }
 
 /// `quantization_config`: absent / null → BF16 weights; `fp8` e4m3 with block scales → [`Fp8Quant`].
-fn resolve_quantization(
-    value: Option<&Value>,
-    e: &Errs<'_>,
-) -> Result<Option<Fp8Quant>, ConfigError> {
+fn resolve_quantization(value: Option<&Value>, e: &Errs<'_>) -> Result<Option<Fp8Quant>, ConfigError> {
     let map = match value {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(m)) => m,
         Some(other) => {
-            return Err(e.invalid(
-                "quantization_config",
-                format!("expected an object, got {other}"),
-            ));
+            return Err(e.invalid("quantization_config", format!("expected an object, got {other}")));
         }
     };
     match map.get("quant_method") {
@@ -741,55 +630,34 @@ fn resolve_quantization(
             return Err(e.invalid("quantization_config.quant_method", "missing"));
         }
         Some(other) => {
-            return Err(e.invalid(
-                "quantization_config.quant_method",
-                format!("expected a string, got {other}"),
-            ));
+            return Err(e.invalid("quantization_config.quant_method", format!("expected a string, got {other}")));
         }
     }
     match map.get("fmt") {
         None | Some(Value::Null) => {}
         Some(Value::String(f)) if f == "e4m3" => {}
         Some(Value::String(f)) => {
-            return Err(e.unsupported(
-                "quantization_config.fmt",
-                format!("{f:?} (only \"e4m3\" is supported)"),
-            ));
+            return Err(e.unsupported("quantization_config.fmt", format!("{f:?} (only \"e4m3\" is supported)")));
         }
         Some(other) => {
-            return Err(e.invalid(
-                "quantization_config.fmt",
-                format!("expected a string, got {other}"),
-            ));
+            return Err(e.invalid("quantization_config.fmt", format!("expected a string, got {other}")));
         }
     }
     let key = "quantization_config.weight_block_size";
     let block = match map.get("weight_block_size") {
         None => [128, 128],
         Some(Value::Null) => {
-            return Err(e.unsupported(
-                key,
-                "null (per-tensor FP8 scales; only block scales are supported)",
-            ));
+            return Err(e.unsupported(key, "null (per-tensor FP8 scales; only block scales are supported)"));
         }
         Some(Value::Array(items)) => {
-            let dims: Option<Vec<usize>> = items
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|x| usize::try_from(x).ok())
-                        .filter(|&x| x > 0)
-                })
-                .collect();
+            let dims: Option<Vec<usize>> =
+                items.iter().map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()).filter(|&x| x > 0)).collect();
             match dims.as_deref() {
                 Some(&[rows, cols]) => [rows, cols],
                 _ => {
                     return Err(e.invalid(
                         key,
-                        format!(
-                            "expected [rows, cols] of two positive integers, got {}",
-                            Value::Array(items.clone())
-                        ),
+                        format!("expected [rows, cols] of two positive integers, got {}", Value::Array(items.clone())),
                     ));
                 }
             }
@@ -803,14 +671,9 @@ fn resolve_quantization(
 
 /// The checkpoint's schedule, by transformers' precedence:
 /// `indexer_types` > `index_topk_pattern` > `index_topk_freq` + `index_skip_topk_offset`.
-fn resolve_schedule(
-    raw: &RawConfig,
-    n_layers: usize,
-    e: &Errs<'_>,
-) -> Result<IndexSchedule, ConfigError> {
+fn resolve_schedule(raw: &RawConfig, n_layers: usize, e: &Errs<'_>) -> Result<IndexSchedule, ConfigError> {
     if let Some(types) = &raw.indexer_types {
-        return IndexSchedule::from_indexer_types(types, n_layers)
-            .map_err(|s| e.schedule("indexer_types", s));
+        return IndexSchedule::from_indexer_types(types, n_layers).map_err(|s| e.schedule("indexer_types", s));
     }
     let key = "index_topk_pattern";
     match &raw.index_topk_pattern {
@@ -824,24 +687,16 @@ fn resolve_schedule(
                 .iter()
                 .map(|v| v.as_str().map(str::to_string))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    e.invalid(
-                        key,
-                        "expected a string of F/S or a list of \"full\"/\"shared\"",
-                    )
-                })?;
-            return IndexSchedule::from_indexer_types(&types, n_layers)
-                .map_err(|s| e.schedule(key, s));
+                .ok_or_else(|| e.invalid(key, "expected a string of F/S or a list of \"full\"/\"shared\""))?;
+            return IndexSchedule::from_indexer_types(&types, n_layers).map_err(|s| e.schedule(key, s));
         }
         Some(other) => {
-            return Err(e.invalid(
-                key,
-                format!("expected a string of F/S or a list of \"full\"/\"shared\", got {other}"),
-            ));
+            return Err(
+                e.invalid(key, format!("expected a string of F/S or a list of \"full\"/\"shared\", got {other}"))
+            );
         }
     }
     let freq = raw.index_topk_freq.unwrap_or(1);
     let offset = raw.index_skip_topk_offset.unwrap_or(2);
-    IndexSchedule::from_freq_offset(freq, offset, n_layers)
-        .map_err(|s| e.schedule("index_skip_topk_offset", s))
+    IndexSchedule::from_freq_offset(freq, offset, n_layers).map_err(|s| e.schedule("index_skip_topk_offset", s))
 }

@@ -16,19 +16,18 @@ const DEFAULT_THETA: f64 = 10_000.0;
 /// YaRN's `get_mscale` (`yarn_get_mscale` in the modeling files): `0.1·m·ln(s) + 1`, or 1 when
 /// the scale does not extend the context (`s <= 1`).
 pub(crate) fn get_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * mscale * scale.ln() + 1.0
-    }
+    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
 }
 
 impl RopeConfig {
-    /// Inverse frequencies, `dim / 2` entries, exactly as transformers builds its `inv_freq`
-    /// buffer (float32 tensor ops, reproduced op by op in `f32`).
+    /// Inverse frequencies, `dim / 2` entries, as transformers builds its `inv_freq` buffer
+    /// (its float32 tensor ops reproduced op by op in `f32`; YaRN's correction range in `f64`
+    /// like the Python floats it is computed from).
     ///
-    /// `base ** (2i / dim)` is evaluated in `f64` and rounded to `f32`: that reproduces torch's
-    /// CPU float32 `pow` on every entry checked (it differs from an `f32` `powf` in a few ulps).
+    /// `theta ** (2i / dim)` is evaluated in `f64` and rounded to `f32`, i.e. correctly rounded.
+    /// torch's CPU float32 `pow` is a SIMD routine accurate to 1 ulp, so an entry can differ
+    /// from transformers by 1 ulp (seen for theta 5e4); the DeepSeek-V3.2 and GLM-5 tables match
+    /// bit for bit. An `f32` `powf` would be off by a few ulps on many entries.
     pub fn inv_freq(&self) -> Vec<f32> {
         let dim = self.dim;
         let pos_freqs: Vec<f32> = (0..dim)
@@ -41,14 +40,7 @@ impl RopeConfig {
             .collect();
         match &self.scaling {
             RopeScaling::Default => pos_freqs.iter().map(|&p| 1.0 / p).collect(),
-            RopeScaling::Yarn {
-                factor,
-                original_max_position_embeddings,
-                beta_fast,
-                beta_slow,
-                truncate,
-                ..
-            } => {
+            RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, truncate, .. } => {
                 let (low, high) = yarn_correction_range(
                     *beta_fast,
                     *beta_slow,
@@ -71,8 +63,7 @@ impl RopeConfig {
                         let extrapolation_factor = 1.0 - ramp;
                         let extrapolation = 1.0 / p;
                         let interpolation = 1.0 / (factor32 * p);
-                        interpolation * (1.0 - extrapolation_factor)
-                            + extrapolation * extrapolation_factor
+                        interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
                     })
                     .collect()
             }
@@ -84,9 +75,7 @@ impl RopeConfig {
     pub fn attention_factor(&self) -> f32 {
         match &self.scaling {
             RopeScaling::Default => 1.0,
-            RopeScaling::Yarn {
-                attention_factor, ..
-            } => *attention_factor as f32,
+            RopeScaling::Yarn { attention_factor, .. } => *attention_factor as f32,
         }
     }
 }
@@ -101,9 +90,7 @@ fn yarn_correction_range(
     truncate: bool,
 ) -> (f64, f64) {
     let correction_dim = |num_rotations: f64| {
-        (dim as f64
-            * (original_max_position_embeddings / (num_rotations * 2.0 * std::f64::consts::PI))
-                .ln())
+        (dim as f64 * (original_max_position_embeddings / (num_rotations * 2.0 * std::f64::consts::PI)).ln())
             / (2.0 * base.ln())
     };
     let mut low = correction_dim(beta_fast);
@@ -145,19 +132,11 @@ impl RopeDict<'_> {
 }
 
 fn invalid(origin: &str, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        origin: origin.to_string(),
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { origin: origin.to_string(), key: key.into(), message: message.into() }
 }
 
 fn unsupported(origin: &str, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Unsupported {
-        origin: origin.to_string(),
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Unsupported { origin: origin.to_string(), key: key.into(), message: message.into() }
 }
 
 /// A number as Python sees it: `None` for missing / `null`, bools as 0 / 1.
@@ -170,11 +149,7 @@ fn number(v: Option<&Value>, origin: &str, key: &str) -> Result<Option<f64>, Con
             .filter(|x| x.is_finite())
             .map(Some)
             .ok_or_else(|| invalid(origin, key, format!("{n} is not a finite number"))),
-        Some(other) => Err(invalid(
-            origin,
-            key,
-            format!("expected a number, got {other}"),
-        )),
+        Some(other) => Err(invalid(origin, key, format!("expected a number, got {other}"))),
     }
 }
 
@@ -202,31 +177,21 @@ pub(crate) fn resolve_rope(inp: &RopeInputs<'_>) -> Result<RopeConfig, ConfigErr
         None | Some(Value::Null) => None,
         Some(Value::Object(m)) => Some(m),
         Some(other) => {
-            return Err(invalid(
-                origin,
-                name,
-                format!("expected an object, got {other}"),
-            ));
+            return Err(invalid(origin, name, format!("expected an object, got {other}")));
         }
     };
     let dict = RopeDict { name, map };
 
     // `setdefault("rope_type", get("type", "default"))`.
     let (type_key, rope_type) = match (dict.get("rope_type"), dict.get("type")) {
-        (Some(v), _) => (dict.key("rope_type"), v),
-        (None, Some(v)) => (dict.key("type"), v),
-        (None, None) => (dict.key("rope_type"), &Value::Null),
+        (Some(v), _) => (dict.key("rope_type"), Some(v)),
+        (None, Some(v)) => (dict.key("type"), Some(v)),
+        (None, None) => (dict.key("rope_type"), None),
     };
     let rope_type = match rope_type {
-        Value::Null if dict.get("rope_type").is_none() && dict.get("type").is_none() => "default",
-        Value::String(s) => s.as_str(),
-        other => {
-            return Err(invalid(
-                origin,
-                type_key,
-                format!("expected a string, got {other}"),
-            ));
-        }
+        None => "default",
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => return Err(invalid(origin, type_key, format!("expected a string, got {other}"))),
     };
 
     // Theta: the dict's `rope_theta`, else the top-level `rope_theta`, else 10000.
@@ -235,30 +200,16 @@ pub(crate) fn resolve_rope(inp: &RopeInputs<'_>) -> Result<RopeConfig, ConfigErr
             .ok_or_else(|| invalid(origin, dict.key("rope_theta"), "must be a number, got null"))?,
         None => inp.rope_theta.unwrap_or(DEFAULT_THETA),
     };
-    let theta_key = if dict.get("rope_theta").is_some() {
-        dict.key("rope_theta")
-    } else {
-        "rope_theta".into()
-    };
+    let theta_key = if dict.get("rope_theta").is_some() { dict.key("rope_theta") } else { "rope_theta".into() };
     // theta <= 1 would make every frequency 1 (and YaRN divide by ln(theta) <= 0).
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(invalid(
-            origin,
-            theta_key,
-            format!("must be a finite number > 1, got {theta}"),
-        ));
+        return Err(invalid(origin, theta_key, format!("must be a finite number > 1, got {theta}")));
     }
 
     // partial_rotary_factor: the dict's, else the top-level key; only full rotation is supported.
     let (prf_key, prf) = match dict.get("partial_rotary_factor") {
-        Some(v) => (
-            dict.key("partial_rotary_factor"),
-            number(Some(v), origin, &dict.key("partial_rotary_factor"))?,
-        ),
-        None => (
-            "partial_rotary_factor".to_string(),
-            inp.partial_rotary_factor,
-        ),
+        Some(v) => (dict.key("partial_rotary_factor"), number(Some(v), origin, &dict.key("partial_rotary_factor"))?),
+        None => ("partial_rotary_factor".to_string(), inp.partial_rotary_factor),
     };
     if let Some(p) = prf
         && p != 1.0
@@ -276,20 +227,12 @@ pub(crate) fn resolve_rope(inp: &RopeInputs<'_>) -> Result<RopeConfig, ConfigErr
         other => {
             return Err(unsupported(
                 origin,
-                dict.key(if dict.get("rope_type").is_some() {
-                    "rope_type"
-                } else {
-                    "type"
-                }),
+                type_key,
                 format!("rope type {other:?} (supported: \"default\", \"yarn\")"),
             ));
         }
     };
-    Ok(RopeConfig {
-        theta,
-        dim: inp.dim,
-        scaling,
-    })
+    Ok(RopeConfig { theta, dim: inp.dim, scaling })
 }
 
 fn resolve_yarn(inp: &RopeInputs<'_>, dict: &RopeDict<'_>) -> Result<RopeScaling, ConfigError> {
@@ -299,32 +242,21 @@ fn resolve_yarn(inp: &RopeInputs<'_>, dict: &RopeDict<'_>) -> Result<RopeScaling
     // `_compute_yarn_parameters`, after config.json's extra keys became attributes) gives a
     // top-level key priority over the dict ("Phi3 exception"); then the dict; then
     // `max_position_embeddings`.
-    let original = match (
-        inp.original_max_position_embeddings,
-        dict.get("original_max_position_embeddings"),
-    ) {
+    let original = match (inp.original_max_position_embeddings, dict.get("original_max_position_embeddings")) {
         (Some(top), _) => top,
         (None, Some(v)) => {
             let key = dict.key("original_max_position_embeddings");
             let x = number(Some(v), origin, &key)?
                 .ok_or_else(|| invalid(origin, &key, "must be a positive integer, got null"))?;
             if !(x >= 1.0 && x.fract() == 0.0 && x <= u32::MAX as f64) {
-                return Err(invalid(
-                    origin,
-                    key,
-                    format!("must be a positive integer, got {x}"),
-                ));
+                return Err(invalid(origin, key, format!("must be a positive integer, got {x}")));
             }
             x as usize
         }
         (None, None) => inp.max_position_embeddings,
     };
     if original == 0 {
-        return Err(invalid(
-            origin,
-            "original_max_position_embeddings",
-            "must be > 0",
-        ));
+        return Err(invalid(origin, "original_max_position_embeddings", "must be > 0"));
     }
 
     // `factor` is a required key for yarn (transformers raises KeyError); null means
@@ -332,34 +264,19 @@ fn resolve_yarn(inp: &RopeInputs<'_>, dict: &RopeDict<'_>) -> Result<RopeScaling
     let factor_key = dict.key("factor");
     let factor = match dict.get("factor") {
         None => {
-            return Err(invalid(
-                origin,
-                factor_key,
-                "missing (required for rope type \"yarn\")",
-            ));
+            return Err(invalid(origin, factor_key, "missing (required for rope type \"yarn\")"));
         }
-        Some(v) => number(Some(v), origin, &factor_key)?
-            .unwrap_or(inp.max_position_embeddings as f64 / original as f64),
+        Some(v) => {
+            number(Some(v), origin, &factor_key)?.unwrap_or(inp.max_position_embeddings as f64 / original as f64)
+        }
     };
-    if !(factor > 0.0) {
-        return Err(invalid(
-            origin,
-            factor_key,
-            format!("must be > 0, got {factor}"),
-        ));
+    if factor <= 0.0 {
+        return Err(invalid(origin, factor_key, format!("must be > 0, got {factor}")));
     }
 
     let mscale = number(dict.get("mscale"), origin, &dict.key("mscale"))?;
-    let mscale_all_dim = number(
-        dict.get("mscale_all_dim"),
-        origin,
-        &dict.key("mscale_all_dim"),
-    )?;
-    let attention_factor = match number(
-        dict.get("attention_factor"),
-        origin,
-        &dict.key("attention_factor"),
-    )? {
+    let mscale_all_dim = number(dict.get("mscale_all_dim"), origin, &dict.key("mscale_all_dim"))?;
+    let attention_factor = match number(dict.get("attention_factor"), origin, &dict.key("attention_factor"))? {
         Some(explicit) => explicit,
         None => match (truthy(mscale), truthy(mscale_all_dim)) {
             (Some(m), Some(m_all)) => get_mscale(factor, m) / get_mscale(factor, m_all),
@@ -367,26 +284,12 @@ fn resolve_yarn(inp: &RopeInputs<'_>, dict: &RopeDict<'_>) -> Result<RopeScaling
         },
     };
 
-    let beta_fast = truthy(number(
-        dict.get("beta_fast"),
-        origin,
-        &dict.key("beta_fast"),
-    )?)
-    .unwrap_or(32.0);
-    let beta_slow = truthy(number(
-        dict.get("beta_slow"),
-        origin,
-        &dict.key("beta_slow"),
-    )?)
-    .unwrap_or(1.0);
+    let beta_fast = truthy(number(dict.get("beta_fast"), origin, &dict.key("beta_fast"))?).unwrap_or(32.0);
+    let beta_slow = truthy(number(dict.get("beta_slow"), origin, &dict.key("beta_slow"))?).unwrap_or(1.0);
     // Both enter `ln(original / (beta·2π))`.
     for (name, beta) in [("beta_fast", beta_fast), ("beta_slow", beta_slow)] {
         if beta <= 0.0 {
-            return Err(invalid(
-                origin,
-                dict.key(name),
-                format!("must be > 0, got {beta}"),
-            ));
+            return Err(invalid(origin, dict.key(name), format!("must be > 0, got {beta}")));
         }
     }
 
@@ -412,11 +315,7 @@ fn resolve_yarn(inp: &RopeInputs<'_>, dict: &RopeDict<'_>) -> Result<RopeScaling
 /// `mscale_all_dim`.
 pub(crate) fn softmax_scale(qk_head_dim: usize, rope: &RopeConfig) -> f32 {
     let mut scale = (qk_head_dim as f64).powf(-0.5);
-    if let RopeScaling::Yarn {
-        factor,
-        mscale_all_dim,
-        ..
-    } = rope.scaling
+    if let RopeScaling::Yarn { factor, mscale_all_dim, .. } = rope.scaling
         && mscale_all_dim != 0.0
     {
         let mscale = get_mscale(factor, mscale_all_dim);
@@ -448,11 +347,10 @@ mod tests {
     /// DeepSeek-V3.2's `inv_freq` as transformers 5.24 / torch 2.15 (CPU) computes it
     /// (`DeepseekV32RotaryEmbedding(config).inv_freq`, printed with `float.hex`).
     const DS_V32_INV_FREQ_BITS: [u32; 32] = [
-        0x3f800000, 0x3f3ff911, 0x3f0ff59a, 0x3ed7e89b, 0x3ea1e89b, 0x3e72d423, 0x3e361887,
-        0x3e088d77, 0x3dcccccd, 0x3d99940d, 0x3d6655c2, 0x3d1fc5ba, 0x3cdc321b, 0x3c968dc3,
-        0x3c4bf283, 0x3c088d77, 0x3bb43959, 0x3b697066, 0x3b136a16, 0x3ab3a2cd, 0x3a4f3e37,
-        0x39d99312, 0x393a7753, 0x380bd471, 0x37d1b717, 0x379d43a3, 0x376bdcf0, 0x3730df51,
-        0x3704a2b3, 0x36c6ecdd, 0x36952c42, 0x365fba4f,
+        0x3f800000, 0x3f3ff911, 0x3f0ff59a, 0x3ed7e89b, 0x3ea1e89b, 0x3e72d423, 0x3e361887, 0x3e088d77, 0x3dcccccd,
+        0x3d99940d, 0x3d6655c2, 0x3d1fc5ba, 0x3cdc321b, 0x3c968dc3, 0x3c4bf283, 0x3c088d77, 0x3bb43959, 0x3b697066,
+        0x3b136a16, 0x3ab3a2cd, 0x3a4f3e37, 0x39d99312, 0x393a7753, 0x380bd471, 0x37d1b717, 0x379d43a3, 0x376bdcf0,
+        0x3730df51, 0x3704a2b3, 0x36c6ecdd, 0x36952c42, 0x365fba4f,
     ];
 
     #[test]
@@ -460,12 +358,7 @@ mod tests {
         let got = ds_v32_rope().inv_freq();
         assert_eq!(got.len(), 32);
         for (i, (&g, &want)) in got.iter().zip(DS_V32_INV_FREQ_BITS.iter()).enumerate() {
-            assert_eq!(
-                g.to_bits(),
-                want,
-                "inv_freq[{i}] = {g:e}, want {:e}",
-                f32::from_bits(want)
-            );
+            assert_eq!(g.to_bits(), want, "inv_freq[{i}] = {g:e}, want {:e}", f32::from_bits(want));
         }
         // Spot values (plain-math readings of the same table): the first entries are pure
         // extrapolation (10000^(-2i/64)), the last are interpolated (divided by 40).
@@ -486,11 +379,7 @@ mod tests {
 
     #[test]
     fn default_inv_freq() {
-        let rope = RopeConfig {
-            theta: 1_000_000.0,
-            dim: 64,
-            scaling: RopeScaling::Default,
-        };
+        let rope = RopeConfig { theta: 1_000_000.0, dim: 64, scaling: RopeScaling::Default };
         let f = rope.inv_freq();
         assert_eq!(f.len(), 32);
         assert_eq!(f[0], 1.0);
@@ -510,24 +399,14 @@ mod tests {
     #[test]
     fn correction_range() {
         // DS-V3.2: corr(32) = 64·ln(4096/(64π))/(2 ln 1e4) ≈ 10.47 → 10; corr(1) ≈ 22.51 → 23.
-        assert_eq!(
-            yarn_correction_range(32.0, 1.0, 64, 10_000.0, 4096.0, true),
-            (10.0, 23.0)
-        );
+        assert_eq!(yarn_correction_range(32.0, 1.0, 64, 10_000.0, 4096.0, true), (10.0, 23.0));
         let (lo, hi) = yarn_correction_range(32.0, 1.0, 64, 10_000.0, 4096.0, false);
         assert!(
-            (lo - 10.472_240_810_318_025).abs() < 1e-12
-                && (hi - 22.513_440_636_877_274).abs() < 1e-12,
+            (lo - 10.472_240_810_318_025).abs() < 1e-12 && (hi - 22.513_440_636_877_274).abs() < 1e-12,
             "{lo} {hi}"
         );
         // Clamped to [0, dim - 1].
-        assert_eq!(
-            yarn_correction_range(32.0, 1.0, 64, 10_000.0, 1.0, true).0,
-            0.0
-        );
-        assert_eq!(
-            yarn_correction_range(32.0, 1e-9, 64, 10_000.0, 4096.0, true).1,
-            63.0
-        );
+        assert_eq!(yarn_correction_range(32.0, 1.0, 64, 10_000.0, 1.0, true).0, 0.0);
+        assert_eq!(yarn_correction_range(32.0, 1e-9, 64, 10_000.0, 4096.0, true).1, 63.0);
     }
 }

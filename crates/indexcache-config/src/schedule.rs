@@ -53,9 +53,7 @@ pub enum ScheduleError {
     SharedFirstLayer,
     #[error("invalid character {ch:?} at layer {layer} of pattern (only 'F' and 'S' are allowed)")]
     BadChar { layer: usize, ch: char },
-    #[error(
-        "invalid indexer_types entry {value:?} at layer {layer} (expected \"full\" or \"shared\")"
-    )]
+    #[error("invalid indexer_types entry {value:?} at layer {layer} (expected \"full\" or \"shared\")")]
     BadIndexerType { layer: usize, value: String },
     #[error("invalid keep fraction {0:?}: expected N/D with 0 < N <= D, e.g. 1/4")]
     BadKeep(String),
@@ -72,9 +70,7 @@ pub enum ScheduleError {
 impl IndexSchedule {
     /// Every layer Full: plain DSA, no sharing. `all_full(0)` is the (only) empty schedule.
     pub fn all_full(n_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerIndexer::Full; n_layers],
-        }
+        Self { layers: vec![LayerIndexer::Full; n_layers] }
     }
 
     /// Builds a schedule from one Full (`true`) / Shared (`false`) flag per layer, computing each
@@ -106,10 +102,7 @@ impl IndexSchedule {
     pub fn from_pattern(pattern: &str, n_layers: usize) -> Result<Self, ScheduleError> {
         let got = pattern.chars().count();
         if got != n_layers {
-            return Err(ScheduleError::WrongLength {
-                expected: n_layers,
-                got,
-            });
+            return Err(ScheduleError::WrongLength { expected: n_layers, got });
         }
         let flags = pattern
             .chars()
@@ -126,10 +119,7 @@ impl IndexSchedule {
     /// Builds a schedule from GLM's per-layer `indexer_types` list (`"full"` / `"shared"`).
     pub fn from_indexer_types(types: &[String], n_layers: usize) -> Result<Self, ScheduleError> {
         if types.len() != n_layers {
-            return Err(ScheduleError::WrongIndexerTypesLength {
-                expected: n_layers,
-                got: types.len(),
-            });
+            return Err(ScheduleError::WrongIndexerTypesLength { expected: n_layers, got: types.len() });
         }
         let flags = types
             .iter()
@@ -137,10 +127,7 @@ impl IndexSchedule {
             .map(|(layer, t)| match t.as_str() {
                 "full" => Ok(true),
                 "shared" => Ok(false),
-                _ => Err(ScheduleError::BadIndexerType {
-                    layer,
-                    value: t.clone(),
-                }),
+                _ => Err(ScheduleError::BadIndexerType { layer, value: t.clone() }),
             })
             .collect::<Result<Vec<_>, _>>()?;
         Self::from_full_flags(&flags)
@@ -152,16 +139,10 @@ impl IndexSchedule {
     /// `freq = 1` (the default) makes every layer Full. With the default `offset = 2` and
     /// `freq = 4` the Full layers are 0, 1, 5, 9, …; GLM-5.2 ships `freq = 4, offset = 3`
     /// (0, 1, 2, 6, 10, …). `offset = 0` with `freq > 1` makes layer 0 Shared, which is an error.
-    pub fn from_freq_offset(
-        freq: usize,
-        offset: usize,
-        n_layers: usize,
-    ) -> Result<Self, ScheduleError> {
+    pub fn from_freq_offset(freq: usize, offset: usize, n_layers: usize) -> Result<Self, ScheduleError> {
         let freq = freq.max(1);
         // `max(i - offset + 1, 0)` in unsigned arithmetic.
-        let flags: Vec<bool> = (0..n_layers)
-            .map(|i| (i + 1).saturating_sub(offset) % freq == 0)
-            .collect();
+        let flags: Vec<bool> = (0..n_layers).map(|i| (i + 1).saturating_sub(offset) % freq == 0).collect();
         Self::from_full_flags(&flags)
     }
 
@@ -223,17 +204,12 @@ impl IndexSchedule {
 
     /// Number of Full layers (indexers that run, and indexer-key caches to keep).
     pub fn num_full(&self) -> usize {
-        self.layers
-            .iter()
-            .filter(|x| matches!(x, LayerIndexer::Full))
-            .count()
+        self.layers.iter().filter(|x| matches!(x, LayerIndexer::Full)).count()
     }
 
     /// Indices of the Full layers, ascending.
     pub fn full_layers(&self) -> Vec<usize> {
-        (0..self.layers.len())
-            .filter(|&l| self.is_full(l))
-            .collect()
+        (0..self.layers.len()).filter(|&l| self.is_full(l)).collect()
     }
 
     /// The schedule as an `F`/`S` string, one character per layer (round-trips through
@@ -252,10 +228,7 @@ impl IndexSchedule {
     /// the later layers recomputed. This is one tentative flip of the greedy search.
     pub fn with_shared(&self, l: usize) -> Result<Self, ScheduleError> {
         if l >= self.layers.len() {
-            return Err(ScheduleError::LayerOutOfRange {
-                layer: l,
-                n_layers: self.layers.len(),
-            });
+            return Err(ScheduleError::LayerOutOfRange { layer: l, n_layers: self.layers.len() });
         }
         if l == 0 {
             return Err(ScheduleError::SharedFirstLayer);
@@ -302,21 +275,16 @@ mod tests {
     use super::*;
 
     /// The paper's searched GLM-5 1/4 pattern (Appendix B), 78 layers, 22 Full.
-    const GLM5_QUARTER: &str =
-        "FFSFSSSFSSFSFSSSSSSSFSSSSSSFSSSFSFSSSSFFFFFSSSFFSSSFSSSSSSSSFSSSFSSSSSSFSFSSSS";
+    const GLM5_QUARTER: &str = "FFSFSSSFSSFSFSSSSSSSFSSSSSSFSSSFSFSSSSFFFFFSSSFFSSSFSSSSSSSSFSSSFSSSSSSFSFSSSS";
     /// The paper's searched GLM-5 1/2 pattern, 78 layers, 40 Full.
-    const GLM5_HALF: &str =
-        "FFSFSSSFSSFFFSSSFFFSFSSSSSSFFSFFSFFSSFFFFFFSFFFFFSFFSSSSSSFSFFFSFSSSFSFFSFFSSS";
+    const GLM5_HALF: &str = "FFSFSSSFSSFFFSSSFFFSFSSSSSSFFSFFSFFSSFFFFFFSFFFFFSFFSSSSSSFSFFFSFSSSFSFFSFFSSS";
 
     #[test]
     fn all_full_is_plain_dsa() {
         let s = IndexSchedule::all_full(4);
         assert_eq!(s.to_pattern(), "FFFF");
         assert_eq!(s.num_full(), 4);
-        assert_eq!(
-            (0..4).map(|l| s.source(l)).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3]
-        );
+        assert_eq!((0..4).map(|l| s.source(l)).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         assert!(IndexSchedule::all_full(0).is_empty());
     }
 
@@ -345,34 +313,18 @@ mod tests {
     #[test]
     fn pattern_wrong_length() {
         let e = IndexSchedule::from_pattern("FSSSFSS", 8).unwrap_err();
-        assert_eq!(
-            e,
-            ScheduleError::WrongLength {
-                expected: 8,
-                got: 7
-            }
-        );
-        assert!(
-            e.to_string()
-                .contains("pattern has 7 characters but the model has 8 layers"),
-            "{e}"
-        );
+        assert_eq!(e, ScheduleError::WrongLength { expected: 8, got: 7 });
+        assert!(e.to_string().contains("pattern has 7 characters but the model has 8 layers"), "{e}");
     }
 
     #[test]
     fn pattern_bad_char_names_layer_and_char() {
         let e = IndexSchedule::from_pattern("FSXS", 4).unwrap_err();
         assert_eq!(e, ScheduleError::BadChar { layer: 2, ch: 'X' });
-        assert!(
-            e.to_string().contains("invalid character 'X' at layer 2"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("invalid character 'X' at layer 2"), "{e}");
         // Lower case is not accepted either (transformers maps only "F" and "S").
         let e = IndexSchedule::from_pattern("Fs", 2).unwrap_err();
-        assert!(
-            e.to_string().contains("invalid character 's' at layer 1"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("invalid character 's' at layer 1"), "{e}");
     }
 
     #[test]
@@ -384,16 +336,8 @@ mod tests {
 
     #[test]
     fn pattern_empty() {
-        assert_eq!(
-            IndexSchedule::from_pattern("", 0).unwrap_err(),
-            ScheduleError::Empty
-        );
-        assert!(
-            IndexSchedule::from_pattern("", 0)
-                .unwrap_err()
-                .to_string()
-                .contains("empty schedule")
-        );
+        assert_eq!(IndexSchedule::from_pattern("", 0).unwrap_err(), ScheduleError::Empty);
+        assert!(IndexSchedule::from_pattern("", 0).unwrap_err().to_string().contains("empty schedule"));
     }
 
     #[test]
@@ -407,28 +351,17 @@ mod tests {
 
     #[test]
     fn indexer_types() {
-        let t: Vec<String> = ["full", "shared", "shared", "full"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let t: Vec<String> = ["full", "shared", "shared", "full"].iter().map(|s| s.to_string()).collect();
         let s = IndexSchedule::from_indexer_types(&t, 4).unwrap();
         assert_eq!(s.to_pattern(), "FSSF");
         assert_eq!(s.source(2), 0);
 
         let e = IndexSchedule::from_indexer_types(&t, 5).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("indexer_types has 4 entries but the model has 5 layers"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("indexer_types has 4 entries but the model has 5 layers"), "{e}");
 
         let bad: Vec<String> = ["full", "Full"].iter().map(|s| s.to_string()).collect();
         let e = IndexSchedule::from_indexer_types(&bad, 2).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("invalid indexer_types entry \"Full\" at layer 1"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("invalid indexer_types entry \"Full\" at layer 1"), "{e}");
 
         let first_shared: Vec<String> = ["shared", "full"].iter().map(|s| s.to_string()).collect();
         let e = IndexSchedule::from_indexer_types(&first_shared, 2).unwrap_err();
@@ -438,30 +371,15 @@ mod tests {
     #[test]
     fn freq_offset_default_rule() {
         // freq 1 (default): every layer Full.
-        assert_eq!(
-            IndexSchedule::from_freq_offset(1, 2, 5)
-                .unwrap()
-                .to_pattern(),
-            "FFFFF"
-        );
+        assert_eq!(IndexSchedule::from_freq_offset(1, 2, 5).unwrap().to_pattern(), "FFFFF");
         // freq 0 behaves like 1 (transformers clamps with max(freq, 1)).
-        assert_eq!(
-            IndexSchedule::from_freq_offset(0, 2, 3)
-                .unwrap()
-                .to_pattern(),
-            "FFF"
-        );
+        assert_eq!(IndexSchedule::from_freq_offset(0, 2, 3).unwrap().to_pattern(), "FFF");
         // freq 4, offset 2: F at 0, 1, 5, 9, … (the official off-by-one rule).
         let s = IndexSchedule::from_freq_offset(4, 2, 12).unwrap();
         assert_eq!(s.to_pattern(), "FFSSSFSSSFSS");
         assert_eq!(s.full_layers(), vec![0, 1, 5, 9]);
         // offset 1: the paper's uniform FSSS….
-        assert_eq!(
-            IndexSchedule::from_freq_offset(4, 1, 8)
-                .unwrap()
-                .to_pattern(),
-            "FSSSFSSS"
-        );
+        assert_eq!(IndexSchedule::from_freq_offset(4, 1, 8).unwrap().to_pattern(), "FSSSFSSS");
     }
 
     #[test]
@@ -479,48 +397,25 @@ mod tests {
     fn freq_offset_zero_offset_rejected() {
         let e = IndexSchedule::from_freq_offset(4, 0, 8).unwrap_err();
         assert_eq!(e, ScheduleError::SharedFirstLayer);
-        assert_eq!(
-            IndexSchedule::from_freq_offset(4, 2, 0).unwrap_err(),
-            ScheduleError::Empty
-        );
+        assert_eq!(IndexSchedule::from_freq_offset(4, 2, 0).unwrap_err(), ScheduleError::Empty);
     }
 
     #[test]
     fn uniform_keep_spacing() {
-        assert_eq!(
-            IndexSchedule::uniform_keep(1, 4, 8).unwrap().to_pattern(),
-            "FSSSFSSS"
-        );
-        assert_eq!(
-            IndexSchedule::uniform_keep(1, 2, 6).unwrap().to_pattern(),
-            "FSFSFS"
-        );
-        assert_eq!(
-            IndexSchedule::uniform_keep(1, 1, 3).unwrap().to_pattern(),
-            "FFF"
-        );
+        assert_eq!(IndexSchedule::uniform_keep(1, 4, 8).unwrap().to_pattern(), "FSSSFSSS");
+        assert_eq!(IndexSchedule::uniform_keep(1, 2, 6).unwrap().to_pattern(), "FSFSFS");
+        assert_eq!(IndexSchedule::uniform_keep(1, 1, 3).unwrap().to_pattern(), "FFF");
         // Tiny fractions keep at least layer 0.
-        assert_eq!(
-            IndexSchedule::uniform_keep(1, 100, 5).unwrap().to_pattern(),
-            "FSSSS"
-        );
+        assert_eq!(IndexSchedule::uniform_keep(1, 100, 5).unwrap().to_pattern(), "FSSSS");
         // 78 layers at 1/4: ceil(19.5) = 20 Full, layer 0 first.
         let s = IndexSchedule::uniform_keep(1, 4, 78).unwrap();
         assert_eq!(s.num_full(), 20);
         assert!(s.is_full(0));
         // 61 layers at 1/2: 31 Full.
-        assert_eq!(
-            IndexSchedule::uniform_keep(1, 2, 61).unwrap().num_full(),
-            31
-        );
+        assert_eq!(IndexSchedule::uniform_keep(1, 2, 61).unwrap().num_full(), 31);
         // Huge fractions do not overflow.
         let big = 1usize << 62;
-        assert_eq!(
-            IndexSchedule::uniform_keep(big, big, 4)
-                .unwrap()
-                .to_pattern(),
-            "FFFF"
-        );
+        assert_eq!(IndexSchedule::uniform_keep(big, big, 4).unwrap().to_pattern(), "FFFF");
     }
 
     #[test]
@@ -529,10 +424,7 @@ mod tests {
             let e = IndexSchedule::uniform_keep(n, d, 8).unwrap_err();
             assert_eq!(e, ScheduleError::BadKeep(format!("{n}/{d}")));
         }
-        assert_eq!(
-            IndexSchedule::uniform_keep(1, 4, 0).unwrap_err(),
-            ScheduleError::Empty
-        );
+        assert_eq!(IndexSchedule::uniform_keep(1, 4, 0).unwrap_err(), ScheduleError::Empty);
     }
 
     #[test]
@@ -546,42 +438,21 @@ mod tests {
         // Layer 2's source moved from 1 to 0 when layer 1 was flipped.
         assert_eq!(s.source(2), 0);
         let s = s.with_shared(3).unwrap();
-        assert_eq!(
-            (0..5).map(|l| s.source(l)).collect::<Vec<_>>(),
-            vec![0, 0, 0, 0, 4]
-        );
+        assert_eq!((0..5).map(|l| s.source(l)).collect::<Vec<_>>(), vec![0, 0, 0, 0, 4]);
         // Idempotent on an already Shared layer.
         assert_eq!(s.with_shared(3).unwrap(), s);
 
-        assert_eq!(
-            s.with_shared(0).unwrap_err(),
-            ScheduleError::SharedFirstLayer
-        );
+        assert_eq!(s.with_shared(0).unwrap_err(), ScheduleError::SharedFirstLayer);
         let e = s.with_shared(5).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("layer 5 is out of range: the schedule has 5 layers"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("layer 5 is out of range: the schedule has 5 layers"), "{e}");
     }
 
     #[test]
     fn parse_keep() {
-        assert_eq!(
-            ScheduleOverride::parse_keep("1/4").unwrap(),
-            ScheduleOverride::Keep { num: 1, den: 4 }
-        );
-        assert_eq!(
-            ScheduleOverride::parse_keep(" 3 / 8 ").unwrap(),
-            ScheduleOverride::Keep { num: 3, den: 8 }
-        );
-        assert_eq!(
-            ScheduleOverride::parse_keep("1/1").unwrap(),
-            ScheduleOverride::Keep { num: 1, den: 1 }
-        );
-        for bad in [
-            "", "1", "1/", "/4", "0/4", "5/4", "1/0", "a/b", "-1/4", "1/4/2", "0.25",
-        ] {
+        assert_eq!(ScheduleOverride::parse_keep("1/4").unwrap(), ScheduleOverride::Keep { num: 1, den: 4 });
+        assert_eq!(ScheduleOverride::parse_keep(" 3 / 8 ").unwrap(), ScheduleOverride::Keep { num: 3, den: 8 });
+        assert_eq!(ScheduleOverride::parse_keep("1/1").unwrap(), ScheduleOverride::Keep { num: 1, den: 1 });
+        for bad in ["", "1", "1/", "/4", "0/4", "5/4", "1/0", "a/b", "-1/4", "1/4/2", "0.25"] {
             let e = ScheduleOverride::parse_keep(bad).unwrap_err();
             assert_eq!(e, ScheduleError::BadKeep(bad.to_string()), "{bad}");
             assert!(e.to_string().contains("invalid keep fraction"), "{e}");
@@ -591,32 +462,12 @@ mod tests {
     #[test]
     fn override_apply() {
         assert_eq!(ScheduleOverride::Off.apply(3).unwrap().to_pattern(), "FFF");
+        assert_eq!(ScheduleOverride::Off.apply(0).unwrap_err(), ScheduleError::Empty);
+        assert_eq!(ScheduleOverride::Keep { num: 1, den: 4 }.apply(8).unwrap().to_pattern(), "FSSSFSSS");
+        assert_eq!(ScheduleOverride::Pattern("FSF".into()).apply(3).unwrap().to_pattern(), "FSF");
         assert_eq!(
-            ScheduleOverride::Off.apply(0).unwrap_err(),
-            ScheduleError::Empty
-        );
-        assert_eq!(
-            ScheduleOverride::Keep { num: 1, den: 4 }
-                .apply(8)
-                .unwrap()
-                .to_pattern(),
-            "FSSSFSSS"
-        );
-        assert_eq!(
-            ScheduleOverride::Pattern("FSF".into())
-                .apply(3)
-                .unwrap()
-                .to_pattern(),
-            "FSF"
-        );
-        assert_eq!(
-            ScheduleOverride::Pattern("FSF".into())
-                .apply(4)
-                .unwrap_err(),
-            ScheduleError::WrongLength {
-                expected: 4,
-                got: 3
-            }
+            ScheduleOverride::Pattern("FSF".into()).apply(4).unwrap_err(),
+            ScheduleError::WrongLength { expected: 4, got: 3 }
         );
     }
 }

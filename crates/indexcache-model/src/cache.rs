@@ -30,12 +30,7 @@ pub struct Cache<B: Backend> {
 }
 
 impl<B: Backend> Cache<B> {
-    pub(crate) fn new(
-        b: &B,
-        cfg: &ModelConfig,
-        schedule: IndexSchedule,
-        capacity: usize,
-    ) -> Result<Self, ModelError> {
+    pub(crate) fn new(b: &B, cfg: &ModelConfig, schedule: IndexSchedule, capacity: usize) -> Result<Self, ModelError> {
         if capacity > cfg.max_position_embeddings {
             return Err(ModelError::ContextTooLong {
                 needed: capacity,
@@ -47,19 +42,11 @@ impl<B: Backend> Cache<B> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| LayerCache {
                 latent: b.zeros(capacity, width),
-                index_keys: schedule
-                    .is_full(l)
-                    .then(|| b.zeros(capacity, cfg.index_head_dim)),
+                index_keys: schedule.is_full(l).then(|| b.zeros(capacity, cfg.index_head_dim)),
             })
             .collect();
         let rope = RopeTable::new(&cfg.rope.inv_freq(), cfg.rope.attention_factor(), capacity);
-        Ok(Self {
-            schedule,
-            layers,
-            rope,
-            len: 0,
-            capacity,
-        })
+        Ok(Self { schedule, layers, rope, len: 0, capacity })
     }
 
     /// Tokens cached so far (the next token's position).

@@ -16,20 +16,12 @@ pub enum ModelError {
         "layer {layer} is Full in the schedule but the checkpoint has no indexer weights for it \
          (missing {tensor:?}); this checkpoint ships indexers only on layers {available}"
     )]
-    MissingIndexer {
-        layer: usize,
-        tensor: String,
-        available: String,
-    },
+    MissingIndexer { layer: usize, tensor: String, available: String },
     #[error(
         "context too long: {needed} tokens needed but the {what} allows {limit} \
          (prompt + generated tokens must fit)"
     )]
-    ContextTooLong {
-        needed: usize,
-        limit: usize,
-        what: &'static str,
-    },
+    ContextTooLong { needed: usize, limit: usize, what: &'static str },
     #[error("token id {id} at input position {index} is out of range for vocabulary size {vocab}")]
     TokenOutOfRange { id: u32, index: usize, vocab: usize },
     #[error("empty input: at least one token is required")]

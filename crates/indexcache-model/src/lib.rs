@@ -16,7 +16,7 @@ pub mod weights;
 pub use cache::{Cache, CacheBytes, cache_bytes_per_token};
 pub use error::ModelError;
 pub use model::{
-    DsaModel, ForwardOptions, ForwardOutput, LoadOptions, LoadReport, Logits, check_indexers,
+    DsaModel, ForwardOptions, ForwardOutput, LoadOptions, LoadReport, Logits, StageTimes, StepState, check_indexers,
 };
 pub use sampler::{Sampler, SamplingParams};
-pub use weights::{IndexerSelection, RandomSource, WeightSource};
+pub use weights::{IndexerSelection, RandomSource, WeightSource, parameter_count};

@@ -16,13 +16,13 @@
 use crate::cache::{Cache, LayerCache};
 use crate::error::ModelError;
 use crate::weights::{
-    CheckpointSource, FfnWeights, IndexerSelection, ModelWeights, RandomSource, WeightSource,
-    load_weights,
+    CheckpointSource, FfnWeights, IndexerSelection, ModelWeights, RandomSource, WeightSource, load_weights,
 };
 use indexcache_config::{IndexSchedule, LayerIndexer, ModelConfig, ScheduleOverride};
 use indexcache_ops::{Backend, RopeLayout, TopK};
 use indexcache_weights::WeightStore;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// transformers builds `q_a_layernorm` / `kv_a_layernorm` with the RMSNorm default eps, not
 /// `rms_norm_eps`.
@@ -41,10 +41,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            schedule: None,
-            indexers: IndexerSelection::Full,
-        }
+        Self { schedule: None, indexers: IndexerSelection::Full }
     }
 }
 
@@ -77,11 +74,35 @@ pub struct ForwardOptions {
 
 impl Default for ForwardOptions {
     fn default() -> Self {
-        Self {
-            logits: Logits::Last,
-            capture_topk: false,
-        }
+        Self { logits: Logits::Last, capture_topk: false }
     }
+}
+
+/// Wall time per stage of a forward pass (summed over layers).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    /// Lightning indexer: projections, scoring and top-k (Full layers only).
+    pub indexer: Duration,
+    /// MLA projections, cache writes and sparse attention (without the indexer).
+    pub attention: Duration,
+    /// Dense MLP / MoE.
+    pub ffn: Duration,
+}
+
+impl StageTimes {
+    pub fn add(&mut self, o: &StageTimes) {
+        self.indexer += o.indexer;
+        self.attention += o.attention;
+        self.ffn += o.ffn;
+    }
+}
+
+/// State carried from layer to layer within one forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct StepState {
+    /// The top-k of the latest Full layer (the IndexCache share buffer).
+    pub shared: Option<TopK>,
+    pub times: StageTimes,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,6 +112,7 @@ pub struct ForwardOutput {
     pub rows: usize,
     /// `(layer, top-k)` for each Full layer, when captured.
     pub topk: Vec<(usize, TopK)>,
+    pub times: StageTimes,
 }
 
 pub struct DsaModel<B: Backend> {
@@ -129,10 +151,7 @@ impl<B: Backend> DsaModel<B> {
             done += 1;
             on_tensor(name, done, total);
         };
-        let mut src = CheckpointSource {
-            store: &store,
-            on_tensor: &mut progress,
-        };
+        let mut src = CheckpointSource { store: &store, on_tensor: &mut progress };
         let model = Self::from_source(cfg, backend, schedule, &mut src, opts.indexers)?;
 
         let mut report = LoadReport::default();
@@ -156,44 +175,18 @@ impl<B: Backend> DsaModel<B> {
         indexers: IndexerSelection,
     ) -> Result<Self, ModelError> {
         if schedule.len() != cfg.num_hidden_layers {
-            return Err(ModelError::ScheduleLength {
-                expected: cfg.num_hidden_layers,
-                got: schedule.len(),
-            });
+            return Err(ModelError::ScheduleLength { expected: cfg.num_hidden_layers, got: schedule.len() });
         }
         check_indexers(&cfg, &schedule, |n| src.has(n))?;
-        let full: Vec<bool> = (0..cfg.num_hidden_layers)
-            .map(|l| schedule.is_full(l))
-            .collect();
+        let full: Vec<bool> = (0..cfg.num_hidden_layers).map(|l| schedule.is_full(l)).collect();
         let weights = load_weights(&backend, &cfg, src, &full, indexers)?;
-        let indexer_layout = if cfg.indexer_rope_interleave {
-            RopeLayout::Interleaved
-        } else {
-            RopeLayout::HalfSplit
-        };
-        Ok(Self {
-            backend,
-            cfg,
-            schedule,
-            weights,
-            indexer_layout,
-        })
+        let indexer_layout = if cfg.indexer_rope_interleave { RopeLayout::Interleaved } else { RopeLayout::HalfSplit };
+        Ok(Self { backend, cfg, schedule, weights, indexer_layout })
     }
 
     /// Seeded random weights at the config's shapes, with an indexer on every layer.
-    pub fn random(
-        cfg: ModelConfig,
-        backend: B,
-        schedule: IndexSchedule,
-        seed: u64,
-    ) -> Result<Self, ModelError> {
-        Self::from_source(
-            cfg,
-            backend,
-            schedule,
-            &mut RandomSource::new(seed),
-            IndexerSelection::All,
-        )
+    pub fn random(cfg: ModelConfig, backend: B, schedule: IndexSchedule, seed: u64) -> Result<Self, ModelError> {
+        Self::from_source(cfg, backend, schedule, &mut RandomSource::new(seed), IndexerSelection::All)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -211,9 +204,7 @@ impl<B: Backend> DsaModel<B> {
 
     /// Layers whose indexer weights are loaded.
     pub fn layers_with_indexer(&self) -> Vec<usize> {
-        (0..self.cfg.num_hidden_layers)
-            .filter(|&l| self.weights.layers[l].attn.indexer.is_some())
-            .collect()
+        (0..self.cfg.num_hidden_layers).filter(|&l| self.weights.layers[l].attn.indexer.is_some()).collect()
     }
 
     /// A cache for `capacity` tokens with the model's schedule.
@@ -222,16 +213,9 @@ impl<B: Backend> DsaModel<B> {
     }
 
     /// A cache with another schedule (every Full layer needs its indexer loaded).
-    pub fn new_cache_with(
-        &self,
-        schedule: IndexSchedule,
-        capacity: usize,
-    ) -> Result<Cache<B>, ModelError> {
+    pub fn new_cache_with(&self, schedule: IndexSchedule, capacity: usize) -> Result<Cache<B>, ModelError> {
         if schedule.len() != self.cfg.num_hidden_layers {
-            return Err(ModelError::ScheduleLength {
-                expected: self.cfg.num_hidden_layers,
-                got: schedule.len(),
-            });
+            return Err(ModelError::ScheduleLength { expected: self.cfg.num_hidden_layers, got: schedule.len() });
         }
         let loaded = self.layers_with_indexer();
         for l in schedule.full_layers() {
@@ -255,15 +239,17 @@ impl<B: Backend> DsaModel<B> {
     ) -> Result<ForwardOutput, ModelError> {
         let (mut x, positions) = self.begin(ids, cache)?;
         let mut out = ForwardOutput::default();
-        let mut shared: Option<TopK> = None;
+        let mut state = StepState::default();
         for l in 0..self.cfg.num_hidden_layers {
-            self.layer(l, &mut x, cache, &positions, &mut shared)?;
-            if opts.capture_topk && cache.schedule.is_full(l) {
-                if let Some(t) = &shared {
-                    out.topk.push((l, t.clone()));
-                }
+            self.layer(l, &mut x, cache, &positions, &mut state)?;
+            if opts.capture_topk
+                && cache.schedule.is_full(l)
+                && let Some(t) = &state.shared
+            {
+                out.topk.push((l, t.clone()));
             }
         }
+        out.times = state.times;
         cache.advance(ids.len());
         let b = &self.backend;
         let x = match opts.logits {
@@ -279,59 +265,48 @@ impl<B: Backend> DsaModel<B> {
 
     /// Validate `ids` against the vocabulary and the cache, embed them, and return their
     /// absolute positions. Building block for tools that drive layers one by one.
-    pub fn begin(
-        &self,
-        ids: &[u32],
-        cache: &Cache<B>,
-    ) -> Result<(B::Tensor, Vec<usize>), ModelError> {
+    pub fn begin(&self, ids: &[u32], cache: &Cache<B>) -> Result<(B::Tensor, Vec<usize>), ModelError> {
         if ids.is_empty() {
             return Err(ModelError::EmptyInput);
         }
-        if let Some((index, &id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, id)| **id as usize >= self.cfg.vocab_size)
-        {
-            return Err(ModelError::TokenOutOfRange {
-                id,
-                index,
-                vocab: self.cfg.vocab_size,
-            });
+        if let Some((index, &id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, index, vocab: self.cfg.vocab_size });
         }
         let needed = cache.len() + ids.len();
         if needed > cache.capacity() {
-            return Err(ModelError::ContextTooLong {
-                needed,
-                limit: cache.capacity(),
-                what: "cache capacity",
-            });
+            return Err(ModelError::ContextTooLong { needed, limit: cache.capacity(), what: "cache capacity" });
         }
         let x = self.backend.embedding(&self.weights.embed, ids);
         Ok((x, (cache.len()..needed).collect()))
     }
 
-    /// One decoder layer, in place on `x`. `shared` carries the latest Full layer's top-k.
-    /// The caller advances the cache after the last layer.
+    /// One decoder layer, in place on `x`. `state.shared` carries the latest Full layer's
+    /// top-k. The caller advances the cache after the last layer (see [`Self::forward`]).
     pub fn layer(
         &self,
         l: usize,
         x: &mut B::Tensor,
         cache: &mut Cache<B>,
         positions: &[usize],
-        shared: &mut Option<TopK>,
+        state: &mut StepState,
     ) -> Result<(), ModelError> {
         let b = &self.backend;
         let lw = &self.weights.layers[l];
         let eps = self.cfg.rms_norm_eps;
+        let t0 = Instant::now();
         let h = b.rms_norm(x, &lw.input_norm, eps);
-        let attn = self.attention(l, &h, cache, positions, shared)?;
+        let (attn, indexer_time) = self.attention(l, &h, cache, positions, &mut state.shared)?;
         b.add_inplace(x, &attn);
+        let t1 = Instant::now();
         let h = b.rms_norm(x, &lw.post_attn_norm, eps);
         let ffn = match &lw.ffn {
             FfnWeights::Dense(m) => b.mlp(&h, m),
             FfnWeights::Moe(m) => b.moe(&h, m),
         };
         b.add_inplace(x, &ffn);
+        state.times.indexer += indexer_time;
+        state.times.attention += (t1 - t0).saturating_sub(indexer_time);
+        state.times.ffn += t1.elapsed();
         Ok(())
     }
 
@@ -339,10 +314,7 @@ impl<B: Backend> DsaModel<B> {
     pub fn logits(&self, x: &B::Tensor) -> B::Tensor {
         let b = &self.backend;
         let h = b.rms_norm(x, &self.weights.norm, self.cfg.rms_norm_eps);
-        b.matmul_t(
-            &h,
-            self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed),
-        )
+        b.matmul_t(&h, self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed))
     }
 
     fn attention(
@@ -352,23 +324,13 @@ impl<B: Backend> DsaModel<B> {
         cache: &mut Cache<B>,
         positions: &[usize],
         shared: &mut Option<TopK>,
-    ) -> Result<B::Tensor, ModelError> {
+    ) -> Result<(B::Tensor, Duration), ModelError> {
         let b = &self.backend;
         let c = &self.cfg;
         let w = &self.weights.layers[l].attn;
-        let (heads, nope, p, r) = (
-            c.num_attention_heads,
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.kv_lora_rank,
-        );
+        let (heads, nope, p, r) = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank);
         let pos0 = positions[0];
-        let Cache {
-            schedule,
-            layers,
-            rope,
-            ..
-        } = cache;
+        let Cache { schedule, layers, rope, .. } = cache;
         let lc: &mut LayerCache<B> = &mut layers[l];
 
         // Queries: latent qr (shared with the indexer), then per head [nope | rope].
@@ -389,41 +351,30 @@ impl<B: Backend> DsaModel<B> {
 
         // IndexCache: a Full layer runs its indexer and publishes the top-k; a Shared layer
         // reuses it.
+        let t_indexer = Instant::now();
+        let mut indexer_time = Duration::ZERO;
         if let LayerIndexer::Full = schedule.layer(l) {
             let (Some(ix), Some(keys)) = (&w.indexer, lc.index_keys.as_mut()) else {
-                return Err(ModelError::Invalid(format!(
-                    "layer {l} is Full but has no indexer loaded"
-                )));
+                return Err(ModelError::Invalid(format!("layer {l} is Full but has no indexer loaded")));
             };
             let (hi, d) = (c.index_n_heads, c.index_head_dim);
             let mut qi = b.matmul_t(&qr, &ix.wq_b); // [T, HI*D]
             b.rope_inplace(&mut qi, d, p, self.indexer_layout, positions, rope);
-            let mut ki = b.layer_norm(
-                &b.matmul_t(h, &ix.wk),
-                &ix.k_norm_w,
-                &ix.k_norm_b,
-                INDEXER_NORM_EPS,
-            );
+            let mut ki = b.layer_norm(&b.matmul_t(h, &ix.wk), &ix.k_norm_w, &ix.k_norm_b, INDEXER_NORM_EPS);
             b.rope_inplace(&mut ki, d, p, self.indexer_layout, positions, rope);
             b.write_block(keys, pos0, 0, &ki);
             let mut head_w = b.matmul_t(h, &ix.weights_proj); // [T, HI]
             b.scale_inplace(&mut head_w, (hi as f32).powf(-0.5));
-            *shared = Some(b.indexer_topk(
-                &qi,
-                &head_w,
-                keys,
-                positions,
-                c.index_topk,
-                (d as f32).powf(-0.5),
-            ));
+            *shared = Some(b.indexer_topk(&qi, &head_w, keys, positions, c.index_topk, (d as f32).powf(-0.5)));
+            indexer_time = t_indexer.elapsed();
         }
-        let sel = shared.as_ref().ok_or_else(|| {
-            ModelError::Invalid(format!("layer {l} is Shared but no Full layer precedes it"))
-        })?;
+        let sel = shared
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid(format!("layer {l} is Shared but no Full layer precedes it")))?;
 
         let o_lat = b.sparse_mla(&q_lat, &q_pe, &lc.latent, sel, c.softmax_scale); // [T, H*R]
         let o = b.matmul_heads(&o_lat, &w.w_uv); // [T, H*v]
-        Ok(b.matmul_t(&o, &w.o))
+        Ok((b.matmul_t(&o, &w.o), indexer_time))
     }
 }
 
@@ -437,14 +388,8 @@ pub fn check_indexers(
     let name = |l: usize| format!("model.layers.{l}.self_attn.indexer.wk.weight");
     for l in schedule.full_layers() {
         if !has(&name(l)) {
-            let available: Vec<usize> = (0..cfg.num_hidden_layers)
-                .filter(|&l| has(&name(l)))
-                .collect();
-            return Err(ModelError::MissingIndexer {
-                layer: l,
-                tensor: name(l),
-                available: format_layers(&available),
-            });
+            let available: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| has(&name(l))).collect();
+            return Err(ModelError::MissingIndexer { layer: l, tensor: name(l), available: format_layers(&available) });
         }
     }
     Ok(())
@@ -460,9 +405,5 @@ fn format_layers(ls: &[usize]) -> String {
 
 /// `model.layers.{N}.…` → N.
 pub(crate) fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }

@@ -15,12 +15,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
     }
 }
 
@@ -31,10 +26,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self {
-            params,
-            rng: StdRng::seed_from_u64(params.seed),
-        }
+        Self { params, rng: StdRng::seed_from_u64(params.seed) }
     }
 
     /// Pick the next token from one row of logits.
@@ -44,20 +36,13 @@ impl Sampler {
             return argmax(logits);
         }
         // Candidates sorted by logit, descending (ties: lower id), cut by top-k.
-        let mut cand: Vec<(f32, u32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (l, i as u32))
-            .collect();
+        let mut cand: Vec<(f32, u32)> = logits.iter().enumerate().map(|(i, &l)| (l, i as u32)).collect();
         cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         if p.top_k > 0 {
             cand.truncate(p.top_k);
         }
         let m = cand[0].0;
-        let mut probs: Vec<f64> = cand
-            .iter()
-            .map(|c| (((c.0 - m) / p.temperature) as f64).exp())
-            .collect();
+        let mut probs: Vec<f64> = cand.iter().map(|c| (((c.0 - m) / p.temperature) as f64).exp()).collect();
         let z: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= z);
         // top-p: smallest prefix whose mass reaches top_p.
@@ -111,19 +96,9 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeded_sampling_is_reproducible() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 1,
-            seed: 5,
-        });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 1, seed: 5 });
         assert_eq!(s.sample(&logits), argmax(&logits));
-        let params = SamplingParams {
-            temperature: 0.8,
-            top_p: 0.9,
-            top_k: 20,
-            seed: 42,
-        };
+        let params = SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 20, seed: 42 };
         let a: Vec<u32> = {
             let mut s = Sampler::new(params);
             (0..20).map(|_| s.sample(&logits)).collect()

@@ -96,9 +96,7 @@ pub struct RandomSource {
 
 impl RandomSource {
     pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-        }
+        Self { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 }
     }
     fn next_f32(&mut self) -> f32 {
         // xorshift64*: fast, deterministic, good enough for synthetic weights.
@@ -117,11 +115,7 @@ impl WeightSource for RandomSource {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         let n: usize = shape.iter().product();
         if shape.len() == 1 {
-            let fill = if name.ends_with(".bias") || name.ends_with("e_score_correction_bias") {
-                0.0
-            } else {
-                1.0
-            };
+            let fill = if name.ends_with(".bias") || name.ends_with("e_score_correction_bias") { 0.0 } else { 1.0 };
             return Ok(vec![fill; n]);
         }
         let a = 1.0 / (shape[1] as f32).sqrt();
@@ -162,18 +156,9 @@ pub(crate) fn load_weights<B: Backend>(
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        Some(b.weight(
-            src.get("lm_head.weight", &[cfg.vocab_size, hid])?,
-            cfg.vocab_size,
-            hid,
-        ))
+        Some(b.weight(src.get("lm_head.weight", &[cfg.vocab_size, hid])?, cfg.vocab_size, hid))
     };
-    Ok(ModelWeights {
-        embed,
-        layers,
-        norm,
-        lm_head,
-    })
+    Ok(ModelWeights { embed, layers, norm, lm_head })
 }
 
 fn matrix<B: Backend>(
@@ -196,25 +181,14 @@ fn load_layer<B: Backend>(
     let p = format!("model.layers.{l}");
     let hid = cfg.hidden_size;
     let h = cfg.num_attention_heads;
-    let (nope, rope, v, r) = (
-        cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim,
-        cfg.v_head_dim,
-        cfg.kv_lora_rank,
-    );
+    let (nope, rope, v, r) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
     let a = format!("{p}.self_attn");
 
     let indexer = if want_indexer {
         let ip = format!("{a}.indexer");
         let (hi, d) = (cfg.index_n_heads, cfg.index_head_dim);
         Some(IndexerWeights {
-            wq_b: matrix(
-                b,
-                src,
-                &format!("{ip}.wq_b.weight"),
-                hi * d,
-                cfg.q_lora_rank,
-            )?,
+            wq_b: matrix(b, src, &format!("{ip}.wq_b.weight"), hi * d, cfg.q_lora_rank)?,
             wk: matrix(b, src, &format!("{ip}.wk.weight"), d, hid)?,
             k_norm_w: src.get(&format!("{ip}.k_norm.weight"), &[d])?,
             k_norm_b: src.get(&format!("{ip}.k_norm.bias"), &[d])?,
@@ -243,28 +217,10 @@ fn load_layer<B: Backend>(
     }
 
     let attn = AttentionWeights {
-        q_a: matrix(
-            b,
-            src,
-            &format!("{a}.q_a_proj.weight"),
-            cfg.q_lora_rank,
-            hid,
-        )?,
+        q_a: matrix(b, src, &format!("{a}.q_a_proj.weight"), cfg.q_lora_rank, hid)?,
         q_a_norm: src.get(&format!("{a}.q_a_layernorm.weight"), &[cfg.q_lora_rank])?,
-        q_b: matrix(
-            b,
-            src,
-            &format!("{a}.q_b_proj.weight"),
-            h * (nope + rope),
-            cfg.q_lora_rank,
-        )?,
-        kv_a: matrix(
-            b,
-            src,
-            &format!("{a}.kv_a_proj_with_mqa.weight"),
-            r + rope,
-            hid,
-        )?,
+        q_b: matrix(b, src, &format!("{a}.q_b_proj.weight"), h * (nope + rope), cfg.q_lora_rank)?,
+        kv_a: matrix(b, src, &format!("{a}.kv_a_proj_with_mqa.weight"), r + rope, hid)?,
         kv_a_norm: src.get(&format!("{a}.kv_a_layernorm.weight"), &[r])?,
         w_uk,
         w_uv,
@@ -273,13 +229,7 @@ fn load_layer<B: Backend>(
     };
 
     let ffn = match cfg.mlp_layer_types[l] {
-        MlpKind::Dense => FfnWeights::Dense(load_mlp(
-            b,
-            src,
-            &format!("{p}.mlp"),
-            cfg.intermediate_size,
-            hid,
-        )?),
+        MlpKind::Dense => FfnWeights::Dense(load_mlp(b, src, &format!("{p}.mlp"), cfg.intermediate_size, hid)?),
         MlpKind::Moe => {
             let e = cfg.n_routed_experts;
             let mi = cfg.moe_intermediate_size;
@@ -287,13 +237,7 @@ fn load_layer<B: Backend>(
             let score_bias = src.get(&format!("{p}.mlp.gate.e_score_correction_bias"), &[e])?;
             let experts = load_experts(b, src, &format!("{p}.mlp.experts"), e, mi, hid)?;
             let shared = if cfg.n_shared_experts > 0 {
-                Some(load_mlp(
-                    b,
-                    src,
-                    &format!("{p}.mlp.shared_experts"),
-                    mi * cfg.n_shared_experts,
-                    hid,
-                )?)
+                Some(load_mlp(b, src, &format!("{p}.mlp.shared_experts"), mi * cfg.n_shared_experts, hid)?)
             } else {
                 None
             };
@@ -355,16 +299,41 @@ fn load_experts<B: Backend>(
                 Mlp {
                     gate: b.weight(gu[..inter * hid].to_vec(), inter, hid),
                     up: b.weight(gu[inter * hid..].to_vec(), inter, hid),
-                    down: b.weight(
-                        down[e * hid * inter..(e + 1) * hid * inter].to_vec(),
-                        hid,
-                        inter,
-                    ),
+                    down: b.weight(down[e * hid * inter..(e + 1) * hid * inter].to_vec(), hid, inter),
                 }
             })
             .collect());
     }
-    (0..n)
-        .map(|e| load_mlp(b, src, &format!("{prefix}.{e}"), inter, hid))
-        .collect()
+    (0..n).map(|e| load_mlp(b, src, &format!("{prefix}.{e}"), inter, hid)).collect()
+}
+
+/// Parameters of the model described by `cfg` (embedding, layers with an indexer on every
+/// layer, final norm, LM head unless tied); MTP layers excluded.
+pub fn parameter_count(cfg: &ModelConfig) -> u64 {
+    let (hid, h) = (cfg.hidden_size as u64, cfg.num_attention_heads as u64);
+    let (nope, rope, v, r) =
+        (cfg.qk_nope_head_dim as u64, cfg.qk_rope_head_dim as u64, cfg.v_head_dim as u64, cfg.kv_lora_rank as u64);
+    let ql = cfg.q_lora_rank as u64;
+    let (hi, d) = (cfg.index_n_heads as u64, cfg.index_head_dim as u64);
+    let attn = hid * ql + ql + ql * h * (nope + rope) + hid * (r + rope) + r + r * h * (nope + v) + h * v * hid;
+    let indexer = ql * hi * d + hid * d + 2 * d + hi * hid;
+    let mlp = |inter: u64| 3 * hid * inter;
+    let mut total = cfg.vocab_size as u64 * hid + hid;
+    if !cfg.tie_word_embeddings {
+        total += cfg.vocab_size as u64 * hid;
+    }
+    for kind in &cfg.mlp_layer_types {
+        total += 2 * hid + attn + indexer;
+        total += match kind {
+            MlpKind::Dense => mlp(cfg.intermediate_size as u64),
+            MlpKind::Moe => {
+                let e = cfg.n_routed_experts as u64;
+                e * hid
+                    + e
+                    + e * mlp(cfg.moe_intermediate_size as u64)
+                    + mlp(cfg.moe_intermediate_size as u64 * cfg.n_shared_experts as u64)
+            }
+        };
+    }
+    total
 }

@@ -84,14 +84,7 @@ pub trait Backend: Send + Sync {
     fn rows(&self, x: &Self::Tensor, start: usize, len: usize) -> Self::Tensor;
     /// Per-head column slice: from `[T, heads*stride]` take `offset..offset+len` of each head,
     /// packed into `[T, heads*len]`.
-    fn head_columns(
-        &self,
-        x: &Self::Tensor,
-        heads: usize,
-        stride: usize,
-        offset: usize,
-        len: usize,
-    ) -> Self::Tensor;
+    fn head_columns(&self, x: &Self::Tensor, heads: usize, stride: usize, offset: usize, len: usize) -> Self::Tensor;
     /// `dst[row0 + i, col0 + j] = src[i, j]`.
     fn write_block(&self, dst: &mut Self::Tensor, row0: usize, col0: usize, src: &Self::Tensor);
 

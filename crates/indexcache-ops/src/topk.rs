@@ -32,10 +32,8 @@ pub fn select_topk(scores: &[f32], k: usize, out: &mut [i32], scratch: &mut Vec<
     scratch.extend(scores.iter().enumerate().map(|(i, &s)| (s, i as u32)));
     // Order: higher score first, then lower position. total ordering keeps NaN deterministic.
     let cmp = |a: &(f32, u32), b: &(f32, u32)| {
-        let (sa, sb) = (
-            if a.0.is_nan() { f32::NEG_INFINITY } else { a.0 },
-            if b.0.is_nan() { f32::NEG_INFINITY } else { b.0 },
-        );
+        let (sa, sb) =
+            (if a.0.is_nan() { f32::NEG_INFINITY } else { a.0 }, if b.0.is_nan() { f32::NEG_INFINITY } else { b.0 });
         sb.total_cmp(&sa).then(a.1.cmp(&b.1))
     };
     if take < n && take > 0 {

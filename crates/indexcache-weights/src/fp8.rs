@@ -105,11 +105,7 @@ mod tests {
         if e == 15 && m == 7.0 {
             return f32::NAN;
         }
-        let v = if e == 0 {
-            m / 8.0 * 2f64.powi(-6)
-        } else {
-            (1.0 + m / 8.0) * 2f64.powi(e - 7)
-        };
+        let v = if e == 0 { m / 8.0 * 2f64.powi(-6) } else { (1.0 + m / 8.0) * 2f64.powi(e - 7) };
         (s * v) as f32
     }
 

@@ -69,9 +69,7 @@ fn lookup_dtype(name: &str) -> Option<(&'static str, usize, DType)> {
 pub(crate) fn parse(buf: &[u8]) -> Result<Vec<HeaderTensor>, String> {
     let file_len = buf.len();
     let Some(prefix) = buf.get(..PREFIX) else {
-        return Err(format!(
-            "file is {file_len} bytes, too small for a safetensors header (needs at least {PREFIX})"
-        ));
+        return Err(format!("file is {file_len} bytes, too small for a safetensors header (needs at least {PREFIX})"));
     };
     let mut len_bytes = [0u8; PREFIX];
     len_bytes.copy_from_slice(prefix);
@@ -86,10 +84,9 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Vec<HeaderTensor>, String> {
     // header_len <= file_len, so it fits in usize.
     let header_end = PREFIX + header_len as usize;
     let header_bytes = &buf[PREFIX..header_end];
-    let text =
-        std::str::from_utf8(header_bytes).map_err(|e| format!("header is not valid UTF-8: {e}"))?;
-    let raw: HashMap<String, serde_json::Value> = serde_json::from_str(text.trim_end())
-        .map_err(|e| format!("header is not valid safetensors JSON: {e}"))?;
+    let text = std::str::from_utf8(header_bytes).map_err(|e| format!("header is not valid UTF-8: {e}"))?;
+    let raw: HashMap<String, serde_json::Value> =
+        serde_json::from_str(text.trim_end()).map_err(|e| format!("header is not valid safetensors JSON: {e}"))?;
 
     let data_len = file_len - header_end;
     let mut tensors = Vec::with_capacity(raw.len());
@@ -97,16 +94,14 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Vec<HeaderTensor>, String> {
         if name == "__metadata__" {
             continue;
         }
-        let info: RawInfo = serde_json::from_value(value)
-            .map_err(|e| format!("tensor {name:?}: bad header entry: {e}"))?;
+        let info: RawInfo =
+            serde_json::from_value(value).map_err(|e| format!("tensor {name:?}: bad header entry: {e}"))?;
         let Some((dtype_name, bits, dtype)) = lookup_dtype(&info.dtype) else {
             return Err(format!("tensor {name:?}: unknown dtype {:?}", info.dtype));
         };
         let (s, e) = info.data_offsets;
         if e < s {
-            return Err(format!(
-                "tensor {name:?}: data offsets [{s}, {e}] are reversed"
-            ));
+            return Err(format!("tensor {name:?}: data offsets [{s}, {e}] are reversed"));
         }
         if e > data_len {
             return Err(format!(
@@ -119,17 +114,9 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Vec<HeaderTensor>, String> {
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .and_then(|n| n.checked_mul(bits))
-            .ok_or_else(|| {
-                format!(
-                    "tensor {name:?}: shape {:?} of {dtype_name} overflows",
-                    info.shape
-                )
-            })?;
+            .ok_or_else(|| format!("tensor {name:?}: shape {:?} of {dtype_name} overflows", info.shape))?;
         if nbits % 8 != 0 {
-            return Err(format!(
-                "tensor {name:?}: shape {:?} of {dtype_name} does not fill whole bytes",
-                info.shape
-            ));
+            return Err(format!("tensor {name:?}: shape {:?} of {dtype_name} does not fill whole bytes", info.shape));
         }
         let need = nbits / 8;
         if e - s != need {
@@ -152,8 +139,7 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Vec<HeaderTensor>, String> {
 
     // Final structural validation by the safetensors crate itself (contiguous, non-overlapping
     // offsets that cover the whole data section).
-    safetensors::SafeTensors::read_metadata(buf)
-        .map_err(|e| format!("invalid safetensors file: {e}"))?;
+    safetensors::SafeTensors::read_metadata(buf).map_err(|e| format!("invalid safetensors file: {e}"))?;
 
     Ok(tensors)
 }

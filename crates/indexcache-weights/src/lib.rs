@@ -144,10 +144,7 @@ pub enum WeightError {
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> WeightError {
-    WeightError::File {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
+    WeightError::File { path: path.display().to_string(), message: message.into() }
 }
 
 /// Metadata of one stored tensor.
@@ -225,12 +222,10 @@ impl WeightStore {
         if single.is_file() {
             return Self::open_files(&[single]);
         }
-        let rd = std::fs::read_dir(dir)
-            .map_err(|e| file_err(dir, format!("cannot read checkpoint directory: {e}")))?;
+        let rd = std::fs::read_dir(dir).map_err(|e| file_err(dir, format!("cannot read checkpoint directory: {e}")))?;
         let mut files = Vec::new();
         for ent in rd {
-            let ent =
-                ent.map_err(|e| file_err(dir, format!("cannot read checkpoint directory: {e}")))?;
+            let ent = ent.map_err(|e| file_err(dir, format!("cannot read checkpoint directory: {e}")))?;
             let path = ent.path();
             let is_st = path.extension().is_some_and(|x| x == "safetensors");
             if is_st && path.is_file() {
@@ -250,8 +245,8 @@ impl WeightStore {
     fn open_index(dir: &Path, index_path: &Path) -> Result<Self, WeightError> {
         let text = std::fs::read_to_string(index_path)
             .map_err(|e| file_err(index_path, format!("cannot read shard index: {e}")))?;
-        let index: IndexJson = serde_json::from_str(&text)
-            .map_err(|e| file_err(index_path, format!("invalid shard index JSON: {e}")))?;
+        let index: IndexJson =
+            serde_json::from_str(&text).map_err(|e| file_err(index_path, format!("invalid shard index JSON: {e}")))?;
         let mut shard_names: Vec<&str> = index.weight_map.values().map(String::as_str).collect();
         shard_names.sort_unstable();
         shard_names.dedup();
@@ -262,13 +257,7 @@ impl WeightStore {
         for shard in &shard_names {
             let path = dir.join(shard);
             if !path.is_file() {
-                return Err(file_err(
-                    &path,
-                    format!(
-                        "shard file listed in {} does not exist",
-                        index_path.display()
-                    ),
-                ));
+                return Err(file_err(&path, format!("shard file listed in {} does not exist", index_path.display())));
             }
             files.push(path);
         }
@@ -277,10 +266,7 @@ impl WeightStore {
         mapped.sort_unstable();
         for (name, shard) in mapped {
             let shard_path = dir.join(shard);
-            let ok = store
-                .by_name
-                .get(name.as_str())
-                .is_some_and(|&i| store.entries[i].info.file == shard_path);
+            let ok = store.by_name.get(name.as_str()).is_some_and(|&i| store.entries[i].info.file == shard_path);
             if !ok {
                 let actually = match store.by_name.get(name.as_str()) {
                     Some(&i) => format!(" (it is in {})", store.entries[i].info.file.display()),
@@ -307,10 +293,7 @@ impl WeightStore {
         let mut first_file: HashMap<String, usize> = HashMap::new();
         for (file_idx, path) in files.iter().enumerate() {
             let file = File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
-            let len = file
-                .metadata()
-                .map_err(|e| file_err(path, format!("cannot stat: {e}")))?
-                .len();
+            let len = file.metadata().map_err(|e| file_err(path, format!("cannot stat: {e}")))?.len();
             if len < header::PREFIX as u64 {
                 return Err(file_err(
                     path,
@@ -323,28 +306,19 @@ impl WeightStore {
             // SAFETY: the map is read-only and private to this store. As with every mmap-based
             // loader, modifying or truncating the file while it is mapped is undefined behaviour;
             // checkpoints are treated as immutable.
-            let map = unsafe { Mmap::map(&file) }
-                .map_err(|e| file_err(path, format!("cannot memory-map: {e}")))?;
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, format!("cannot memory-map: {e}")))?;
             let tensors = header::parse(&map).map_err(|m| file_err(path, m))?;
             for t in tensors {
                 if let Some(&prev) = first_file.get(&t.name) {
                     return Err(WeightError::Invalid {
                         name: t.name,
                         file: path.display().to_string(),
-                        message: format!(
-                            "duplicate tensor name (also in {})",
-                            files[prev].display()
-                        ),
+                        message: format!("duplicate tensor name (also in {})", files[prev].display()),
                     });
                 }
                 first_file.insert(t.name.clone(), file_idx);
                 entries.push(Entry {
-                    info: TensorInfo {
-                        name: t.name,
-                        dtype: t.dtype,
-                        shape: t.shape,
-                        file: path.clone(),
-                    },
+                    info: TensorInfo { name: t.name, dtype: t.dtype, shape: t.shape, file: path.clone() },
                     dtype_name: t.dtype_name,
                     file_idx,
                     start: t.start,
@@ -354,20 +328,9 @@ impl WeightStore {
             maps.push(map);
         }
         entries.sort_unstable_by(|a, b| a.info.name.cmp(&b.info.name));
-        let by_name = entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.info.name.clone(), i))
-            .collect();
+        let by_name = entries.iter().enumerate().map(|(i, e)| (e.info.name.clone(), i)).collect();
         let used = entries.iter().map(|_| AtomicBool::new(false)).collect();
-        Ok(Self {
-            files: files.to_vec(),
-            maps,
-            entries,
-            by_name,
-            used,
-            fp8_block: None,
-        })
+        Ok(Self { files: files.to_vec(), maps, entries, by_name, used, fp8_block: None })
     }
 
     /// Sets the block size `[rows, cols]` of fp8 block scales (from config.json
@@ -417,24 +380,16 @@ impl WeightStore {
     }
 
     fn entry(&self, name: &str) -> Result<usize, WeightError> {
-        self.by_name
-            .get(name)
-            .copied()
-            .ok_or_else(|| WeightError::Missing {
-                name: name.to_string(),
-            })
+        self.by_name.get(name).copied().ok_or_else(|| WeightError::Missing { name: name.to_string() })
     }
 
     fn bytes(&self, idx: usize) -> Result<&[u8], WeightError> {
         let e = &self.entries[idx];
-        self.maps
-            .get(e.file_idx)
-            .and_then(|m| m.get(e.start..e.end))
-            .ok_or_else(|| WeightError::Invalid {
-                name: e.info.name.clone(),
-                file: e.info.file.display().to_string(),
-                message: format!("data range [{}, {}) lies outside the file", e.start, e.end),
-            })
+        self.maps.get(e.file_idx).and_then(|m| m.get(e.start..e.end)).ok_or_else(|| WeightError::Invalid {
+            name: e.info.name.clone(),
+            file: e.info.file.display().to_string(),
+            message: format!("data range [{}, {}) lies outside the file", e.start, e.end),
+        })
     }
 
     fn mark(&self, idx: usize) {
@@ -443,11 +398,7 @@ impl WeightStore {
 
     fn invalid(&self, idx: usize, message: String) -> WeightError {
         let e = &self.entries[idx];
-        WeightError::Invalid {
-            name: e.info.name.clone(),
-            file: e.info.file.display().to_string(),
-            message,
-        }
+        WeightError::Invalid { name: e.info.name.clone(), file: e.info.file.display().to_string(), message }
     }
 
     /// Decodes tensor `name` to `f32`, checking that its stored shape equals `expected`.
@@ -469,12 +420,13 @@ impl WeightStore {
             });
         }
         let out = match e.info.dtype {
-            DType::F32 | DType::BF16 | DType::F16 => decode_plain(e.dtype_name, self.bytes(idx)?)
-                .ok_or_else(|| WeightError::DType {
-                name: name.to_string(),
-                file: e.info.file.display().to_string(),
-                dtype: e.dtype_name.to_string(),
-            })?,
+            DType::F32 | DType::BF16 | DType::F16 => {
+                decode_plain(e.dtype_name, self.bytes(idx)?).ok_or_else(|| WeightError::DType {
+                    name: name.to_string(),
+                    file: e.info.file.display().to_string(),
+                    dtype: e.dtype_name.to_string(),
+                })?
+            }
             DType::F8E4M3 => self.load_fp8(idx)?,
             DType::I32 | DType::I64 | DType::Other => {
                 return Err(WeightError::DType {
@@ -494,10 +446,7 @@ impl WeightStore {
         let &[rows, cols] = e.info.shape.as_slice() else {
             return Err(self.invalid(
                 idx,
-                format!(
-                    "fp8 e4m3 tensors must be 2-D for block dequantisation, found shape {:?}",
-                    e.info.shape
-                ),
+                format!("fp8 e4m3 tensors must be 2-D for block dequantisation, found shape {:?}", e.info.shape),
             ));
         };
         let Some([br, bc]) = self.fp8_block else {
@@ -513,12 +462,9 @@ impl WeightStore {
         }
         let scale_name = format!("{name}{SCALE_SUFFIX}");
         let Some(&sidx) = self.by_name.get(&scale_name) else {
-            return Err(self.invalid(
-                idx,
-                format!(
-                    "fp8 e4m3 tensor without its block scales {scale_name:?} in the checkpoint"
-                ),
-            ));
+            return Err(
+                self.invalid(idx, format!("fp8 e4m3 tensor without its block scales {scale_name:?} in the checkpoint"))
+            );
         };
         let s = &self.entries[sidx];
         let want = [rows.div_ceil(br), cols.div_ceil(bc)];
@@ -562,15 +508,9 @@ impl WeightStore {
             }
         };
         if out.len() >= PAR_THRESHOLD {
-            out.par_chunks_mut(cols)
-                .zip(w.par_chunks(cols))
-                .enumerate()
-                .for_each(row);
+            out.par_chunks_mut(cols).zip(w.par_chunks(cols)).enumerate().for_each(row);
         } else {
-            out.chunks_mut(cols)
-                .zip(w.chunks(cols))
-                .enumerate()
-                .for_each(row);
+            out.chunks_mut(cols).zip(w.chunks(cols)).enumerate().for_each(row);
         }
         self.mark(sidx);
         Ok(out)
@@ -632,25 +572,19 @@ fn e8m0_to_f32(b: u8) -> f32 {
 fn decode_plain(dtype_name: &str, bytes: &[u8]) -> Option<Vec<f32>> {
     let (width, conv): (usize, fn(&[u8]) -> f32) = match dtype_name {
         "F32" => (4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        "BF16" => (2, |c| {
-            f32::from_bits((u32::from(u16::from_le_bytes([c[0], c[1]]))) << 16)
-        }),
-        "F16" => (2, |c| {
-            half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()
-        }),
+        "BF16" => (2, |c| f32::from_bits((u32::from(u16::from_le_bytes([c[0], c[1]]))) << 16)),
+        "F16" => (2, |c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
         _ => return None,
     };
     let n = bytes.len() / width;
     let mut out = vec![0f32; n];
     const CHUNK: usize = 1 << 14;
     if n >= PAR_THRESHOLD {
-        out.par_chunks_mut(CHUNK)
-            .zip(bytes.par_chunks(CHUNK * width))
-            .for_each(|(o, b)| {
-                for (x, c) in o.iter_mut().zip(b.chunks_exact(width)) {
-                    *x = conv(c);
-                }
-            });
+        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * width)).for_each(|(o, b)| {
+            for (x, c) in o.iter_mut().zip(b.chunks_exact(width)) {
+                *x = conv(c);
+            }
+        });
     } else {
         for (x, c) in out.iter_mut().zip(bytes.chunks_exact(width)) {
             *x = conv(c);

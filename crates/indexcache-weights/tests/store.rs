@@ -13,12 +13,7 @@ type T = (&'static str, Dtype, Vec<usize>, Vec<u8>);
 fn write_st(path: &Path, tensors: &[T]) {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.to_string(),
-                TensorView::new(*d, s.clone(), b).expect("valid test tensor"),
-            )
-        })
+        .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).expect("valid test tensor")))
         .collect();
     let bytes = safetensors::serialize(views, None).expect("serialize");
     std::fs::write(path, bytes).expect("write");
@@ -29,15 +24,11 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
-        .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
-        .collect()
+    v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
 }
 
 fn f16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
-        .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
-        .collect()
+    v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect()
 }
 
 fn msg(e: WeightError) -> String {
@@ -78,10 +69,7 @@ fn roundtrip_f32_bf16_f16() {
     assert!(st.contains("c.f16") && !st.contains("nope"));
 
     let a = st.load_f32("a.f32", &[2, 3]).expect("f32");
-    assert_eq!(
-        a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-        vals.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-    );
+    assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), vals.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
     let b = st.load_f32("b.bf16", &[6]).expect("bf16");
     for (g, v) in b.iter().zip(vals) {
         assert_eq!(*g, half::bf16::from_f32(v).to_f32());
@@ -122,8 +110,7 @@ fn ref_dequant(w: &[u8], rows: usize, cols: usize, s: &[f32], block: [usize; 2])
     let mut out = vec![0.0; rows * cols];
     for r in 0..rows {
         for c in 0..cols {
-            out[r * cols + c] =
-                f8e4m3_to_f32(w[r * cols + c]) * s[(r / block[0]) * sc + c / block[1]];
+            out[r * cols + c] = f8e4m3_to_f32(w[r * cols + c]) * s[(r / block[0]) * sc + c / block[1]];
         }
     }
     out
@@ -138,9 +125,8 @@ fn fp8_fixture(rows: usize, cols: usize, block: [usize; 2]) -> (Vec<u8>, Vec<f32
         })
         .collect();
     let sshape = vec![rows.div_ceil(block[0]), cols.div_ceil(block[1])];
-    let s: Vec<f32> = (0..sshape[0] * sshape[1])
-        .map(|i| 0.25 * (i as f32 + 1.0) * if i % 2 == 0 { 1.0 } else { -1.0 })
-        .collect();
+    let s: Vec<f32> =
+        (0..sshape[0] * sshape[1]).map(|i| 0.25 * (i as f32 + 1.0) * if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
     (w, s, sshape)
 }
 
@@ -154,12 +140,7 @@ fn fp8_dequant_partial_edge_blocks() {
         d.path(),
         &[
             ("l.weight", Dtype::F8_E4M3, vec![rows, cols], w.clone()),
-            (
-                "l.weight_scale_inv",
-                Dtype::F32,
-                sshape.clone(),
-                f32_bytes(&s),
-            ),
+            ("l.weight_scale_inv", Dtype::F32, sshape.clone(), f32_bytes(&s)),
             ("other.weight", Dtype::F32, vec![1], f32_bytes(&[1.0])),
         ],
     );
@@ -169,13 +150,7 @@ fn fp8_dequant_partial_edge_blocks() {
     let want = ref_dequant(&w, rows, cols, &s, block);
     assert_eq!(got.len(), want.len());
     for (i, (g, v)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(
-            g.to_bits(),
-            v.to_bits(),
-            "element {i} (r {}, c {})",
-            i / cols,
-            i % cols
-        );
+        assert_eq!(g.to_bits(), v.to_bits(), "element {i} (r {}, c {})", i / cols, i % cols);
     }
     // Spot check one element by hand: (4, 6) is in scale block (2, 2).
     let i = 4 * cols + 6;
@@ -189,10 +164,7 @@ fn fp8_dequant_bf16_scales_and_parallel_path() {
     let d = tmp();
     let (rows, cols, block) = (300, 260, [128, 128]);
     let (w, s, sshape) = fp8_fixture(rows, cols, block);
-    let s_bf: Vec<f32> = s
-        .iter()
-        .map(|x| half::bf16::from_f32(*x).to_f32())
-        .collect();
+    let s_bf: Vec<f32> = s.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
     let mut st = store_with(
         d.path(),
         &[
@@ -203,11 +175,7 @@ fn fp8_dequant_bf16_scales_and_parallel_path() {
     st.set_fp8_block(block);
     let got = st.load_f32("q.weight", &[rows, cols]).expect("fp8");
     let want = ref_dequant(&w, rows, cols, &s_bf, block);
-    assert!(
-        got.iter()
-            .zip(&want)
-            .all(|(g, v)| g.to_bits() == v.to_bits())
-    );
+    assert!(got.iter().zip(&want).all(|(g, v)| g.to_bits() == v.to_bits()));
 }
 
 #[test]
@@ -249,10 +217,7 @@ fn fp8_encode_roundtrips_all_finite_codes() {
 #[test]
 fn shape_mismatch_message() {
     let d = tmp();
-    let st = store_with(
-        d.path(),
-        &[("w", Dtype::F32, vec![2, 3], f32_bytes(&[0.0; 6]))],
-    );
+    let st = store_with(d.path(), &[("w", Dtype::F32, vec![2, 3], f32_bytes(&[0.0; 6]))]);
     let e = st.load_f32("w", &[3, 2]).expect_err("shape");
     assert!(matches!(e, WeightError::Shape { .. }));
     let m = msg(e);
@@ -271,10 +236,7 @@ fn missing_tensor_message() {
     let e = st.load_f32("model.norm.weight", &[1]).expect_err("missing");
     assert!(matches!(e, WeightError::Missing { .. }));
     let m = msg(e);
-    assert!(
-        m.contains("\"model.norm.weight\"") && m.contains("not found"),
-        "{m}"
-    );
+    assert!(m.contains("\"model.norm.weight\"") && m.contains("not found"), "{m}");
     assert!(st.raw("model.norm.weight").is_err());
     assert!(st.info("model.norm.weight").is_none());
 }
@@ -282,10 +244,7 @@ fn missing_tensor_message() {
 #[test]
 fn fp8_missing_scale_inv() {
     let d = tmp();
-    let mut st = store_with(
-        d.path(),
-        &[("a.weight", Dtype::F8_E4M3, vec![2, 2], vec![0x38; 4])],
-    );
+    let mut st = store_with(d.path(), &[("a.weight", Dtype::F8_E4M3, vec![2, 2], vec![0x38; 4])]);
     st.set_fp8_block([128, 128]);
     let m = msg(st.load_f32("a.weight", &[2, 2]).expect_err("no scale"));
     assert!(m.contains("\"a.weight\""), "{m}");
@@ -300,12 +259,7 @@ fn fp8_wrong_scale_shape() {
         d.path(),
         &[
             ("a.weight", Dtype::F8_E4M3, vec![5, 7], vec![0x38; 35]),
-            (
-                "a.weight_scale_inv",
-                Dtype::F32,
-                vec![2, 2],
-                f32_bytes(&[1.0; 4]),
-            ),
+            ("a.weight_scale_inv", Dtype::F32, vec![2, 2], f32_bytes(&[1.0; 4])),
         ],
     );
     st.set_fp8_block([2, 3]);
@@ -326,12 +280,7 @@ fn fp8_without_block_size() {
         d.path(),
         &[
             ("a.weight", Dtype::F8_E4M3, vec![2, 2], vec![0x38; 4]),
-            (
-                "a.weight_scale_inv",
-                Dtype::F32,
-                vec![1, 1],
-                f32_bytes(&[1.0]),
-            ),
+            ("a.weight_scale_inv", Dtype::F32, vec![1, 1], f32_bytes(&[1.0])),
         ],
     );
     let m = msg(st.load_f32("a.weight", &[2, 2]).expect_err("no block"));
@@ -353,12 +302,7 @@ fn unsupported_dtype_i64() {
     let d = tmp();
     let st = store_with(
         d.path(),
-        &[(
-            "idx.weight",
-            Dtype::I64,
-            vec![2],
-            [1i64, 2].iter().flat_map(|x| x.to_le_bytes()).collect(),
-        )],
+        &[("idx.weight", Dtype::I64, vec![2], [1i64, 2].iter().flat_map(|x| x.to_le_bytes()).collect())],
     );
     assert_eq!(st.info("idx.weight").map(|i| i.dtype), Some(DType::I64));
     let e = st.load_f32("idx.weight", &[2]).expect_err("i64");
@@ -372,10 +316,7 @@ fn unsupported_dtype_i64() {
     assert_eq!(dt, DType::I64);
     assert_eq!(shape, &[2]);
     assert_eq!(bytes.len(), 16);
-    assert_eq!(
-        i64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
-        2
-    );
+    assert_eq!(i64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")), 2);
 }
 
 #[test]
@@ -383,16 +324,10 @@ fn raw_view_and_other_dtypes() {
     let d = tmp();
     let st = store_with(
         d.path(),
-        &[
-            ("u", Dtype::U8, vec![3], vec![1, 2, 3]),
-            ("w", Dtype::F8_E4M3, vec![1, 2], vec![0x38, 0xC0]),
-        ],
+        &[("u", Dtype::U8, vec![3], vec![1, 2, 3]), ("w", Dtype::F8_E4M3, vec![1, 2], vec![0x38, 0xC0])],
     );
     let (dt, shape, bytes) = st.raw("u").expect("raw u8");
-    assert_eq!(
-        (dt, shape, bytes),
-        (DType::Other, &[3usize][..], &[1u8, 2, 3][..])
-    );
+    assert_eq!((dt, shape, bytes), (DType::Other, &[3usize][..], &[1u8, 2, 3][..]));
     assert_eq!(st.dtype_name("u"), Some("U8"));
     let m = msg(st.load_f32("u", &[3]).expect_err("u8"));
     assert!(m.contains("unsupported dtype U8"), "{m}");
@@ -430,10 +365,7 @@ fn header_length_larger_than_file() {
     // A file too small to hold even the length prefix.
     std::fs::write(&p, [1u8, 2, 3]).expect("write");
     let m = msg(WeightStore::open_files(std::slice::from_ref(&p)).expect_err("tiny"));
-    assert!(
-        m.contains(&p.display().to_string()) && m.contains("too small"),
-        "{m}"
-    );
+    assert!(m.contains(&p.display().to_string()) && m.contains("too small"), "{m}");
 }
 
 #[test]
@@ -493,45 +425,21 @@ fn write_index(dir: &Path, map: &[(&str, &str)]) {
 #[test]
 fn sharded_index_ok() {
     let d = tmp();
-    write_st(
-        &d.path().join("model-00001-of-00002.safetensors"),
-        &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
-    );
-    write_st(
-        &d.path().join("model-00002-of-00002.safetensors"),
-        &[("b", Dtype::F32, vec![1], f32_bytes(&[2.0]))],
-    );
-    write_index(
-        d.path(),
-        &[
-            ("a", "model-00001-of-00002.safetensors"),
-            ("b", "model-00002-of-00002.safetensors"),
-        ],
-    );
+    write_st(&d.path().join("model-00001-of-00002.safetensors"), &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
+    write_st(&d.path().join("model-00002-of-00002.safetensors"), &[("b", Dtype::F32, vec![1], f32_bytes(&[2.0]))]);
+    write_index(d.path(), &[("a", "model-00001-of-00002.safetensors"), ("b", "model-00002-of-00002.safetensors")]);
     let st = WeightStore::open(d.path()).expect("open sharded");
     assert_eq!(st.names(), vec!["a", "b"]);
     assert_eq!(st.files().len(), 2);
-    assert_eq!(
-        st.info("b").map(|i| i.file.clone()),
-        Some(d.path().join("model-00002-of-00002.safetensors"))
-    );
+    assert_eq!(st.info("b").map(|i| i.file.clone()), Some(d.path().join("model-00002-of-00002.safetensors")));
     assert_eq!(st.load_f32("b", &[1]).expect("b"), vec![2.0]);
 }
 
 #[test]
 fn sharded_index_missing_shard() {
     let d = tmp();
-    write_st(
-        &d.path().join("model-00001-of-00002.safetensors"),
-        &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
-    );
-    write_index(
-        d.path(),
-        &[
-            ("a", "model-00001-of-00002.safetensors"),
-            ("b", "model-00002-of-00002.safetensors"),
-        ],
-    );
+    write_st(&d.path().join("model-00001-of-00002.safetensors"), &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
+    write_index(d.path(), &[("a", "model-00001-of-00002.safetensors"), ("b", "model-00002-of-00002.safetensors")]);
     let m = msg(WeightStore::open(d.path()).expect_err("missing shard"));
     assert!(m.contains("model-00002-of-00002.safetensors"), "{m}");
     assert!(m.contains("does not exist"), "{m}");
@@ -541,14 +449,8 @@ fn sharded_index_missing_shard() {
 #[test]
 fn sharded_index_tensor_not_in_shard() {
     let d = tmp();
-    write_st(
-        &d.path().join("model-00001-of-00002.safetensors"),
-        &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
-    );
-    write_st(
-        &d.path().join("model-00002-of-00002.safetensors"),
-        &[("b", Dtype::F32, vec![1], f32_bytes(&[2.0]))],
-    );
+    write_st(&d.path().join("model-00001-of-00002.safetensors"), &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
+    write_st(&d.path().join("model-00002-of-00002.safetensors"), &[("b", Dtype::F32, vec![1], f32_bytes(&[2.0]))]);
     write_index(
         d.path(),
         &[
@@ -563,19 +465,10 @@ fn sharded_index_tensor_not_in_shard() {
     assert!(m.contains("not present"), "{m}");
 
     // Mapped to the wrong shard: the message says where it really is.
-    write_index(
-        d.path(),
-        &[
-            ("a", "model-00002-of-00002.safetensors"),
-            ("b", "model-00001-of-00002.safetensors"),
-        ],
-    );
+    write_index(d.path(), &[("a", "model-00002-of-00002.safetensors"), ("b", "model-00001-of-00002.safetensors")]);
     let m = msg(WeightStore::open(d.path()).expect_err("wrong shard"));
     assert!(m.contains("\"a\""), "{m}");
-    assert!(
-        m.contains("it is in") && m.contains("model-00001-of-00002"),
-        "{m}"
-    );
+    assert!(m.contains("it is in") && m.contains("model-00001-of-00002"), "{m}");
 }
 
 #[test]
@@ -583,52 +476,28 @@ fn bad_index_json() {
     let d = tmp();
     std::fs::write(d.path().join("model.safetensors.index.json"), "{ nope").expect("write");
     let m = msg(WeightStore::open(d.path()).expect_err("bad index"));
-    assert!(
-        m.contains("model.safetensors.index.json") && m.contains("invalid shard index"),
-        "{m}"
-    );
+    assert!(m.contains("model.safetensors.index.json") && m.contains("invalid shard index"), "{m}");
 }
 
 #[test]
 fn duplicate_names_across_files() {
     let d = tmp();
-    write_st(
-        &d.path().join("a.safetensors"),
-        &[("dup", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
-    );
-    write_st(
-        &d.path().join("b.safetensors"),
-        &[("dup", Dtype::F32, vec![1], f32_bytes(&[2.0]))],
-    );
+    write_st(&d.path().join("a.safetensors"), &[("dup", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
+    write_st(&d.path().join("b.safetensors"), &[("dup", Dtype::F32, vec![1], f32_bytes(&[2.0]))]);
     let m = msg(WeightStore::open(d.path()).expect_err("dup"));
     assert!(m.contains("\"dup\"") && m.contains("duplicate"), "{m}");
-    assert!(
-        m.contains("a.safetensors") && m.contains("b.safetensors"),
-        "{m}"
-    );
+    assert!(m.contains("a.safetensors") && m.contains("b.safetensors"), "{m}");
 }
 
 #[test]
 fn unsharded_dir_opens_all_files_sorted() {
     let d = tmp();
-    write_st(
-        &d.path().join("z.safetensors"),
-        &[("z", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
-    );
-    write_st(
-        &d.path().join("a.safetensors"),
-        &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
-    );
+    write_st(&d.path().join("z.safetensors"), &[("z", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
+    write_st(&d.path().join("a.safetensors"), &[("a", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
     std::fs::write(d.path().join("config.json"), "{}").expect("config");
     let st = WeightStore::open(d.path()).expect("open");
     let files: Vec<PathBuf> = st.files().to_vec();
-    assert_eq!(
-        files,
-        vec![
-            d.path().join("a.safetensors"),
-            d.path().join("z.safetensors")
-        ]
-    );
+    assert_eq!(files, vec![d.path().join("a.safetensors"), d.path().join("z.safetensors")]);
     assert_eq!(st.names(), vec!["a", "z"]);
 }
 
@@ -642,24 +511,13 @@ fn unused_after_partial_loads() {
             ("a", Dtype::BF16, vec![1], bf16_bytes(&[1.0])),
             ("b", Dtype::F32, vec![1], f32_bytes(&[1.0])),
             ("l.weight", Dtype::F8_E4M3, vec![1, 1], vec![0x38]),
-            (
-                "l.weight_scale_inv",
-                Dtype::F32,
-                vec![1, 1],
-                f32_bytes(&[2.0]),
-            ),
+            ("l.weight_scale_inv", Dtype::F32, vec![1, 1], f32_bytes(&[2.0])),
         ],
     );
     st.set_fp8_block([128, 128]);
-    assert_eq!(
-        st.unused(),
-        vec!["a", "b", "c", "l.weight", "l.weight_scale_inv"]
-    );
+    assert_eq!(st.unused(), vec!["a", "b", "c", "l.weight", "l.weight_scale_inv"]);
     st.load_f32("b", &[1]).expect("b");
-    assert_eq!(
-        st.unused(),
-        vec!["a", "c", "l.weight", "l.weight_scale_inv"]
-    );
+    assert_eq!(st.unused(), vec!["a", "c", "l.weight", "l.weight_scale_inv"]);
     assert_eq!(st.load_f32("l.weight", &[1, 1]).expect("fp8"), vec![2.0]);
     assert_eq!(st.unused(), vec!["a", "c"]);
     assert!(st.mark_used("c"));
@@ -684,10 +542,7 @@ fn empty_directory() {
     assert!(m.contains("no *.safetensors files"), "{m}");
 
     let m = msg(WeightStore::open(&d.path().join("absent")).expect_err("absent dir"));
-    assert!(
-        m.contains("absent") && m.contains("cannot read checkpoint directory"),
-        "{m}"
-    );
+    assert!(m.contains("absent") && m.contains("cannot read checkpoint directory"), "{m}");
 
     let st = WeightStore::open_files(&[]).expect("empty list");
     assert!(st.is_empty() && st.names().is_empty() && st.total_bytes() == 0);
@@ -696,14 +551,8 @@ fn empty_directory() {
 #[test]
 fn model_safetensors_wins_over_other_files_in_the_directory() {
     let d = tmp();
-    write_st(
-        &d.path().join("model.safetensors"),
-        &[("w", Dtype::F32, vec![1], f32_bytes(&[2.0]))],
-    );
-    write_st(
-        &d.path().join("reference.safetensors"),
-        &[("logits", Dtype::F32, vec![1], f32_bytes(&[1.0]))],
-    );
+    write_st(&d.path().join("model.safetensors"), &[("w", Dtype::F32, vec![1], f32_bytes(&[2.0]))]);
+    write_st(&d.path().join("reference.safetensors"), &[("logits", Dtype::F32, vec![1], f32_bytes(&[1.0]))]);
     let st = WeightStore::open(d.path()).expect("open");
     assert_eq!(st.names(), vec!["w"]);
 }

@@ -47,60 +47,31 @@ pub fn run(a: Args) -> Result<()> {
     println!("\n== generate (greedy; random weights, so the text is gibberish by design)");
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
     let prompt = "The lightning indexer picks the tokens that matter.";
-    let ids = tokenizer
-        .encode(prompt, true)
-        .map_err(|e| anyhow!("tokenizing: {e}"))?
-        .get_ids()
-        .to_vec();
-    let sampling = SamplingArgs {
-        max_tokens: 24,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
-    };
+    let ids = tokenizer.encode(prompt, true).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+    let sampling = SamplingArgs { max_tokens: 24, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
     let (out, stats) = generate(&base, &ids, &sampling, |_| Ok(()))?;
-    let text = tokenizer
-        .decode(&out, true)
-        .map_err(|e| anyhow!("detokenizing: {e}"))?;
+    let text = tokenizer.decode(&out, true).map_err(|e| anyhow!("detokenizing: {e}"))?;
     println!("{prompt}{text}");
-    println!(
-        "(TTFT {:.1} ms, decode {:.1} tokens/s)",
-        stats.ttft_s * 1e3,
-        stats.decode_tok_s()
-    );
+    println!("(TTFT {:.1} ms, decode {:.1} tokens/s)", stats.ttft_s * 1e3, stats.decode_tok_s());
 
     let context = a.context.min(cfg.max_position_embeddings - a.decode);
-    println!(
-        "\n== timing: prefill {context} tokens, then decode {} tokens",
-        a.decode
-    );
+    println!("\n== timing: prefill {context} tokens, then decode {} tokens", a.decode);
     // A fixed pseudo-random prompt (same for both schedules).
     let mut state = 0x2545_F491u64;
     let long: Vec<u32> = (0..context)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 33) % cfg.vocab_size as u64) as u32
         })
         .collect();
     let mut rows = Vec::new();
-    for (label, o) in [
-        ("DSA (all Full)", ScheduleOverride::Off),
-        ("IndexCache 1/4", ScheduleOverride::Keep { num: 1, den: 4 }),
-    ] {
+    for (label, o) in
+        [("DSA (all Full)", ScheduleOverride::Off), ("IndexCache 1/4", ScheduleOverride::Keep { num: 1, den: 4 })]
+    {
         let schedule = o.apply(cfg.num_hidden_layers)?;
         let mut cache = base.new_cache_with(schedule.clone(), context + a.decode)?;
         let t0 = Instant::now();
-        let mut out = base.forward(
-            &long,
-            &mut cache,
-            &ForwardOptions {
-                logits: Logits::Last,
-                capture_topk: false,
-            },
-        )?;
+        let mut out = base.forward(&long, &mut cache, &ForwardOptions { logits: Logits::Last, capture_topk: false })?;
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..a.decode {
@@ -108,24 +79,12 @@ pub fn run(a: Args) -> Result<()> {
             out = base.forward(&[next], &mut cache, &ForwardOptions::default())?;
         }
         let decode = t1.elapsed().as_secs_f64();
-        rows.push((
-            label,
-            schedule.to_pattern(),
-            prefill,
-            a.decode as f64 / decode,
-        ));
+        rows.push((label, schedule.to_pattern(), prefill, a.decode as f64 / decode));
     }
-    println!(
-        "{:<16} {:<10} {:>12} {:>14}",
-        "schedule", "pattern", "prefill s", "decode tok/s"
-    );
+    println!("{:<16} {:<10} {:>12} {:>14}", "schedule", "pattern", "prefill s", "decode tok/s");
     for (label, pattern, prefill, dec) in &rows {
         println!("{label:<16} {pattern:<10} {prefill:>12.3} {dec:>14.1}");
     }
-    println!(
-        "IndexCache 1/4 speedup: prefill {:.2}x, decode {:.2}x",
-        rows[0].2 / rows[1].2,
-        rows[1].3 / rows[0].3
-    );
+    println!("IndexCache 1/4 speedup: prefill {:.2}x, decode {:.2}x", rows[0].2 / rows[1].2, rows[1].3 / rows[0].3);
     Ok(())
 }

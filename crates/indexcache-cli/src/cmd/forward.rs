@@ -39,33 +39,15 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.decode_last
         && (n == 0 || n >= ids.len())
     {
-        bail!(
-            "--decode-last {n}: must be between 1 and the number of input ids minus one ({})",
-            ids.len() - 1
-        );
+        bail!("--decode-last {n}: must be between 1 and the number of input ids minus one ({})", ids.len() - 1);
     }
-    let model = load_model(
-        &a.model.model,
-        a.schedule.to_override()?,
-        IndexerSelection::Full,
-    )?;
+    let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
     let vocab = model.config().vocab_size;
     let t = ids.len();
 
     let mut cache = model.new_cache(t)?;
-    let full = model.forward(
-        &ids,
-        &mut cache,
-        &ForwardOptions {
-            logits: Logits::All,
-            capture_topk: true,
-        },
-    )?;
-    let mut tensors = vec![OutTensor::F32 {
-        name: "logits".into(),
-        shape: vec![t, vocab],
-        data: full.logits,
-    }];
+    let full = model.forward(&ids, &mut cache, &ForwardOptions { logits: Logits::All, capture_topk: true })?;
+    let mut tensors = vec![OutTensor::F32 { name: "logits".into(), shape: vec![t, vocab], data: full.logits }];
     for (layer, topk) in full.topk {
         tensors.push(OutTensor::I32 {
             name: format!("topk.layer{layer}"),
@@ -76,24 +58,13 @@ pub fn run(a: Args) -> Result<()> {
 
     if let Some(n) = a.decode_last {
         cache.clear();
-        model.forward(
-            &ids[..t - n],
-            &mut cache,
-            &ForwardOptions {
-                logits: Logits::None,
-                capture_topk: false,
-            },
-        )?;
+        model.forward(&ids[..t - n], &mut cache, &ForwardOptions { logits: Logits::None, capture_topk: false })?;
         let mut data = Vec::with_capacity(n * vocab);
         for &id in &ids[t - n..] {
             let step = model.forward(&[id], &mut cache, &ForwardOptions::default())?;
             data.extend_from_slice(&step.logits);
         }
-        tensors.push(OutTensor::F32 {
-            name: "decode_logits".into(),
-            shape: vec![n, vocab],
-            data,
-        });
+        tensors.push(OutTensor::F32 { name: "decode_logits".into(), shape: vec![n, vocab], data });
     }
     write_safetensors(&a.out, &tensors)?;
     tracing::info!("wrote {} tensors to {}", tensors.len(), a.out.display());

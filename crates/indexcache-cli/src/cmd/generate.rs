@@ -52,12 +52,7 @@ impl SamplingArgs {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(anyhow!("--top-p must be in (0, 1]"));
         }
-        Ok(SamplingParams {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            seed: self.seed,
-        })
+        Ok(SamplingParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k, seed: self.seed })
     }
 }
 
@@ -71,11 +66,7 @@ pub struct GenStats {
 
 impl GenStats {
     pub fn decode_tok_s(&self) -> f64 {
-        if self.new_tokens > 1 {
-            (self.new_tokens - 1) as f64 / self.decode_s
-        } else {
-            0.0
-        }
+        if self.new_tokens > 1 { (self.new_tokens - 1) as f64 / self.decode_s } else { 0.0 }
     }
 }
 
@@ -119,19 +110,10 @@ pub fn generate(
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let tok_path = a
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| a.model.model.join("tokenizer.json"));
+    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.model.join("tokenizer.json"));
     let tokenizer = load_tokenizer(&tok_path)?;
-    let model = load_model(
-        &a.model.model,
-        a.schedule.to_override()?,
-        IndexerSelection::Full,
-    )?;
-    let enc = tokenizer
-        .encode(a.prompt.as_str(), true)
-        .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+    let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
+    let enc = tokenizer.encode(a.prompt.as_str(), true).map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
     let prompt: Vec<u32> = enc.get_ids().to_vec();
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
@@ -140,9 +122,7 @@ pub fn run(a: Args) -> Result<()> {
     let (_, stats) = generate(&model, &prompt, &a.sampling, |id| {
         all.push(id);
         // Decode the whole continuation and print what is new (keeps multi-byte tokens intact).
-        let text = tokenizer
-            .decode(&all, true)
-            .map_err(|e| anyhow!("detokenizing: {e}"))?;
+        let text = tokenizer.decode(&all, true).map_err(|e| anyhow!("detokenizing: {e}"))?;
         if let Some(new) = text.strip_prefix(printed.as_str()) {
             write!(stdout, "{new}")?;
             stdout.flush()?;

@@ -48,8 +48,7 @@ struct KvBytes {
 pub fn run(a: Args) -> Result<()> {
     let dir = &a.model.model;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let store = WeightStore::open(dir)
-        .with_context(|| format!("reading checkpoint in {}", dir.display()))?;
+    let store = WeightStore::open(dir).with_context(|| format!("reading checkpoint in {}", dir.display()))?;
     let schedule = match a.schedule.to_override()? {
         Some(o) => o.apply(cfg.num_hidden_layers)?,
         None => cfg.schedule.clone(),
@@ -60,10 +59,8 @@ pub fn run(a: Args) -> Result<()> {
     let mut parameters = 0u64;
     let mut dtypes = BTreeMap::new();
     for name in store.names() {
-        let layer = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|s| s.parse::<usize>().ok());
+        let layer =
+            name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|s| s.parse::<usize>().ok());
         if layer.is_some_and(|l| l >= n_layers) || name.ends_with("_scale_inv") {
             continue;
         }
@@ -72,14 +69,10 @@ pub fn run(a: Args) -> Result<()> {
             *dtypes.entry(format!("{:?}", info.dtype)).or_insert(0) += 1;
         }
     }
-    let with_indexer: Vec<usize> = (0..n_layers)
-        .filter(|l| store.contains(&format!("model.layers.{l}.self_attn.indexer.wk.weight")))
-        .collect();
+    let with_indexer: Vec<usize> =
+        (0..n_layers).filter(|l| store.contains(&format!("model.layers.{l}.self_attn.indexer.wk.weight"))).collect();
     let all_full = IndexSchedule::all_full(n_layers);
-    let (full_b, sched_b) = (
-        cache_bytes_per_token(&cfg, &all_full),
-        cache_bytes_per_token(&cfg, &schedule),
-    );
+    let (full_b, sched_b) = (cache_bytes_per_token(&cfg, &all_full), cache_bytes_per_token(&cfg, &schedule));
     let info = Info {
         model_type: match cfg.arch {
             Arch::DeepseekV32 => "deepseek_v32",
@@ -91,19 +84,13 @@ pub fn run(a: Args) -> Result<()> {
         vocab_size: cfg.vocab_size,
         parameters,
         dtypes,
-        quantization: cfg
-            .quantization
-            .map(|q| format!("fp8 e4m3, {}x{} block scales", q.block[0], q.block[1])),
+        quantization: cfg.quantization.map(|q| format!("fp8 e4m3, {}x{} block scales", q.block[0], q.block[1])),
         index_topk: cfg.index_topk,
         indexer: format!(
             "{} heads x {} dims, RoPE {}",
             cfg.index_n_heads,
             cfg.index_head_dim,
-            if cfg.indexer_rope_interleave {
-                "interleaved"
-            } else {
-                "half-split"
-            }
+            if cfg.indexer_rope_interleave { "interleaved" } else { "half-split" }
         ),
         schedule: schedule.to_pattern(),
         full_layers: schedule.num_full(),
@@ -134,42 +121,22 @@ pub fn run(a: Args) -> Result<()> {
     );
     println!(
         "ffn             {} dense + {} MoE layers ({} experts, top-{}, {} groups / top-{}, {} shared)",
-        cfg.mlp_layer_types
-            .iter()
-            .filter(|k| matches!(k, indexcache_config::MlpKind::Dense))
-            .count(),
-        cfg.mlp_layer_types
-            .iter()
-            .filter(|k| matches!(k, indexcache_config::MlpKind::Moe))
-            .count(),
+        cfg.mlp_layer_types.iter().filter(|k| matches!(k, indexcache_config::MlpKind::Dense)).count(),
+        cfg.mlp_layer_types.iter().filter(|k| matches!(k, indexcache_config::MlpKind::Moe)).count(),
         cfg.n_routed_experts,
         cfg.num_experts_per_tok,
         cfg.n_group,
         cfg.topk_group,
         cfg.n_shared_experts
     );
-    println!(
-        "parameters      {} ({:.3} B)",
-        info.parameters,
-        info.parameters as f64 / 1e9
-    );
-    let dt: Vec<String> = info
-        .dtypes
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect();
+    println!("parameters      {} ({:.3} B)", info.parameters, info.parameters as f64 / 1e9);
+    let dt: Vec<String> = info.dtypes.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     println!("dtypes          {}", dt.join(", "));
     if let Some(q) = &info.quantization {
         println!("quantization    {q}");
     }
-    println!(
-        "indexer         {}, top-k {}",
-        info.indexer, info.index_topk
-    );
-    println!(
-        "schedule        {}  ({} Full / {} layers)",
-        info.schedule, info.full_layers, n_layers
-    );
+    println!("indexer         {}, top-k {}", info.indexer, info.index_topk);
+    println!("schedule        {}  ({} Full / {} layers)", info.schedule, info.full_layers, n_layers);
     println!(
         "KV bytes/token  engine f32: {} all-Full, {} with this schedule ({:.1}% saved)",
         full_b.engine_f32,

@@ -9,13 +9,7 @@ use crate::TopK;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-pub fn sparse_mla(
-    q_lat: &CpuTensor,
-    q_pe: &CpuTensor,
-    cache: &CpuTensor,
-    sel: &TopK,
-    scale: f32,
-) -> CpuTensor {
+pub fn sparse_mla(q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &TopK, scale: f32) -> CpuTensor {
     let rows = q_lat.rows;
     let width = cache.cols; // R + P
     // H·R + H·P = H·(R+P)
@@ -131,11 +125,7 @@ mod tests {
         let q_pe = CpuTensor::new(rand_vec(&mut rng, t * heads * p), t, heads * p);
         // A random subset of visible positions per row, padded with -1; plus the dense case.
         let k = 8;
-        let mut sparse = TopK {
-            rows: t,
-            k,
-            data: vec![-1; t * k],
-        };
+        let mut sparse = TopK { rows: t, k, data: vec![-1; t * k] };
         for (i, &pos) in positions.iter().enumerate() {
             let mut picks: Vec<i32> = (0..=pos as i32).collect();
             for j in (1..picks.len()).rev() {
@@ -152,24 +142,13 @@ mod tests {
             k: kd,
             data: positions
                 .iter()
-                .flat_map(|&pos| {
-                    (0..kd as i32).map(move |s| if s as usize <= pos { s } else { -1 })
-                })
+                .flat_map(|&pos| (0..kd as i32).map(move |s| if s as usize <= pos { s } else { -1 }))
                 .collect(),
         };
         for sel in [&sparse, &dense] {
             let got = sparse_mla(&q_lat, &q_pe, &cache, sel, 0.3);
-            let want = reference::sparse_mla_masked(
-                &q_lat.data,
-                &q_pe.data,
-                &cache.data,
-                heads,
-                r,
-                p,
-                &positions,
-                sel,
-                0.3,
-            );
+            let want =
+                reference::sparse_mla_masked(&q_lat.data, &q_pe.data, &cache.data, heads, r, p, &positions, sel, 0.3);
             for (g, w) in got.data.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "{g} vs {w}");
             }

@@ -20,11 +20,7 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, threads: usi
         gemv_t(x, w, k, &mut out, threads > 1);
         return out;
     }
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the pointers cover m*k, n*k and m*n f32s (asserted above), strides describe
     // row-major x [m,k], wᵀ viewed as [k,n] (element (kk, j) at w[j*k + kk]), out [m,n].
     unsafe {
@@ -103,23 +99,14 @@ mod tests {
     #[test]
     fn matmul_matches_reference_for_many_shapes() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &(m, k, n) in &[
-            (1, 7, 5),
-            (1, 300, 129),
-            (3, 17, 9),
-            (64, 96, 33),
-            (130, 64, 200),
-        ] {
+        for &(m, k, n) in &[(1, 7, 5), (1, 300, 129), (3, 17, 9), (64, 96, 33), (130, 64, 200)] {
             let x = rand_vec(&mut rng, m * k);
             let w = rand_vec(&mut rng, n * k);
             let want = reference::matmul_t(&x, m, k, &w, n);
             for threads in [1, 2] {
                 let got = matmul_t(&x, m, k, &w, n, threads);
                 for (g, e) in got.iter().zip(&want) {
-                    assert!(
-                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                        "m={m} k={k} n={n}: {g} vs {e}"
-                    );
+                    assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "m={m} k={k} n={n}: {g} vs {e}");
                 }
             }
         }

@@ -19,11 +19,7 @@ pub struct CpuTensor {
 
 impl CpuTensor {
     pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
-        assert_eq!(
-            data.len(),
-            rows * cols,
-            "CpuTensor: data length != rows*cols"
-        );
+        assert_eq!(data.len(), rows * cols, "CpuTensor: data length != rows*cols");
         Self { data, rows, cols }
     }
 
@@ -46,9 +42,7 @@ impl Default for CpuBackend {
 
 impl CpuBackend {
     pub fn new() -> Self {
-        Self {
-            threads: rayon::current_num_threads().max(1),
-        }
+        Self { threads: rayon::current_num_threads().max(1) }
     }
 }
 
@@ -99,21 +93,10 @@ impl Backend for CpuBackend {
 
     fn rows(&self, x: &CpuTensor, start: usize, len: usize) -> CpuTensor {
         debug_assert!(start + len <= x.rows);
-        CpuTensor::new(
-            x.data[start * x.cols..(start + len) * x.cols].to_vec(),
-            len,
-            x.cols,
-        )
+        CpuTensor::new(x.data[start * x.cols..(start + len) * x.cols].to_vec(), len, x.cols)
     }
 
-    fn head_columns(
-        &self,
-        x: &CpuTensor,
-        heads: usize,
-        stride: usize,
-        offset: usize,
-        len: usize,
-    ) -> CpuTensor {
+    fn head_columns(&self, x: &CpuTensor, heads: usize, stride: usize, offset: usize, len: usize) -> CpuTensor {
         debug_assert_eq!(x.cols, heads * stride);
         debug_assert!(offset + len <= stride);
         let mut data = Vec::with_capacity(x.rows * heads * len);
@@ -127,20 +110,8 @@ impl Backend for CpuBackend {
     }
 
     fn write_block(&self, dst: &mut CpuTensor, row0: usize, col0: usize, src: &CpuTensor) {
-        assert!(
-            row0 + src.rows <= dst.rows,
-            "write_block: rows {}+{} > {}",
-            row0,
-            src.rows,
-            dst.rows
-        );
-        assert!(
-            col0 + src.cols <= dst.cols,
-            "write_block: cols {}+{} > {}",
-            col0,
-            src.cols,
-            dst.cols
-        );
+        assert!(row0 + src.rows <= dst.rows, "write_block: rows {}+{} > {}", row0, src.rows, dst.rows);
+        assert!(col0 + src.cols <= dst.cols, "write_block: cols {}+{} > {}", col0, src.cols, dst.cols);
         let cols = dst.cols;
         for r in 0..src.rows {
             let d = (row0 + r) * cols + col0;
@@ -158,10 +129,7 @@ impl Backend for CpuBackend {
 
     fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) {
         debug_assert_eq!((x.rows, x.cols), (y.rows, y.cols));
-        x.data
-            .par_iter_mut()
-            .zip(y.data.par_iter())
-            .for_each(|(a, b)| *a += *b);
+        x.data.par_iter_mut().zip(y.data.par_iter()).for_each(|(a, b)| *a += *b);
     }
 
     fn scale_inplace(&self, x: &mut CpuTensor, s: f32) {
@@ -208,14 +176,11 @@ impl Backend for CpuBackend {
         debug_assert_eq!(x.rows, positions.len());
         debug_assert_eq!(x.cols % head_dim, 0);
         debug_assert_eq!(rot_dims, 2 * table.half());
-        x.data
-            .par_chunks_mut(x.cols)
-            .zip(positions.par_iter())
-            .for_each(|(row, &pos)| {
-                for head in row.chunks_mut(head_dim) {
-                    table.rotate(&mut head[..rot_dims], pos, layout);
-                }
-            });
+        x.data.par_chunks_mut(x.cols).zip(positions.par_iter()).for_each(|(row, &pos)| {
+            for head in row.chunks_mut(head_dim) {
+                table.rotate(&mut head[..rot_dims], pos, layout);
+            }
+        });
     }
 
     fn matmul_t(&self, x: &CpuTensor, w: &CpuTensor) -> CpuTensor {
@@ -262,14 +227,7 @@ impl Backend for CpuBackend {
         indexer::indexer_topk(q, head_w, keys, positions, topk, scale)
     }
 
-    fn sparse_mla(
-        &self,
-        q_lat: &CpuTensor,
-        q_pe: &CpuTensor,
-        cache: &CpuTensor,
-        sel: &TopK,
-        scale: f32,
-    ) -> CpuTensor {
+    fn sparse_mla(&self, q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &TopK, scale: f32) -> CpuTensor {
         attention::sparse_mla(q_lat, q_pe, cache, sel, scale)
     }
 
@@ -277,10 +235,7 @@ impl Backend for CpuBackend {
         let g = self.matmul_t(x, &mlp.gate);
         let u = self.matmul_t(x, &mlp.up);
         let mut a = g;
-        a.data
-            .par_iter_mut()
-            .zip(u.data.par_iter())
-            .for_each(|(gv, uv)| *gv = silu(*gv) * uv);
+        a.data.par_iter_mut().zip(u.data.par_iter()).for_each(|(gv, uv)| *gv = silu(*gv) * uv);
         self.matmul_t(&a, &mlp.down)
     }
 
@@ -290,13 +245,7 @@ impl Backend for CpuBackend {
         // Route every token: (expert, weight) pairs.
         let routes: Vec<Vec<(usize, f32)>> = (0..x.rows)
             .into_par_iter()
-            .map(|t| {
-                crate::cpu::route(
-                    &logits.data[t * n_exp..(t + 1) * n_exp],
-                    &moe.score_bias,
-                    &moe.routing,
-                )
-            })
+            .map(|t| crate::cpu::route(&logits.data[t * n_exp..(t + 1) * n_exp], &moe.score_bias, &moe.routing))
             .collect();
         // Tokens per expert, in token order.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_exp];
@@ -352,10 +301,7 @@ pub fn route(logits: &[f32], bias: &[f32], r: &crate::MoeRouting) -> Vec<(usize,
     for &(_, g) in group_score.iter().take(r.topk_group) {
         allowed[g] = true;
     }
-    let mut cand: Vec<(f32, usize)> = (0..n)
-        .filter(|e| allowed[e / per_group])
-        .map(|e| (choice[e], e))
-        .collect();
+    let mut cand: Vec<(f32, usize)> = (0..n).filter(|e| allowed[e / per_group]).map(|e| (choice[e], e)).collect();
     cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     cand.truncate(r.top_k);
     let mut picked: Vec<(usize, f32)> = cand.iter().map(|&(_, e)| (e, scores[e])).collect();

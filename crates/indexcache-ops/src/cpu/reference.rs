@@ -31,11 +31,7 @@ pub fn indexer_topk(
     scale: f32,
 ) -> TopK {
     let rows = positions.len();
-    let k = positions
-        .iter()
-        .map(|&p| topk.min(p + 1))
-        .max()
-        .unwrap_or(0);
+    let k = positions.iter().map(|&p| topk.min(p + 1)).max().unwrap_or(0);
     let mut data = vec![-1i32; rows * k];
     let mut scratch = Vec::new();
     for (t, &pos) in positions.iter().enumerate() {
@@ -88,16 +84,8 @@ pub fn sparse_mla_masked(
                         return f64::NEG_INFINITY;
                     }
                     let row = &cache[s * (r + p)..(s + 1) * (r + p)];
-                    let a: f64 = ql
-                        .iter()
-                        .zip(&row[..r])
-                        .map(|(x, y)| *x as f64 * *y as f64)
-                        .sum();
-                    let b: f64 = qp
-                        .iter()
-                        .zip(&row[r..])
-                        .map(|(x, y)| *x as f64 * *y as f64)
-                        .sum();
+                    let a: f64 = ql.iter().zip(&row[..r]).map(|(x, y)| *x as f64 * *y as f64).sum();
+                    let b: f64 = qp.iter().zip(&row[r..]).map(|(x, y)| *x as f64 * *y as f64).sum();
                     (a + b) * scale as f64
                 })
                 .collect();
