@@ -143,12 +143,10 @@ pub(crate) fn load_weights<B: Backend>(
     let embed = src.get("model.embed_tokens.weight", &[cfg.vocab_size, hid])?;
     let embed = b.weight(embed, cfg.vocab_size, hid);
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    for l in 0..cfg.num_hidden_layers {
+    for (l, &full) in full_layers.iter().enumerate() {
         let want_indexer = match selection {
-            IndexerSelection::Full => full_layers[l],
-            IndexerSelection::All => {
-                full_layers[l] || src.has(&format!("model.layers.{l}.self_attn.indexer.wk.weight"))
-            }
+            IndexerSelection::Full => full,
+            IndexerSelection::All => full || src.has(&format!("model.layers.{l}.self_attn.indexer.wk.weight")),
         };
         layers.push(load_layer(b, cfg, src, l, want_indexer)?);
     }

@@ -167,11 +167,11 @@ fn shared_layer_uses_its_source_layer_indices() {
     assert_eq!(schedule.to_pattern(), "FSSFSF");
     let mut cache = model.new_cache(r.ids.len()).unwrap();
     let (mut x, positions) = model.begin(&r.ids, &cache).unwrap();
-    let mut shared = None;
+    let mut state = StepState::default();
     let mut published = Vec::new();
     for l in 0..schedule.len() {
-        model.layer(l, &mut x, &mut cache, &positions, &mut shared).unwrap();
-        published.push(shared.clone().unwrap());
+        model.layer(l, &mut x, &mut cache, &positions, &mut state).unwrap();
+        published.push(state.shared.clone().unwrap());
     }
     for l in 0..schedule.len() {
         if let LayerIndexer::Shared { source } = schedule.layer(l) {

@@ -91,15 +91,15 @@ fn load(a: &Args) -> Result<(Model, String)> {
     if let Some(cfg_path) = &a.random_weights {
         let cfg = ModelConfig::from_file(cfg_path)?;
         let bytes = parameter_count(&cfg) * 4;
-        if let Some(avail) = mem_available() {
-            if bytes > avail {
-                bail!(
-                    "{}: random f32 weights need {:.1} GiB but only {:.1} GiB of memory is available",
-                    cfg_path.display(),
-                    bytes as f64 / (1u64 << 30) as f64,
-                    avail as f64 / (1u64 << 30) as f64
-                );
-            }
+        if let Some(avail) = mem_available()
+            && bytes > avail
+        {
+            bail!(
+                "{}: random f32 weights need {:.1} GiB but only {:.1} GiB of memory is available",
+                cfg_path.display(),
+                bytes as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            );
         }
         let schedule = cfg.schedule.clone();
         let model = DsaModel::random(cfg, CpuBackend::new(), schedule, a.seed)?;
