@@ -120,13 +120,15 @@ def estimate_bytes(cfg: dict, layout: str, L: int, dtype: str) -> dict:
     """Conservative estimate of the peak RSS of one case (prefill of L tokens dominates).
 
     Quadratic terms (per layer, freed before the next layer, so counted once):
-      * SDPA on CPU falls back to the math kernel (q head dim != v head dim), which materialises
-        [heads, L, L] scores plus the masked / softmaxed copies: ~3 x 4*heads bytes per L^2;
+      * SDPA on CPU falls back to the math kernel (q head dim 96 != v head dim 64 here), which
+        materialises fp32 [heads, L, L] scores and their softmax (2 x 4*heads bytes per L^2;
+        bfloat16 additionally keeps reduced-precision copies: + 2 x 2*heads);
       * the indexer (Full layers) builds fp32 [L, index_heads, L] scores and their ReLU copy
-        (2 x 4*index_heads) plus fp32 [L, L] index scores;
-      * bool masks [L, L] (causal, top-k index mask, combined): a few bytes per L^2.
-    Calibrated against measured RSS deltas at L = 256..1024 (~180-200 bytes/L^2 for 16 heads,
-    8 index heads, float32), then padded by 25 %.
+        (2 x 4*index_heads) plus fp32 [L, L] index scores; not live at the same time as the above;
+      * bool masks [L, L] (causal, top-k index mask, combined): ~8 bytes per L^2.
+    Linear terms: q/k/v expansions, MLP/MoE activations, top-k indices, per token.
+    Calibrated on this config against measured peak-RSS deltas at L = 512..2048 (fp32: ~136 B/L^2
+    + ~62 KB/token; bf16 slightly more), activations padded by 25 %.
     """
     H = cfg["num_attention_heads"]
     Hi = cfg["index_n_heads"]
@@ -144,8 +146,8 @@ def estimate_bytes(cfg: dict, layout: str, L: int, dtype: str) -> dict:
     b = 2 if dtype == "bfloat16" else 4
     p = count_params(cfg, layout)
     weights = (p["total"] - p["fp32"]) * b + p["fp32"] * 4
-    runtime = int(0.75 * GIB)  # python + torch + transformers import, allocator slack
-    attn_quad = 3 * 4 * H
+    runtime = int(0.85 * GIB)  # python + torch + transformers import, allocator slack
+    attn_quad = 2 * 4 * H + (2 * 2 * H if b == 2 else 0)
     idx_quad = (2 * 4 * Hi + 2 * 4) if "F" in layout else 0
     quad = L * L * (max(attn_quad, idx_quad) + 8)
     per_token = 4 * (6 * H * qk + 3 * H * v + 12 * h + 3 * max(I, (K + ns) * mi * 2) + 3 * Hi * Di) + 16 * topk + 8 * K * (E + 1)
@@ -300,12 +302,12 @@ def _forward(model, ids, cache, cache_kw):
     return out.logits, new_cache
 
 
-def run_case(spec: dict) -> dict:
+def run_case(spec: dict, res: dict) -> dict:
+    """Measure one case; fills `res` as it goes, so a failure keeps what was measured before it."""
     import inspect
 
     import torch
 
-    res: dict = {}
     threads = spec["threads"]
     torch.set_num_threads(threads)
     try:
@@ -329,7 +331,10 @@ def run_case(spec: dict) -> dict:
         import resource
 
         # Address-space cap: what is mapped now (libraries, arenas) + what the machine can still give.
-        cap = _vm_size() + int(0.92 * mem_available()) + 256 * 1024 * 1024
+        room = int(0.92 * mem_available()) + 256 * 1024 * 1024
+        if spec.get("max_mem_bytes"):
+            room = min(room, spec["max_mem_bytes"] - _rss_now())
+        cap = _vm_size() + max(room, 0)
         resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
         res["rlimit_as_gib"] = round(cap / GIB, 2)
 
@@ -413,7 +418,7 @@ def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     out: dict = {}
     try:
-        out = run_case(spec)
+        run_case(spec, out)
     except (RuntimeError, MemoryError, NotImplementedError, ValueError) as e:
         out["status"] = f"failed: {_first_line(e)}"
         out["peak_rss_gib"] = round(_peak_rss() / GIB, 3)
@@ -457,6 +462,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="prefills per case (median reported)")
     ap.add_argument("--experts-impl", default=None, help="force experts_implementation (default: transformers' choice, eager if it fails)")
     ap.add_argument("--mem-fraction", type=float, default=0.90, help="skip a case whose estimate exceeds this fraction of MemAvailable")
+    ap.add_argument("--max-mem-gib", type=float, default=None,
+                    help="treat min(MemAvailable, this) as the memory a case may use (estimate check and child RLIMIT_AS)")
     ap.add_argument("--no-rlimit", action="store_true", help="do not cap the child's address space")
     ap.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is killed (default: none)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -511,19 +518,22 @@ def main(argv=None) -> int:
         for pname, layout in patterns:
             est = estimate_bytes(cfg, layout, L, args.dtype)
             avail = mem_available()
+            if args.max_mem_gib:
+                avail = min(avail, int(args.max_mem_gib * GIB))
             row = {"context": L, "pattern": pname, "layout": layout, "dtype": args.dtype,
                    "est_gib": round(est["total"] / GIB, 2), "mem_available_gib": round(avail / GIB, 2),
                    "n_params_est": est["params"]}
             print(f"  L={L} {pname} ({layout}): estimated {est['total'] / GIB:.2f} GiB, available {avail / GIB:.2f} GiB",
                   file=sys.stderr, flush=True)
             if est["total"] > args.mem_fraction * avail:
-                row["status"] = f"skipped: needs ~{est['total'] / GIB:.1f} GiB (MemAvailable {avail / GIB:.1f} GiB)"
+                row["status"] = f"skipped: needs ~{est['total'] / GIB:.1f} GiB (available {avail / GIB:.1f} GiB)"
                 report["results"].append(row)
                 flush_json()
                 continue
             spec = {"config": cfg, "layout": layout, "context": L, "dtype": args.dtype, "threads": args.threads,
                     "decode": args.decode, "seed": args.seed, "warmup": args.warmup, "repeats": args.repeats,
-                    "experts_impl": args.experts_impl, "rlimit": not args.no_rlimit}
+                    "experts_impl": args.experts_impl, "rlimit": not args.no_rlimit,
+                    "max_mem_bytes": int(args.max_mem_gib * GIB) if args.max_mem_gib else None}
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],

@@ -9,12 +9,14 @@
 
 pub mod cache;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod sampler;
 pub mod weights;
 
 pub use cache::{Cache, CacheBytes, cache_bytes_per_token};
 pub use error::ModelError;
+pub use generate::{GenStats, generate};
 pub use model::{
     DsaModel, ForwardOptions, ForwardOutput, LoadOptions, LoadReport, Logits, StageTimes, StepState, check_indexers,
 };

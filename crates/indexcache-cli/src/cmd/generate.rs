@@ -3,10 +3,9 @@
 use crate::args::{ModelArgs, ScheduleArgs};
 use crate::load::{Model, load_model};
 use anyhow::{Context, Result, anyhow};
-use indexcache_model::{ForwardOptions, IndexerSelection, Sampler, SamplingParams};
+use indexcache_model::{GenStats, IndexerSelection, SamplingParams};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tokenizers::Tokenizer;
 
 #[derive(clap::Args, Debug)]
@@ -56,20 +55,6 @@ impl SamplingArgs {
     }
 }
 
-/// Timings of one generation.
-pub struct GenStats {
-    pub prompt_tokens: usize,
-    pub new_tokens: usize,
-    pub ttft_s: f64,
-    pub decode_s: f64,
-}
-
-impl GenStats {
-    pub fn decode_tok_s(&self) -> f64 {
-        if self.new_tokens > 1 { (self.new_tokens - 1) as f64 / self.decode_s } else { 0.0 }
-    }
-}
-
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
@@ -79,34 +64,11 @@ pub fn generate(
     model: &Model,
     prompt: &[u32],
     sampling: &SamplingArgs,
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenStats)> {
     let params = sampling.params()?;
-    let mut sampler = Sampler::new(params);
     let mut cache = model.new_cache(prompt.len() + sampling.max_tokens)?;
-    let eos = &model.config().eos_token_ids;
-    let t0 = Instant::now();
-    let out = model.forward(prompt, &mut cache, &ForwardOptions::default())?;
-    let mut next = sampler.sample(&out.logits);
-    let ttft = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut generated = Vec::new();
-    while generated.len() < sampling.max_tokens {
-        generated.push(next);
-        on_token(next)?;
-        if eos.contains(&next) || generated.len() == sampling.max_tokens {
-            break;
-        }
-        let out = model.forward(&[next], &mut cache, &ForwardOptions::default())?;
-        next = sampler.sample(&out.logits);
-    }
-    let stats = GenStats {
-        prompt_tokens: prompt.len(),
-        new_tokens: generated.len(),
-        ttft_s: ttft,
-        decode_s: t1.elapsed().as_secs_f64(),
-    };
-    Ok((generated, stats))
+    indexcache_model::generate(model, &mut cache, prompt, sampling.max_tokens, params, &[], on_token)
 }
 
 pub fn run(a: Args) -> Result<()> {

@@ -1,0 +1,16 @@
+//! The IndexCache toolkit: everything needed to *choose*, check and export a Full/Shared
+//! pattern for a DSA model.
+//!
+//! * [`data`] — calibration/eval text and token windows;
+//! * [`loss`] — mean next-token NLL of token windows under a schedule;
+//! * [`search`] — the paper's greedy Algorithm 1 with prefix reuse and the pipeline-block variant;
+//! * [`overlap`] — |T_i ∩ T_j| / k between every pair of layers' top-k;
+//! * [`eval`] — synthetic long-context retrieval (passkey, needle-in-a-haystack);
+//! * [`export`] — the pattern as transformers / SGLang / vLLM configuration;
+//! * [`plot`] — heatmaps and curves (PNG + SVG).
+
+pub mod data;
+pub mod error;
+pub mod loss;
+
+pub use error::ToolError;
