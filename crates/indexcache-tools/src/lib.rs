@@ -12,5 +12,6 @@
 pub mod data;
 pub mod error;
 pub mod loss;
+pub mod search;
 
 pub use error::ToolError;
