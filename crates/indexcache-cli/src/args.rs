@@ -54,3 +54,49 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .map(|(i, t)| t.parse::<u32>().map_err(|e| anyhow::anyhow!("--input-ids: item {i} ({t:?}): {e}")))
         .collect()
 }
+
+/// Calibration / evaluation text.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Text files or directories of *.txt (tokenised with the model's tokenizer.json), or
+    /// pre-tokenised .json / .safetensors (`input_ids`) files.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Window start spacing (default: --ctx, i.e. disjoint windows).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Use at most this many windows.
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// tokenizer.json (default: the model directory's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// Load, tokenise and window the data.
+    pub fn windows(&self, model_dir: &std::path::Path) -> Result<Vec<indexcache_tools::data::Window>> {
+        let stride = self.stride.unwrap_or(self.ctx);
+        if self.ctx < 2 {
+            bail!("--ctx must be at least 2");
+        }
+        if stride == 0 || stride > self.ctx {
+            bail!("--stride must be between 1 and --ctx ({})", self.ctx);
+        }
+        let tok_path = self.tokenizer.clone().unwrap_or_else(|| model_dir.join("tokenizer.json"));
+        let tokenizer = if tok_path.is_file() {
+            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+        } else {
+            None
+        };
+        let streams = indexcache_tools::data::load_token_streams(&self.data, tokenizer.as_ref())?;
+        let w = indexcache_tools::data::windows(&streams, self.ctx, stride, self.max_windows);
+        if w.is_empty() {
+            bail!("the data yields no window with at least 2 tokens");
+        }
+        Ok(w)
+    }
+}

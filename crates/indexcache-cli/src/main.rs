@@ -28,6 +28,10 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Time-to-first-token and decode tokens/s per IndexCache pattern, with the indexer's share.
     Bench(cmd::bench::Args),
+    /// Mean next-token NLL and perplexity over windows of text.
+    Ppl(cmd::ppl::Args),
+    /// Greedy search for the layers that keep their indexer (paper Algorithm 1).
+    Search(cmd::search::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Ppl(a) => cmd::ppl::run(a),
+        Command::Search(a) => cmd::search::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -76,7 +76,9 @@ pub struct SearchState {
     pub pattern: String,
     pub removal_order: Vec<usize>,
     pub done: bool,
-    /// Layer evaluations performed by this run (all sessions) and by the naive algorithm.
+    /// Layer evaluations performed by this run (all sessions, including the all-Full pass and
+    /// the replay of a resume) and by the naive algorithm for the same outputs (all-Full pass +
+    /// every candidate from scratch).
     pub layer_evals: u64,
     pub naive_layer_evals: u64,
     pub calibration_tokens: usize,
@@ -256,6 +258,8 @@ pub fn greedy_search<B: Backend>(
     // Committed traces of the current schedule (on resume: recomputed once).
     let mut committed = ev.baseline(&schedule)?;
     if state.steps.is_empty() {
+        // The naive algorithm also needs the all-Full pass to report its loss.
+        state.naive_layer_evals += (n * windows.len()) as u64;
         state.all_full_loss = total(&committed).mean();
         on_event(SearchEvent::Baseline { loss: state.all_full_loss });
     }

@@ -49,6 +49,8 @@ struct Row {
     decode_tok_s: f64,
     indexer_share_prefill: f64,
     indexer_share_decode: f64,
+    /// Prefill seconds in the indexer / the rest of attention / the FFN.
+    prefill_stages_s: [f64; 3],
     prefill_speedup: f64,
     decode_speedup: f64,
 }
@@ -181,6 +183,11 @@ pub fn run(a: Args) -> Result<()> {
                 decode_tok_s,
                 indexer_share_prefill: share(&out.times, prefill),
                 indexer_share_decode: share(&dec_times, decode),
+                prefill_stages_s: [
+                    out.times.indexer.as_secs_f64(),
+                    out.times.attention.as_secs_f64(),
+                    out.times.ffn.as_secs_f64(),
+                ],
                 prefill_speedup: base_prefill / prefill,
                 decode_speedup: if base_decode > 0.0 { decode_tok_s / base_decode } else { 0.0 },
             });

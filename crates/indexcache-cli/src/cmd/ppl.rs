@@ -1,0 +1,62 @@
+//! `indexcache ppl`: mean next-token NLL and perplexity of text under a schedule.
+
+use crate::args::{DataArgs, ModelArgs, ScheduleArgs};
+use crate::load::load_model;
+use anyhow::Result;
+use indexcache_model::IndexerSelection;
+use indexcache_tools::loss::dataset_nll;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    schedule: String,
+    full_layers: usize,
+    windows: usize,
+    tokens: usize,
+    mean_nll: f64,
+    perplexity: f64,
+    seconds: f64,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
+    let windows = a.data.windows(&a.model.model)?;
+    let bar = ProgressBar::new(windows.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} ppl [{bar:30}] {pos}/{len} windows {eta}")?.progress_chars("=> "));
+    let t0 = Instant::now();
+    let nll = dataset_nll(&model, model.schedule(), &windows, &mut |i| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    let r = Report {
+        schedule: model.schedule().to_pattern(),
+        full_layers: model.schedule().num_full(),
+        windows: windows.len(),
+        tokens: nll.tokens,
+        mean_nll: nll.mean(),
+        perplexity: nll.perplexity(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "schedule {} ({} Full): {} windows, {} tokens: mean NLL {:.5}, perplexity {:.4} ({:.1}s)",
+            r.schedule, r.full_layers, r.windows, r.tokens, r.mean_nll, r.perplexity, r.seconds
+        );
+    }
+    Ok(())
+}
