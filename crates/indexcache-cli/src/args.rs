@@ -88,7 +88,10 @@ impl DataArgs {
         }
         let tok_path = self.tokenizer.clone().unwrap_or_else(|| model_dir.join("tokenizer.json"));
         let tokenizer = if tok_path.is_file() {
-            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+            Some(
+                tokenizers::Tokenizer::from_file(&tok_path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?,
+            )
         } else {
             None
         };

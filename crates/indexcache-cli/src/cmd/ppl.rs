@@ -37,7 +37,9 @@ pub fn run(a: Args) -> Result<()> {
     let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
     let windows = a.data.windows(&a.model.model)?;
     let bar = ProgressBar::new(windows.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} ppl [{bar:30}] {pos}/{len} windows {eta}")?.progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} ppl [{bar:30}] {pos}/{len} windows {eta}")?.progress_chars("=> "),
+    );
     let t0 = Instant::now();
     let nll = dataset_nll(&model, model.schedule(), &windows, &mut |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();

@@ -6,7 +6,9 @@ use crate::load::load_model;
 use anyhow::{Context, Result, bail};
 use indexcache_config::{IndexSchedule, ScheduleOverride};
 use indexcache_model::IndexerSelection;
-use indexcache_tools::search::{SearchEvent, SearchOptions, SearchState, Target, fingerprint, greedy_search, schedule_loss};
+use indexcache_tools::search::{
+    SearchEvent, SearchOptions, SearchState, Target, fingerprint, greedy_search, schedule_loss,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -80,7 +82,8 @@ pub fn run(a: Args) -> Result<()> {
     let fp = fingerprint(&config_json, &windows, &opts);
     let resume = if a.resume {
         let text = std::fs::read_to_string(&a.out).with_context(|| format!("--resume: reading {}", a.out.display()))?;
-        let f: SearchFile = serde_json::from_str(&text).with_context(|| format!("--resume: parsing {}", a.out.display()))?;
+        let f: SearchFile =
+            serde_json::from_str(&text).with_context(|| format!("--resume: parsing {}", a.out.display()))?;
         Some(f.state)
     } else {
         if a.out.exists() {
@@ -91,7 +94,9 @@ pub fn run(a: Args) -> Result<()> {
     let n = model.config().num_hidden_layers;
     let flips = target.flips(n);
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{spinner} search step {msg} [{bar:30}] {pos}/{len}")?.progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} search step {msg} [{bar:30}] {pos}/{len}")?.progress_chars("=> "),
+    );
     let out = a.out.clone();
     let mut saver = |s: &SearchState| {
         save(&out, &SearchFile { state: s.clone(), comparison: None })
@@ -106,7 +111,10 @@ pub fn run(a: Args) -> Result<()> {
         }
         SearchEvent::Committed { state } => {
             let last = state.steps.last().expect("a committed step");
-            bar.println(format!("step {}: layer {} → S, loss {:.6}, {}", last.step, last.flipped, last.loss, state.pattern));
+            bar.println(format!(
+                "step {}: layer {} → S, loss {:.6}, {}",
+                last.step, last.flipped, last.loss, state.pattern
+            ));
         }
     };
     let state = greedy_search(&model, &windows, &opts, fp, resume, &mut saver, &mut on_event)?;
