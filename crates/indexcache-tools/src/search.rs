@@ -289,9 +289,9 @@ pub fn greedy_search<B: Backend>(
                 let start = match trace.inputs[from].take() {
                     Some(s) => s,
                     None => {
-                        let c = committed[w].inputs[l].as_ref().ok_or_else(|| {
-                            ToolError::Invalid(format!("internal: no committed state at layer {l}"))
-                        })?;
+                        let c = committed[w].inputs[l]
+                            .as_ref()
+                            .ok_or_else(|| ToolError::Invalid(format!("internal: no committed state at layer {l}")))?;
                         Snapshot { x: ev.copy(&c.x), shared: c.shared.clone() }
                     }
                 };
