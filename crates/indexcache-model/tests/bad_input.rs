@@ -116,3 +116,28 @@ fn malformed_config_is_named() {
     let e = err(dir.path(), None);
     assert!(e.contains("unsupported model_type \"llama\""), "{e}");
 }
+
+/// Tensors of the MTP layer (`model.layers.{num_hidden_layers}`) are skipped and reported, like
+/// transformers' `_keys_to_ignore_on_load_unexpected`; other unknown tensors are reported too.
+#[test]
+fn mtp_layer_is_skipped_and_reported() {
+    let dir = copy_fixture("glm5-pattern");
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let extra: Vec<u8> = [1.0f32; 4].iter().flat_map(|f| f.to_le_bytes()).collect();
+    let extra_bytes: &[u8] = &extra;
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    for name in ["model.layers.6.eh_proj.weight", "model.layers.6.enorm.weight", "model.something_else"] {
+        tensors.push((
+            name.into(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], extra_bytes).unwrap(),
+        ));
+    }
+    let out = safetensors::serialize(tensors, None).unwrap();
+    std::fs::write(&path, out).unwrap();
+    let opts = LoadOptions::default();
+    let (_, report) = DsaModel::load(dir.path(), CpuBackend::new(), &opts, &mut |_, _, _| {}).unwrap();
+    assert_eq!(report.skipped_mtp, vec!["model.layers.6.eh_proj.weight", "model.layers.6.enorm.weight"]);
+    assert_eq!(report.unused, vec!["model.something_else"]);
+}
