@@ -104,6 +104,9 @@ struct Trace<T> {
     nll: Nll,
 }
 
+/// One candidate's traces (one per window) and the last layer whose input state is valid.
+type CandidateTraces<T> = (Vec<Trace<T>>, usize);
+
 struct Evaluator<'m, B: Backend> {
     model: &'m DsaModel<B>,
     windows: &'m [Window],
@@ -263,8 +266,8 @@ pub fn greedy_search<B: Backend>(
         state.all_full_loss = total(&committed).mean();
         on_event(SearchEvent::Baseline { loss: state.all_full_loss });
     }
-    // Per candidate layer: per window trace, valid for inputs of layers `..=valid_until`.
-    let mut cand: Vec<Option<(Vec<Trace<B::Tensor>>, usize)>> = (0..n).map(|_| None).collect();
+    // Per candidate layer: its traces, valid for the inputs of layers `..=valid_until`.
+    let mut cand: Vec<Option<CandidateTraces<B::Tensor>>> = (0..n).map(|_| None).collect();
     state.layer_evals += ev.layer_evals;
     ev.layer_evals = 0;
     save(&state)?;
