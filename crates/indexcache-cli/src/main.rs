@@ -32,6 +32,12 @@ enum Command {
     Ppl(cmd::ppl::Args),
     /// Greedy search for the layers that keep their indexer (paper Algorithm 1).
     Search(cmd::search::Args),
+    /// Top-k overlap between every pair of layers (all indexers run), with heatmap and curve.
+    Overlap(cmd::overlap::Args),
+    /// Synthetic long-context retrieval: passkey or needle-in-a-haystack accuracy per length × depth.
+    Eval(cmd::eval::Args),
+    /// Export a pattern for transformers (config.json), SGLang or vLLM.
+    Export(cmd::export::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +57,9 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Ppl(a) => cmd::ppl::run(a),
         Command::Search(a) => cmd::search::run(a),
+        Command::Overlap(a) => cmd::overlap::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Export(a) => cmd::export::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,7 @@ fn fails(args: &[&str]) -> String {
 
 #[test]
 fn help_everywhere() {
-    for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search"] {
+    for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search", "overlap", "eval", "export"] {
         let out = ok(&[cmd, "--help"]);
         assert!(out.contains("Usage:"), "{cmd}");
     }
@@ -200,4 +200,65 @@ fn bench_ppl_and_search_on_a_fixture() {
         out2_s,
     ]);
     assert!(err.contains("layer 1 is Full"), "{err}");
+}
+
+#[test]
+fn overlap_export_and_eval() {
+    let m = fixture("ds32-yarn");
+    let data = root().join("tests/fixtures/ds32-yarn/reference.safetensors").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let ov = dir.path().join("ov");
+    let report: serde_json::Value = serde_json::from_str(&ok(&[
+        "overlap",
+        "-m",
+        &m,
+        "--data",
+        &data,
+        "--ctx",
+        "64",
+        "--out",
+        ov.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["layers"], 4);
+    for f in ["overlap.json", "overlap.png", "overlap.svg", "adjacent.png", "adjacent.svg"] {
+        assert!(std::fs::metadata(ov.join(f)).unwrap().len() > 0, "{f}");
+    }
+    let err = fails(&["overlap", "-m", &m, "--data", &data, "--ctx", "16", "--out", ov.to_str().unwrap()]);
+    assert!(err.contains("--ctx"), "{err}");
+
+    // export hf → info reads the same schedule back.
+    let out = dir.path().join("exported");
+    ok(&["export", "--pattern", "FSSF", "--format", "hf", "-m", &m, "--out", out.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", "-m", out.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(info["schedule"], "FSSF");
+    assert_eq!(
+        ok(&["export", "--pattern", "FSSF", "--format", "vllm", "-m", &m]).trim(),
+        r#"--hf-overrides '{"use_index_cache": true, "index_topk_pattern": "FSSF"}'"#
+    );
+    let err = fails(&["export", "--pattern", "SFFF", "--format", "sglang"]);
+    assert!(err.contains("layer 0 must be Full"), "{err}");
+
+    let model = root().join("models/tiny-dsa").display().to_string();
+    let e: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "passkey",
+        "-m",
+        &model,
+        "--lengths",
+        "256",
+        "--depths",
+        "0,1",
+        "--samples",
+        "1",
+        "--keep",
+        "1/4",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(e["pattern"], "FSSSFSSS");
+    assert_eq!(e["cells"].as_array().unwrap().len(), 2);
+    let err = fails(&["eval", "niah", "-m", &model, "--lengths", "100000"]);
+    assert!(err.contains("max_position_embeddings") || err.contains("too long"), "{err}");
 }

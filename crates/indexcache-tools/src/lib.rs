@@ -11,7 +11,11 @@
 
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod export;
 pub mod loss;
+pub mod overlap;
+pub mod plot;
 pub mod search;
 
 pub use error::ToolError;

@@ -1,7 +1,10 @@
 pub mod bench;
 pub mod demo;
+pub mod eval;
+pub mod export;
 pub mod forward;
 pub mod generate;
 pub mod info;
+pub mod overlap;
 pub mod ppl;
 pub mod search;

@@ -130,6 +130,8 @@ pub fn run(a: Args) -> Result<()> {
     };
     let file = SearchFile { state, comparison: Some(comparison.clone()) };
     save(&a.out, &file)?;
+    let curve_stem = a.out.with_extension("loss");
+    plot_curve(&file, &curve_stem)?;
     let st = &file.state;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&file)?);
@@ -149,6 +151,20 @@ pub fn run(a: Args) -> Result<()> {
         st.naive_layer_evals,
         st.layer_evals as f64 / st.naive_layer_evals.max(1) as f64
     );
-    println!("saved           {}", a.out.display());
+    println!("saved           {} (+ loss curve {}.png/.svg)", a.out.display(), curve_stem.display());
+    Ok(())
+}
+
+/// Loss after each committed flip (x = flips so far), with the all-Full and uniform levels.
+fn plot_curve(file: &SearchFile, stem: &Path) -> Result<()> {
+    let st = &file.state;
+    let mut pts = vec![(0.0, st.all_full_loss)];
+    pts.extend(st.steps.iter().enumerate().map(|(i, s)| ((i + 1) as f64, s.loss)));
+    let flips = st.steps.len() as f64;
+    let mut series = vec![("greedy search".to_string(), pts)];
+    if let Some(c) = &file.comparison {
+        series.push((format!("uniform {}", c.uniform_pattern), vec![(flips, c.uniform_loss)]));
+    }
+    indexcache_tools::plot::line_plot(&series, "greedy IndexCache search", "flips committed", "mean NLL", stem)?;
     Ok(())
 }
