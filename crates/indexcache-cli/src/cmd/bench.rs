@@ -29,6 +29,9 @@ pub struct Args {
     /// One-token decode steps after each prefill.
     #[arg(long, default_value_t = 32)]
     pub decode: usize,
+    /// Timed runs per (context, pattern); the median prefill and decode are reported.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
     /// Seed of the random prompt (and of random weights).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -143,6 +146,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let bar = ProgressBar::new((contexts.len() * patterns.len()) as u64);
     bar.set_style(ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "));
+    // Warm-up: first-touch page faults and thread-pool start-up stay out of the numbers.
+    let warm: Vec<u32> = (0..contexts[0].min(256) as u32).map(|i| i % cfg.vocab_size as u32).collect();
+    measure(&model, &patterns[0].1, &warm, a.decode.min(2))?;
     let mut rows: Vec<Row> = Vec::new();
     let mut state = a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for &ctx in &contexts {
@@ -155,21 +161,13 @@ pub fn run(a: Args) -> Result<()> {
         let mut baseline: Option<(f64, f64)> = None;
         for (spec, schedule) in &patterns {
             bar.set_message(format!("{ctx} tokens, {spec}"));
-            let mut cache = model.new_cache_with(schedule.clone(), ctx + a.decode)?;
-            let t0 = Instant::now();
-            let out =
-                model.forward(&prompt, &mut cache, &ForwardOptions { logits: Logits::Last, capture_topk: false })?;
-            let prefill = t0.elapsed().as_secs_f64();
-            let mut next = indexcache_model::sampler::argmax(&out.logits);
-            let ttft = t0.elapsed().as_secs_f64();
-            let mut dec_times = StageTimes::default();
-            let t1 = Instant::now();
-            for _ in 0..a.decode {
-                let o = model.forward(&[next], &mut cache, &ForwardOptions::default())?;
-                dec_times.add(&o.times);
-                next = indexcache_model::sampler::argmax(&o.logits);
-            }
-            let decode = t1.elapsed().as_secs_f64();
+            let mut runs: Vec<Measurement> =
+                (0..a.repeats.max(1)).map(|_| measure(&model, schedule, &prompt, a.decode)).collect::<Result<_>>()?;
+            runs.sort_by(|x, y| x.prefill.total_cmp(&y.prefill));
+            let mid = runs.len() / 2;
+            let (prefill, ttft, out_times) = (runs[mid].prefill, runs[mid].ttft, runs[mid].prefill_times);
+            runs.sort_by(|x, y| x.decode.total_cmp(&y.decode));
+            let (decode, dec_times) = (runs[mid].decode, runs[mid].decode_times);
             let decode_tok_s = if a.decode > 0 { a.decode as f64 / decode } else { 0.0 };
             let (base_prefill, base_decode) = *baseline.get_or_insert((prefill, decode_tok_s));
             rows.push(Row {
@@ -181,12 +179,12 @@ pub fn run(a: Args) -> Result<()> {
                 prefill_tok_s: ctx as f64 / prefill,
                 ttft_s: ttft,
                 decode_tok_s,
-                indexer_share_prefill: share(&out.times, prefill),
+                indexer_share_prefill: share(&out_times, prefill),
                 indexer_share_decode: share(&dec_times, decode),
                 prefill_stages_s: [
-                    out.times.indexer.as_secs_f64(),
-                    out.times.attention.as_secs_f64(),
-                    out.times.ffn.as_secs_f64(),
+                    out_times.indexer.as_secs_f64(),
+                    out_times.attention.as_secs_f64(),
+                    out_times.ffn.as_secs_f64(),
                 ],
                 prefill_speedup: base_prefill / prefill,
                 decode_speedup: if base_decode > 0.0 { decode_tok_s / base_decode } else { 0.0 },
@@ -227,6 +225,32 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One prefill of `prompt` and `decode` greedy steps on a fresh cache.
+struct Measurement {
+    prefill: f64,
+    ttft: f64,
+    decode: f64,
+    prefill_times: StageTimes,
+    decode_times: StageTimes,
+}
+
+fn measure(model: &Model, schedule: &IndexSchedule, prompt: &[u32], decode: usize) -> Result<Measurement> {
+    let mut cache = model.new_cache_with(schedule.clone(), prompt.len() + decode)?;
+    let t0 = Instant::now();
+    let out = model.forward(prompt, &mut cache, &ForwardOptions { logits: Logits::Last, capture_topk: false })?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut next = indexcache_model::sampler::argmax(&out.logits);
+    let ttft = t0.elapsed().as_secs_f64();
+    let mut decode_times = StageTimes::default();
+    let t1 = Instant::now();
+    for _ in 0..decode {
+        let o = model.forward(&[next], &mut cache, &ForwardOptions::default())?;
+        decode_times.add(&o.times);
+        next = indexcache_model::sampler::argmax(&o.logits);
+    }
+    Ok(Measurement { prefill, ttft, decode: t1.elapsed().as_secs_f64(), prefill_times: out.times, decode_times })
 }
 
 fn rayon_threads() -> usize {

@@ -34,6 +34,10 @@ pub fn indexer_topk(
     if k == 0 {
         return TopK { rows, k, data };
     }
+    // Few query blocks (decode, short chunks): let the GEMM itself use the threads instead.
+    let blocks = rows.div_ceil(BLOCK_ROWS);
+    let threads = rayon::current_num_threads();
+    let gemm_par = if blocks < threads { Parallelism::Rayon(threads) } else { Parallelism::None };
     data.par_chunks_mut(BLOCK_ROWS * k).enumerate().for_each_init(
         || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<(f32, u32)>::new()),
         |(dots, scores, scratch), (b, out)| {
@@ -66,7 +70,7 @@ pub fn indexer_topk(
                     false,
                     false,
                     false,
-                    Parallelism::None,
+                    gemm_par,
                 );
             }
             for i in 0..tb {
