@@ -22,7 +22,8 @@ pub enum OnOff {
 /// Override the checkpoint's IndexCache schedule (at most one of these).
 #[derive(Args, Debug, Clone, Default)]
 pub struct ScheduleArgs {
-    /// Explicit per-layer pattern, one F (Full: runs its indexer) or S (Shared) per layer; layer 0 must be F.
+    /// Per-layer pattern, one F (Full: runs its indexer) or S (Shared) per layer, layer 0 F; or a
+    /// file holding one (e.g. the pattern.json written by `search`).
     #[arg(long, value_name = "FSSF…", conflicts_with_all = ["keep", "index_cache"])]
     pub pattern: Option<String>,
     /// Keep this fraction of indexers, uniformly spaced, layer 0 always Full (e.g. 1/4).
@@ -36,13 +37,22 @@ pub struct ScheduleArgs {
 impl ScheduleArgs {
     pub fn to_override(&self) -> Result<Option<ScheduleOverride>> {
         Ok(match (&self.pattern, &self.keep, self.index_cache) {
-            (Some(p), None, None) => Some(ScheduleOverride::Pattern(p.clone())),
+            (Some(p), None, None) => Some(ScheduleOverride::Pattern(pattern_arg(p)?)),
             (None, Some(k), None) => Some(ScheduleOverride::parse_keep(k)?),
             (None, None, Some(OnOff::Off)) => Some(ScheduleOverride::Off),
             (None, None, Some(OnOff::On)) | (None, None, None) => None,
             _ => bail!("--pattern, --keep and --index-cache are mutually exclusive"),
         })
     }
+}
+
+/// A pattern given literally or as a file (pattern.json from `search`, or plain text).
+pub fn pattern_arg(arg: &str) -> Result<String> {
+    let input = indexcache_tools::export::read_pattern(arg)?;
+    for w in &input.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(input.pattern)
 }
 
 /// Parse "3,17,42" (spaces allowed).

@@ -23,7 +23,8 @@ pub struct Args {
     /// Prompt lengths, e.g. 1k,4k,16k (k = 1024).
     #[arg(long, default_value = "1k,4k")]
     pub contexts: String,
-    /// Schedules: full (plain DSA), config (the checkpoint's), N/D (uniform keep) or an F/S pattern.
+    /// Schedules: full (plain DSA), config (the checkpoint's), N/D (uniform keep), an F/S pattern,
+    /// or a pattern file (search's pattern.json).
     #[arg(long, default_value = "full,1/2,1/4")]
     pub patterns: String,
     /// One-token decode steps after each prefill.
@@ -86,6 +87,7 @@ fn parse_pattern(spec: &str, model: &Model) -> Result<IndexSchedule> {
     let o = match spec.trim() {
         "full" | "off" => ScheduleOverride::Off,
         "config" => return Ok(model.schedule().clone()),
+        s if std::path::Path::new(s).is_file() => ScheduleOverride::Pattern(crate::args::pattern_arg(s)?),
         s if s.contains('/') => ScheduleOverride::parse_keep(s)?,
         s => ScheduleOverride::Pattern(s.to_string()),
     };
