@@ -12,12 +12,7 @@ pub type Model = DsaModel<CpuBackend>;
 
 pub fn load_model(dir: &Path, schedule: Option<ScheduleOverride>, indexers: IndexerSelection) -> Result<Model> {
     let t0 = Instant::now();
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} loading weights [{bar:30}] {pos}/{len} {wide_msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let bar = progress_bar("loading weights", "{wide_msg}", 0);
     let opts = LoadOptions { schedule, indexers };
     let mut on_tensor = |name: &str, done: usize, total: usize| {
         bar.set_length(total as u64);
@@ -53,4 +48,14 @@ pub fn load_model(dir: &Path, schedule: Option<ScheduleOverride>, indexers: Inde
         indexcache_ops::Backend::name(model.backend()),
     );
     Ok(model)
+}
+
+/// A progress bar on stderr: `{spinner} <prefix> [=====>   ] pos/len <suffix>`; hidden when
+/// stderr is not a terminal.
+pub fn progress_bar(prefix: &str, suffix: &str, len: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let template = format!("{{spinner}} {prefix} [{{bar:30}}] {{pos}}/{{len}} {suffix}");
+    // invariant: the template is built from literals with valid placeholders.
+    bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+    bar
 }

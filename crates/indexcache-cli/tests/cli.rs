@@ -262,3 +262,60 @@ fn overlap_export_and_eval() {
     let err = fails(&["eval", "niah", "-m", &model, "--lengths", "100000"]);
     assert!(err.contains("max_position_embeddings") || err.contains("too long"), "{err}");
 }
+
+/// A search killed mid-run (SIGKILL, harsher than Ctrl-C) keeps every committed flip; `--resume`
+/// finishes it with the same result as an uninterrupted run.
+#[test]
+fn killed_search_resumes_to_the_same_result() {
+    let model = root().join("models/tiny-dsa").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    // Two windows of 400 pseudo-random token ids.
+    let ids: Vec<Vec<u32>> = (0..2u32).map(|w| (0..400u32).map(|i| (i * 7919 + w * 104729) % 512).collect()).collect();
+    let data = dir.path().join("calib.json");
+    std::fs::write(&data, serde_json::to_string(&ids).unwrap()).unwrap();
+    let data = data.to_str().unwrap().to_string();
+    let args = |out: &str| -> Vec<String> {
+        ["search", "-m", &model, "--data", &data, "--ctx", "400", "--keep", "1/4", "--out", out, "--json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let direct_out = dir.path().join("direct.json");
+    let direct: serde_json::Value =
+        serde_json::from_str(&ok(&args(direct_out.to_str().unwrap()).iter().map(String::as_str).collect::<Vec<_>>()))
+            .unwrap();
+
+    let out = dir.path().join("killed.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_indexcache"))
+        .args(args(out.to_str().unwrap()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the first committed flip, then kill.
+    let t0 = std::time::Instant::now();
+    loop {
+        let steps = std::fs::read_to_string(&out)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map_or(0, |v| v["steps"].as_array().map_or(0, Vec::len));
+        if steps >= 1 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no flip committed in time");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(
+        saved["steps"].as_array().unwrap().len() < direct["steps"].as_array().unwrap().len() || saved["done"] == true
+    );
+
+    let mut resume = args(out.to_str().unwrap());
+    resume.push("--resume".into());
+    let resumed: serde_json::Value =
+        serde_json::from_str(&ok(&resume.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
+    assert_eq!(resumed["pattern"], direct["pattern"]);
+    assert_eq!(resumed["steps"], direct["steps"]);
+}

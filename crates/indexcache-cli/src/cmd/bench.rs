@@ -2,12 +2,11 @@
 //! share of time spent in the lightning indexer. Works on a checkpoint or on seeded random
 //! weights at any config's real shapes.
 
-use crate::load::{Model, load_model};
+use crate::load::{Model, load_model, progress_bar};
 use anyhow::{Context, Result, bail};
 use indexcache_config::{IndexSchedule, ModelConfig, ScheduleOverride};
 use indexcache_model::{DsaModel, ForwardOptions, IndexerSelection, Logits, StageTimes, parameter_count};
 use indexcache_ops::cpu::CpuBackend;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -146,20 +145,13 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    let bar = ProgressBar::new((contexts.len() * patterns.len()) as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "));
+    let bar = progress_bar("bench", "{msg}", (contexts.len() * patterns.len()) as u64);
     // Warm-up: first-touch page faults and thread-pool start-up stay out of the numbers.
     let warm: Vec<u32> = (0..contexts[0].min(256) as u32).map(|i| i % cfg.vocab_size as u32).collect();
     measure(&model, &patterns[0].1, &warm, a.decode.min(2))?;
     let mut rows: Vec<Row> = Vec::new();
-    let mut state = a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for &ctx in &contexts {
-        let prompt: Vec<u32> = (0..ctx)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 33) % cfg.vocab_size as u64) as u32
-            })
-            .collect();
+        let prompt = synthetic_prompt(ctx, cfg.vocab_size, a.seed);
         let mut baseline: Option<(f64, f64)> = None;
         for (spec, schedule) in &patterns {
             bar.set_message(format!("{ctx} tokens, {spec}"));
@@ -229,16 +221,27 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// One prefill of `prompt` and `decode` greedy steps on a fresh cache.
-struct Measurement {
-    prefill: f64,
-    ttft: f64,
-    decode: f64,
-    prefill_times: StageTimes,
-    decode_times: StageTimes,
+/// A fixed pseudo-random prompt (an LCG over the vocabulary): the same for every schedule.
+pub fn synthetic_prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as u32
+        })
+        .collect()
 }
 
-fn measure(model: &Model, schedule: &IndexSchedule, prompt: &[u32], decode: usize) -> Result<Measurement> {
+/// One prefill of `prompt` and `decode` greedy steps on a fresh cache.
+pub struct Measurement {
+    pub prefill: f64,
+    pub ttft: f64,
+    pub decode: f64,
+    pub prefill_times: StageTimes,
+    pub decode_times: StageTimes,
+}
+
+pub fn measure(model: &Model, schedule: &IndexSchedule, prompt: &[u32], decode: usize) -> Result<Measurement> {
     let mut cache = model.new_cache_with(schedule.clone(), prompt.len() + decode)?;
     let t0 = Instant::now();
     let out = model.forward(prompt, &mut cache, &ForwardOptions { logits: Logits::Last, capture_topk: false })?;

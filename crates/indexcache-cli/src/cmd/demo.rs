@@ -2,13 +2,13 @@
 //! Shows the schedule, generates a little text, then times plain DSA against IndexCache 1/4
 //! on a long synthetic prompt.
 
+use crate::cmd::bench::{measure, synthetic_prompt};
 use crate::cmd::generate::{SamplingArgs, generate, load_tokenizer};
 use crate::load::load_model;
 use anyhow::{Result, anyhow};
 use indexcache_config::ScheduleOverride;
-use indexcache_model::{ForwardOptions, IndexerSelection, Logits};
+use indexcache_model::IndexerSelection;
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -56,30 +56,16 @@ pub fn run(a: Args) -> Result<()> {
 
     let context = a.context.min(cfg.max_position_embeddings - a.decode);
     println!("\n== timing: prefill {context} tokens, then decode {} tokens", a.decode);
-    // A fixed pseudo-random prompt (same for both schedules).
-    let mut state = 0x2545_F491u64;
-    let long: Vec<u32> = (0..context)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 33) % cfg.vocab_size as u64) as u32
-        })
-        .collect();
+    let long = synthetic_prompt(context, cfg.vocab_size, 0);
+    // Warm-up, so first-touch page faults are not billed to the first schedule.
+    measure(&base, base.schedule(), &long[..context.min(256)], 2)?;
     let mut rows = Vec::new();
     for (label, o) in
         [("DSA (all Full)", ScheduleOverride::Off), ("IndexCache 1/4", ScheduleOverride::Keep { num: 1, den: 4 })]
     {
         let schedule = o.apply(cfg.num_hidden_layers)?;
-        let mut cache = base.new_cache_with(schedule.clone(), context + a.decode)?;
-        let t0 = Instant::now();
-        let mut out = base.forward(&long, &mut cache, &ForwardOptions { logits: Logits::Last, capture_topk: false })?;
-        let prefill = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for _ in 0..a.decode {
-            let next = indexcache_model::sampler::argmax(&out.logits);
-            out = base.forward(&[next], &mut cache, &ForwardOptions::default())?;
-        }
-        let decode = t1.elapsed().as_secs_f64();
-        rows.push((label, schedule.to_pattern(), prefill, a.decode as f64 / decode));
+        let m = measure(&base, &schedule, &long, a.decode)?;
+        rows.push((label, schedule.to_pattern(), m.prefill, a.decode as f64 / m.decode));
     }
     println!("{:<16} {:<10} {:>12} {:>14}", "schedule", "pattern", "prefill s", "decode tok/s");
     for (label, pattern, prefill, dec) in &rows {

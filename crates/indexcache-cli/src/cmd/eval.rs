@@ -3,11 +3,10 @@
 use crate::args::{ModelArgs, ScheduleArgs};
 use crate::cmd::bench::parse_len;
 use crate::cmd::generate::load_tokenizer;
-use crate::load::load_model;
+use crate::load::{load_model, progress_bar};
 use anyhow::{Context, Result};
 use indexcache_model::IndexerSelection;
 use indexcache_tools::eval::{EvalConfig, Task, run_eval};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -57,10 +56,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let tok = load_tokenizer(&a.tokenizer.clone().unwrap_or_else(|| a.model.model.join("tokenizer.json")))?;
     let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} eval [{bar:30}] {pos}/{len} prompts {eta}")?.progress_chars("=> "),
-    );
+    let bar = progress_bar("eval", "prompts {eta}", 0);
     let report = run_eval(&model, model.schedule(), &tok, &cfg, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

@@ -1,12 +1,11 @@
 //! `indexcache overlap`: how much the layers' top-k selections agree, |T_i ∩ T_j| / k.
 
 use crate::args::{DataArgs, ModelArgs};
-use crate::load::load_model;
+use crate::load::{load_model, progress_bar};
 use anyhow::{Context, Result};
 use indexcache_config::ScheduleOverride;
 use indexcache_model::IndexerSelection;
 use indexcache_tools::{overlap::overlap_matrix, plot};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -27,10 +26,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = load_model(&a.model.model, Some(ScheduleOverride::Off), IndexerSelection::All)?;
     let windows = a.data.windows(&a.model.model)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let bar = ProgressBar::new(windows.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} overlap [{bar:30}] {pos}/{len} windows {eta}")?.progress_chars("=> "),
-    );
+    let bar = progress_bar("overlap", "windows {eta}", windows.len() as u64);
     let report = overlap_matrix(&model, &windows, &mut |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     let json = serde_json::to_string_pretty(&report)?;

@@ -1,11 +1,10 @@
 //! `indexcache ppl`: mean next-token NLL and perplexity of text under a schedule.
 
 use crate::args::{DataArgs, ModelArgs, ScheduleArgs};
-use crate::load::load_model;
+use crate::load::{load_model, progress_bar};
 use anyhow::Result;
 use indexcache_model::IndexerSelection;
 use indexcache_tools::loss::dataset_nll;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -36,10 +35,7 @@ struct Report {
 pub fn run(a: Args) -> Result<()> {
     let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
     let windows = a.data.windows(&a.model.model)?;
-    let bar = ProgressBar::new(windows.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} ppl [{bar:30}] {pos}/{len} windows {eta}")?.progress_chars("=> "),
-    );
+    let bar = progress_bar("ppl", "windows {eta}", windows.len() as u64);
     let t0 = Instant::now();
     let nll = dataset_nll(&model, model.schedule(), &windows, &mut |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();

@@ -2,14 +2,13 @@
 //! with exact prefix reuse), resumable, with a loss curve.
 
 use crate::args::{DataArgs, ModelArgs};
-use crate::load::load_model;
+use crate::load::{load_model, progress_bar};
 use anyhow::{Context, Result, bail};
 use indexcache_config::{IndexSchedule, ScheduleOverride};
 use indexcache_model::IndexerSelection;
 use indexcache_tools::search::{
     SearchEvent, SearchOptions, SearchState, Target, fingerprint, greedy_search, schedule_loss,
 };
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -93,10 +92,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let n = model.config().num_hidden_layers;
     let flips = target.flips(n);
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} search step {msg} [{bar:30}] {pos}/{len}")?.progress_chars("=> "),
-    );
+    let bar = progress_bar("search step {msg}", "", 0);
     let out = a.out.clone();
     let mut saver = |s: &SearchState| {
         save(&out, &SearchFile { state: s.clone(), comparison: None })
