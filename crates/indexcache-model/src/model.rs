@@ -145,7 +145,8 @@ impl<B: Backend> DsaModel<B> {
 
         let n_layers = cfg.num_hidden_layers;
         let is_mtp = |name: &str| layer_of(name).is_some_and(|l| l >= n_layers);
-        let total = store.names().into_iter().filter(|n| !is_mtp(n)).count();
+        // One progress tick per weight read (an fp8 weight's `_scale_inv` is read with it).
+        let total = store.names().into_iter().filter(|n| !is_mtp(n) && !n.ends_with("_scale_inv")).count();
         let mut done = 0usize;
         let mut progress = |name: &str| {
             done += 1;

@@ -1,7 +1,7 @@
 //! Plain, obviously-correct versions of the CPU kernels. The fast kernels in this module's
 //! siblings are tested against these; nothing in the engine's hot path calls them.
 
-use crate::{RopeLayout, RopeTable, TopK, topk::select_topk};
+use crate::{TopK, topk::select_topk};
 
 /// `x [t, n_in] · wᵀ` with `w [n_out, n_in]` → `[t, n_out]`, f64 accumulation.
 pub fn matmul_t(x: &[f32], t: usize, n_in: usize, w: &[f32], n_out: usize) -> Vec<f32> {
@@ -105,9 +105,4 @@ pub fn sparse_mla_masked(
         }
     }
     out
-}
-
-/// RoPE on one vector, straight from the formula (no table reuse tricks).
-pub fn rope(x: &mut [f32], pos: usize, layout: RopeLayout, table: &RopeTable) {
-    table.rotate(x, pos, layout)
 }
