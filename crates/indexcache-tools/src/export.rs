@@ -31,9 +31,8 @@
 use crate::error::ToolError;
 use indexcache_config::{Arch, IndexSchedule, ModelConfig};
 use indexcache_weights::WeightStore;
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -239,11 +238,11 @@ pub fn export(opts: &ExportOptions) -> Result<ExportResult, ToolError> {
             if opts.out.is_some() {
                 return Err(ToolError::Invalid(format!("--out is only used by the hf format, not {}", opts.format)));
             }
-            let mut entries: Vec<(&str, Json)> = Vec::new();
+            let mut entries: Vec<(&str, Value)> = Vec::new();
             if opts.format == ExportFormat::Vllm {
-                entries.push(("use_index_cache", Json::Bool(true)));
+                entries.push(("use_index_cache", Value::Bool(true)));
             }
-            entries.push(("index_topk_pattern", Json::String(pattern.clone())));
+            entries.push(("index_topk_pattern", Value::String(pattern.clone())));
             match &model {
                 Some(m) if m.has_indexer_types => {
                     entries.push(("indexer_types", indexer_types(&schedule)));
@@ -275,7 +274,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportResult, ToolError> {
 struct ModelInfo {
     dir: PathBuf,
     cfg: ModelConfig,
-    raw: Json,
+    raw: Value,
     has_indexer_types: bool,
     /// `None` when the weights could not be opened (a warning was recorded).
     indexer_layers: Option<Vec<bool>>,
@@ -293,8 +292,8 @@ impl ModelInfo {
         let config_path = dir.join("config.json");
         let cfg = ModelConfig::from_file(&config_path)?;
         let text = std::fs::read_to_string(&config_path).map_err(|e| ToolError::file(&config_path, e))?;
-        let raw: Json = serde_json::from_str(&text).map_err(|e| ToolError::file(&config_path, e))?;
-        let has_indexer_types = raw.get("indexer_types").is_some_and(|v| !matches!(v, Json::Null));
+        let raw: Value = serde_json::from_str(&text).map_err(|e| ToolError::file(&config_path, e))?;
+        let has_indexer_types = raw.get("indexer_types").is_some_and(|v| !matches!(v, Value::Null));
         let indexer_layers = match WeightStore::open(dir) {
             Ok(store) => Some((0..cfg.num_hidden_layers).map(|l| store.contains(&indexer_tensor(l))).collect()),
             Err(e) => {
@@ -327,9 +326,11 @@ impl ModelInfo {
     }
 }
 
-fn indexer_types(schedule: &IndexSchedule) -> Json {
-    Json::Array(
-        (0..schedule.len()).map(|l| Json::String(if schedule.is_full(l) { "full" } else { "shared" }.into())).collect(),
+fn indexer_types(schedule: &IndexSchedule) -> Value {
+    Value::Array(
+        (0..schedule.len())
+            .map(|l| Value::String(if schedule.is_full(l) { "full" } else { "shared" }.into()))
+            .collect(),
     )
 }
 
@@ -362,13 +363,13 @@ fn write_hf(
 
     // config.json
     let mut cfg = model.raw.clone();
-    let Json::Object(entries) = &mut cfg else {
+    let Value::Object(entries) = &mut cfg else {
         return Err(ToolError::file(&model.dir.join("config.json"), "config.json is not a JSON object"));
     };
     set_key(entries, "indexer_types", indexer_types(schedule));
-    set_key(entries, "index_topk_pattern", Json::String(schedule.to_pattern()));
-    set_key(entries, "use_index_cache", Json::Bool(true));
-    entries.retain(|(k, _)| k != "index_topk_freq" && k != "index_skip_topk_offset");
+    set_key(entries, "index_topk_pattern", Value::String(schedule.to_pattern()));
+    set_key(entries, "use_index_cache", Value::Bool(true));
+    entries.retain(|k, _| k != "index_topk_freq" && k != "index_skip_topk_offset");
     let text =
         serde_json::to_string_pretty(&cfg).map_err(|e| ToolError::Invalid(format!("writing config.json: {e}")))?;
     let config_out = out.join("config.json");
@@ -429,22 +430,23 @@ fn remove_existing(p: &Path) -> Result<(), ToolError> {
 }
 
 /// Replaces `key` in place, or inserts it: in sorted position when the keys are sorted (as
-/// transformers writes them), else at the end.
-fn set_key(entries: &mut Vec<(String, Json)>, key: &str, value: Json) {
-    if let Some(e) = entries.iter_mut().find(|(k, _)| k == key) {
-        e.1 = value;
+/// transformers writes them), else at the end. (serde_json's `preserve_order` keeps file order.)
+fn set_key(entries: &mut Map<String, Value>, key: &str, value: Value) {
+    if let Some(v) = entries.get_mut(key) {
+        *v = value;
         return;
     }
-    let sorted = entries.windows(2).all(|w| w[0].0 <= w[1].0);
-    let at = if sorted { entries.partition_point(|(k, _)| k.as_str() < key) } else { entries.len() };
-    entries.insert(at, (key.to_string(), value));
+    let keys: Vec<&String> = entries.keys().collect();
+    let sorted = keys.windows(2).all(|w| w[0] <= w[1]);
+    let at = if sorted { keys.partition_point(|k| k.as_str() < key) } else { keys.len() };
+    entries.shift_insert(at, key.to_string(), value);
 }
 
 /// `{"a": true, "b": "x", "c": ["p", "q"]}` — one line, Python `json.dumps` spacing.
-fn inline_json(entries: &[(&str, Json)]) -> String {
-    fn value(v: &Json) -> String {
+fn inline_json(entries: &[(&str, Value)]) -> String {
+    fn value(v: &Value) -> String {
         match v {
-            Json::Array(items) => format!("[{}]", items.iter().map(value).collect::<Vec<_>>().join(", ")),
+            Value::Array(items) => format!("[{}]", items.iter().map(value).collect::<Vec<_>>().join(", ")),
             other => serde_json::to_string(other).unwrap_or_default(),
         }
     }
@@ -455,110 +457,6 @@ fn inline_json(entries: &[(&str, Json)]) -> String {
     format!("{{{}}}", body.join(", "))
 }
 
-/// A JSON value that keeps the order of object keys (serde_json's `Value` sorts them unless the
-/// workspace-wide `preserve_order` feature is on).
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Number(serde_json::Number),
-    String(String),
-    Array(Vec<Json>),
-    Object(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Object(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-}
-
-impl Serialize for Json {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Json::Null => s.serialize_unit(),
-            Json::Bool(b) => s.serialize_bool(*b),
-            Json::Number(n) => n.serialize(s),
-            Json::String(v) => s.serialize_str(v),
-            Json::Array(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for it in items {
-                    seq.serialize_element(it)?;
-                }
-                seq.end()
-            }
-            Json::Object(entries) => {
-                let mut map = s.serialize_map(Some(entries.len()))?;
-                for (k, v) in entries {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Json {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Json;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Json, E> {
-                Ok(Json::Null)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Json, E> {
-                Ok(Json::Null)
-            }
-            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Json, D2::Error> {
-                Json::deserialize(d)
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Json, E> {
-                Ok(Json::Bool(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Json, E> {
-                Ok(Json::Number(v.into()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Json, E> {
-                Ok(Json::Number(v.into()))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Json, E> {
-                serde_json::Number::from_f64(v).map(Json::Number).ok_or_else(|| E::custom("non-finite number"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Json, E> {
-                Ok(Json::String(v.to_string()))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Json, E> {
-                Ok(Json::String(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
-                let mut items = Vec::new();
-                while let Some(it) = seq.next_element()? {
-                    items.push(it);
-                }
-                Ok(Json::Array(items))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
-                let mut entries: Vec<(String, Json)> = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, Json>()? {
-                    // A repeated key keeps its first position and its last value, like Python.
-                    match entries.iter_mut().find(|(ek, _)| *ek == k) {
-                        Some(e) => e.1 = v,
-                        None => entries.push((k, v)),
-                    }
-                }
-                Ok(Json::Object(entries))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,7 +465,7 @@ mod tests {
     fn json_keeps_key_order_and_values() {
         let text =
             r#"{"z": 1, "a": {"y": [1, 2.5, null], "b": "s"}, "m": true, "f": 1e-05, "big": 18446744073709551615}"#;
-        let v: Json = serde_json::from_str(text).unwrap();
+        let v: Value = serde_json::from_str(text).unwrap();
         let out = serde_json::to_string(&v).unwrap();
         assert!(out.starts_with(r#"{"z":1,"a":{"y":[1,2.5,null],"b":"s"},"m":true,"f":"#), "{out}");
         assert!(out.ends_with(r#","big":18446744073709551615}"#), "{out}");
@@ -578,21 +476,23 @@ mod tests {
 
     #[test]
     fn set_key_sorted_and_unsorted() {
-        let mut e = vec![("a".to_string(), Json::Null), ("c".to_string(), Json::Null)];
-        set_key(&mut e, "b", Json::Bool(true));
-        assert_eq!(e.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
-        set_key(&mut e, "a", Json::Bool(false));
-        assert_eq!(e[0].1, Json::Bool(false));
-        let mut u = vec![("c".to_string(), Json::Null), ("a".to_string(), Json::Null)];
-        set_key(&mut u, "b", Json::Null);
-        assert_eq!(u.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["c", "a", "b"]);
+        let map = |keys: &[&str]| -> Map<String, Value> { keys.iter().map(|k| (k.to_string(), Value::Null)).collect() };
+        let mut e = map(&["a", "c"]);
+        set_key(&mut e, "b", Value::Bool(true));
+        assert_eq!(e.keys().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
+        set_key(&mut e, "a", Value::Bool(false));
+        assert_eq!(e["a"], Value::Bool(false));
+        assert_eq!(e.keys().next().map(String::as_str), Some("a"));
+        let mut u = map(&["c", "a"]);
+        set_key(&mut u, "b", Value::Null);
+        assert_eq!(u.keys().map(String::as_str).collect::<Vec<_>>(), ["c", "a", "b"]);
     }
 
     #[test]
     fn inline_json_spacing() {
         let s = inline_json(&[
-            ("use_index_cache", Json::Bool(true)),
-            ("indexer_types", Json::Array(vec![Json::String("full".into()), Json::String("shared".into())])),
+            ("use_index_cache", Value::Bool(true)),
+            ("indexer_types", Value::Array(vec![Value::String("full".into()), Value::String("shared".into())])),
         ]);
         assert_eq!(s, r#"{"use_index_cache": true, "indexer_types": ["full", "shared"]}"#);
     }
