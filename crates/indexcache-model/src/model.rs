@@ -215,20 +215,24 @@ impl<B: Backend> DsaModel<B> {
 
     /// A cache with another schedule (every Full layer needs its indexer loaded).
     pub fn new_cache_with(&self, schedule: IndexSchedule, capacity: usize) -> Result<Cache<B>, ModelError> {
+        self.check_schedule(&schedule)?;
+        Cache::new(&self.backend, &self.cfg, schedule, capacity)
+    }
+
+    /// Can this model run `schedule`? Right length, and every Full layer's indexer loaded.
+    pub fn check_schedule(&self, schedule: &IndexSchedule) -> Result<(), ModelError> {
         if schedule.len() != self.cfg.num_hidden_layers {
             return Err(ModelError::ScheduleLength { expected: self.cfg.num_hidden_layers, got: schedule.len() });
         }
         let loaded = self.layers_with_indexer();
-        for l in schedule.full_layers() {
-            if !loaded.contains(&l) {
-                return Err(ModelError::MissingIndexer {
-                    layer: l,
-                    tensor: format!("model.layers.{l}.self_attn.indexer.*"),
-                    available: format_layers(&loaded),
-                });
-            }
+        match schedule.full_layers().into_iter().find(|l| !loaded.contains(l)) {
+            Some(l) => Err(ModelError::MissingIndexer {
+                layer: l,
+                tensor: format!("model.layers.{l}.self_attn.indexer.*"),
+                available: format_layers(&loaded),
+            }),
+            None => Ok(()),
         }
-        Cache::new(&self.backend, &self.cfg, schedule, capacity)
     }
 
     /// Run `ids` (the next tokens of the sequence in `cache`) through the model.

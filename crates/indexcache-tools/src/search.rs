@@ -215,12 +215,8 @@ pub fn greedy_search<B: Backend>(
     if windows.is_empty() {
         return Err(ToolError::Invalid("no calibration windows".into()));
     }
-    let missing: Vec<usize> = (0..n).filter(|l| !model.layers_with_indexer().contains(l)).collect();
-    if !missing.is_empty() {
-        return Err(ToolError::Invalid(format!(
-            "the search starts all-Full, but the checkpoint has no indexer weights on layers {missing:?}"
-        )));
-    }
+    // The search starts all-Full: every layer's indexer must be loaded.
+    model.check_schedule(&IndexSchedule::all_full(n))?;
     let k_total = opts.target.flips(n);
     if k_total > n - 1 || (opts.blocks > 1 && k_total > n - blocks(n, opts.blocks).len()) {
         return Err(ToolError::Invalid(format!(
