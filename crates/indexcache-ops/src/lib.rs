@@ -1,7 +1,7 @@
 //! The op interface of the engine, and its CPU implementation.
 //!
 //! Model code is written once against [`Backend`]; the backend is chosen once at load time and
-//! the model never branches on the device. Ops are "mid-level": the ones a GPU backend would fuse
+//! the model never branches on the device. Ops are "mid-level": the ones a GPU backend fuses
 //! (lightning-indexer scoring + top-k, sparse MLA attention, a whole MoE block) are single ops, so
 //! each backend is free to implement them its own way.
 //!
@@ -10,18 +10,106 @@
 //! `R` = `kv_lora_rank` (the MLA latent), `P` = `qk_rope_head_dim`, `HI`/`D` indexer heads / head
 //! dim, `K` = top-k row length.
 //!
-//! Every tensor is a row-major 2-D matrix `[rows, cols]`; multi-head data is packed head after
-//! head inside a row (`[T, H*d]`).
+//! Every activation is a row-major 2-D matrix `[rows, cols]` in the backend's activation dtype;
+//! multi-head data is packed head after head inside a row (`[T, H*d]`). Weights are
+//! `[groups, out, in]` (groups = 1 for a plain matrix; per-head `W_UK`/`W_UV` and stacked MoE
+//! experts use more) and stay in the dtype the backend chose at load.
+//!
+//! Nothing that lives on the device round-trips through the host inside a forward pass: the
+//! top-k selection ([`Backend::Selection`]), norm weights ([`Backend::Vector`]), per-row positions
+//! ([`Positions`]) and the RoPE table ([`Backend::Rope`]) are device objects, copied to the host
+//! only when a tool asks for them.
+//!
+//! Every op is fallible: a device backend can run out of memory or fail a launch, and the error
+//! names the op and its shapes ([`OpError`]).
 //!
 //! * [`cpu::CpuBackend`] — f32 compute, `gemm` + `rayon`; every fast kernel has a plain
 //!   reference next to it in [`cpu::reference`] and is tested against it.
 
 pub mod cpu;
+pub mod random;
 mod rope;
 mod topk;
 
 pub use rope::{RopeLayout, RopeTable};
-pub use topk::TopK;
+pub use topk::{TopK, select_topk};
+
+use std::time::Duration;
+
+/// An op failed on the device: out of memory, a failed launch or copy, a kernel that did not
+/// compile. Names the op and the shapes it was called with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{op} ({shapes}): {detail}")]
+pub struct OpError {
+    pub op: &'static str,
+    pub shapes: String,
+    pub detail: String,
+}
+
+impl OpError {
+    pub fn new(op: &'static str, shapes: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Self { op, shapes: shapes.into(), detail: detail.to_string() }
+    }
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+/// Element type of activations and caches (weights follow it on devices that store bf16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+/// Where a weight's values come from.
+#[derive(Debug, Clone)]
+pub enum WeightInit {
+    /// Host f32 values, `groups * rows * cols` of them.
+    Host(Vec<f32>),
+    /// Seeded uniform values in `[-bound, bound)`, generated where the weight lives (a 30B model's
+    /// random weights never exist on the host). Element `i` is [`random::uniform`]`(seed, i)`
+    /// × bound on every backend.
+    Random { seed: u64, bound: f32 },
+}
+
+/// Absolute positions of the rows of one step, on the host (sizes, loop bounds) and on the device
+/// (kernels read them). Built once per forward pass by [`Backend::positions`].
+///
+/// Rows are independent: a batch of sequences would add a per-row sequence id and a block table
+/// here without changing the op signatures.
+#[derive(Debug, Clone)]
+pub struct Positions<D> {
+    pub host: Vec<usize>,
+    pub device: D,
+}
+
+impl<D> Positions<D> {
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    /// Keys visible to the last-seeing row (`max(position) + 1`).
+    pub fn max_visible(&self) -> usize {
+        self.host.iter().max().map_or(0, |&p| p + 1)
+    }
+}
 
 /// Dense SwiGLU MLP weights: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
@@ -34,15 +122,26 @@ pub struct Mlp<W> {
     pub down: W,
 }
 
+/// Routed experts, stacked for grouped GEMMs.
+#[derive(Debug)]
+pub struct Experts<W> {
+    /// `[E, 2I, hidden]`: rows `0..I` of group `e` are expert `e`'s gate, rows `I..2I` its up.
+    pub gate_up: W,
+    /// `[E, hidden, I]`
+    pub down: W,
+    pub n: usize,
+    pub inter: usize,
+}
+
 /// A DeepSeek-V3 style MoE block: sigmoid router with `e_score_correction_bias`,
 /// group-limited expert choice, normalised weights × `routed_scaling_factor`, shared experts.
 #[derive(Debug)]
-pub struct Moe<W> {
+pub struct Moe<W, V> {
     /// Router weight `[E, hidden]` (kept f32, as transformers does).
     pub router: W,
     /// `e_score_correction_bias` `[E]`; biases the *choice* only, not the weights.
-    pub score_bias: Vec<f32>,
-    pub experts: Vec<Mlp<W>>,
+    pub score_bias: V,
+    pub experts: Experts<W>,
     /// `n_shared_experts` fused into one MLP of width `moe_intermediate_size * n_shared`.
     pub shared: Option<Mlp<W>>,
     pub routing: MoeRouting,
@@ -58,66 +157,104 @@ pub struct MoeRouting {
     pub routed_scaling_factor: f32,
 }
 
-/// The op interface. One implementation per device; all shapes are `[rows, cols]`.
+/// Memory the backend holds on its device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes allocated by this backend now.
+    pub current: u64,
+    /// Most bytes allocated at once since the last [`Backend::reset_peak_memory`].
+    pub peak: u64,
+    /// Device capacity, where known.
+    pub total: Option<u64>,
+}
+
+/// The op interface. One implementation per device; activations are `[rows, cols]`.
 ///
-/// Errors are not part of the signatures: shapes are validated when the model is loaded and
-/// the cache is sized, so a shape mismatch inside an op is a bug (ops `debug_assert!` them).
+/// Shapes are validated when the model is loaded and the cache is sized, so a shape mismatch
+/// inside an op is a bug (ops `debug_assert!` them); what can fail at run time on a device
+/// (allocation, launch, copy) is an [`OpError`].
 pub trait Backend: Send + Sync {
     /// An activation matrix on the device.
     type Tensor: Send + Sync;
-    /// A weight matrix `[out, in]` in the device's preferred format.
+    /// A weight `[groups, out, in]` in the device's storage format.
     type Weight: Send + Sync;
+    /// A 1-D f32 parameter on the device (norm weights, biases).
+    type Vector: Send + Sync;
+    /// Top-k selection `[T, K]` (i32 positions, -1 padded) on the device.
+    type Selection: Send + Sync;
+    /// The device half of [`Positions`].
+    type PosData: Send + Sync;
+    /// A RoPE cos/sin table on the device.
+    type Rope: Send + Sync;
+    /// A point in the device's timeline (an event on a GPU, an instant on the CPU).
+    type Mark;
 
     fn name(&self) -> String;
+    /// Activation and cache dtype.
+    fn dtype(&self) -> DType;
+    /// Default prefill chunk (tokens per forward) for long prompts on this device.
+    fn default_chunk(&self) -> usize;
 
     // ---- data movement -------------------------------------------------------------------
-    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
-    fn download(&self, t: &Self::Tensor) -> Vec<f32>;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> OpResult<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> OpResult<Vec<f32>>;
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
-    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;
-    /// Convert a host f32 matrix `[rows, cols]` into a weight.
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Weight;
-    fn weight_dims(&self, w: &Self::Weight) -> (usize, usize);
+    fn zeros(&self, rows: usize, cols: usize) -> OpResult<Self::Tensor>;
+    fn copy(&self, t: &Self::Tensor) -> OpResult<Self::Tensor>;
+    /// A weight `[groups, rows, cols]`.
+    fn weight(&self, init: WeightInit, groups: usize, rows: usize, cols: usize) -> OpResult<Self::Weight>;
+    fn vector(&self, data: &[f32]) -> OpResult<Self::Vector>;
+    fn positions(&self, pos: &[usize]) -> OpResult<Positions<Self::PosData>>;
+    fn rope_table(&self, table: &RopeTable) -> OpResult<Self::Rope>;
+    fn selection_to_host(&self, sel: &Self::Selection) -> OpResult<TopK>;
+    fn selection_from_host(&self, sel: &TopK) -> OpResult<Self::Selection>;
     /// Copy of columns `start..start+len` of every row.
-    fn columns(&self, x: &Self::Tensor, start: usize, len: usize) -> Self::Tensor;
+    fn columns(&self, x: &Self::Tensor, start: usize, len: usize) -> OpResult<Self::Tensor>;
     /// Copy of rows `start..start+len`.
-    fn rows(&self, x: &Self::Tensor, start: usize, len: usize) -> Self::Tensor;
+    fn rows(&self, x: &Self::Tensor, start: usize, len: usize) -> OpResult<Self::Tensor>;
     /// Per-head column slice: from `[T, heads*stride]` take `offset..offset+len` of each head,
     /// packed into `[T, heads*len]`.
-    fn head_columns(&self, x: &Self::Tensor, heads: usize, stride: usize, offset: usize, len: usize) -> Self::Tensor;
+    fn head_columns(
+        &self,
+        x: &Self::Tensor,
+        heads: usize,
+        stride: usize,
+        offset: usize,
+        len: usize,
+    ) -> OpResult<Self::Tensor>;
     /// `dst[row0 + i, col0 + j] = src[i, j]`.
-    fn write_block(&self, dst: &mut Self::Tensor, row0: usize, col0: usize, src: &Self::Tensor);
+    fn write_block(&self, dst: &mut Self::Tensor, row0: usize, col0: usize, src: &Self::Tensor) -> OpResult<()>;
 
     // ---- elementwise / norms -------------------------------------------------------------
-    /// Gather rows of an embedding table.
-    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Self::Tensor;
-    fn add_inplace(&self, x: &mut Self::Tensor, y: &Self::Tensor);
-    fn scale_inplace(&self, x: &mut Self::Tensor, s: f32);
-    /// `x * rsqrt(mean(x²) + eps) * w` per row.
-    fn rms_norm(&self, x: &Self::Tensor, w: &[f32], eps: f32) -> Self::Tensor;
-    /// `(x - mean) * rsqrt(var + eps) * w + b` per row (biased variance).
-    fn layer_norm(&self, x: &Self::Tensor, w: &[f32], b: &[f32], eps: f32) -> Self::Tensor;
+    /// Gather rows of an embedding table (a `[1, vocab, hidden]` weight).
+    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> OpResult<Self::Tensor>;
+    fn add_inplace(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> OpResult<()>;
+    fn scale_inplace(&self, x: &mut Self::Tensor, s: f32) -> OpResult<()>;
+    /// `x * rsqrt(mean(x²) + eps) * w` per row (f32 arithmetic).
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32) -> OpResult<Self::Tensor>;
+    /// `(x - mean) * rsqrt(var + eps) * w + b` per row (biased variance, f32 arithmetic).
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Vector, b: &Self::Vector, eps: f32) -> OpResult<Self::Tensor>;
     /// Rotate the first `rot_dims` of each `head_dim`-wide head of every row in place; row `t`
-    /// is at absolute position `positions[t]`.
+    /// is at absolute position `pos.host[t]`.
     fn rope_inplace(
         &self,
         x: &mut Self::Tensor,
         head_dim: usize,
         rot_dims: usize,
         layout: RopeLayout,
-        positions: &[usize],
-        table: &RopeTable,
-    );
+        pos: &Positions<Self::PosData>,
+        table: &Self::Rope,
+    ) -> OpResult<()>;
 
     // ---- matmuls ------------------------------------------------------------------------
-    /// `x [T, in] · wᵀ` → `[T, out]`.
-    fn matmul_t(&self, x: &Self::Tensor, w: &Self::Weight) -> Self::Tensor;
-    /// Per-head matmul: `x [T, H*in]`, `ws[h]: [out, in]` → `[T, H*out]`.
-    fn matmul_heads(&self, x: &Self::Tensor, ws: &[Self::Weight]) -> Self::Tensor;
+    /// `x [T, in] · wᵀ` → `[T, out]` for a `[1, out, in]` weight.
+    fn matmul_t(&self, x: &Self::Tensor, w: &Self::Weight) -> OpResult<Self::Tensor>;
+    /// Per-head matmul: `x [T, H*in]`, `w [H, out, in]` → `[T, H*out]` (one strided-batched GEMM).
+    fn matmul_heads(&self, x: &Self::Tensor, w: &Self::Weight) -> OpResult<Self::Tensor>;
 
     // ---- DSA ----------------------------------------------------------------------------
     /// Lightning indexer + exact top-k. `q: [T, HI*D]` (RoPE applied), `head_w: [T, HI]`
-    /// (already × HI^-½), `keys: [≥S, D]` (rows `0..=positions[t]` visible to row `t`).
+    /// (already × HI^-½), `keys: [≥S, D]` (rows `0..=pos[t]` visible to row `t`).
     /// Score `I[t,s] = Σ_h head_w[t,h] · ReLU(scale · q[t,h]·k[s])`; keeps
     /// `min(topk, visible)` positions per row (ties → lower position), row length
     /// `K = min(topk, max visible)`, padded with -1.
@@ -126,10 +263,10 @@ pub trait Backend: Send + Sync {
         q: &Self::Tensor,
         head_w: &Self::Tensor,
         keys: &Self::Tensor,
-        positions: &[usize],
+        pos: &Positions<Self::PosData>,
         topk: usize,
         scale: f32,
-    ) -> TopK;
+    ) -> OpResult<Self::Selection>;
     /// Sparse MLA attention in the absorbed (MQA) form over the selected positions only.
     /// `q_lat: [T, H*R]` (q_nope·W_UK), `q_pe: [T, H*P]` (RoPE applied), `cache: [≥S, R+P]`
     /// rows `[c_kv | k_pe]`. Returns the latent output `[T, H*R]` = softmax(scale·(q_lat·c +
@@ -139,11 +276,25 @@ pub trait Backend: Send + Sync {
         q_lat: &Self::Tensor,
         q_pe: &Self::Tensor,
         cache: &Self::Tensor,
-        sel: &TopK,
+        sel: &Self::Selection,
         scale: f32,
-    ) -> Self::Tensor;
+    ) -> OpResult<Self::Tensor>;
 
     // ---- FFN ----------------------------------------------------------------------------
-    fn mlp(&self, x: &Self::Tensor, mlp: &Mlp<Self::Weight>) -> Self::Tensor;
-    fn moe(&self, x: &Self::Tensor, moe: &Moe<Self::Weight>) -> Self::Tensor;
+    fn mlp(&self, x: &Self::Tensor, mlp: &Mlp<Self::Weight>) -> OpResult<Self::Tensor>;
+    fn moe(&self, x: &Self::Tensor, moe: &Moe<Self::Weight, Self::Vector>) -> OpResult<Self::Tensor>;
+
+    // ---- loss ---------------------------------------------------------------------------
+    /// Per-row negative log-likelihood `-log softmax(logits[t])[targets[t]]` of `[T, vocab]`
+    /// logits, reduced on the device: only `T` numbers come back.
+    fn nll(&self, logits: &Self::Tensor, targets: &[u32]) -> OpResult<Vec<f64>>;
+
+    // ---- timing and memory --------------------------------------------------------------
+    fn mark(&self) -> OpResult<Self::Mark>;
+    /// Device time between two marks (waits for the later one).
+    fn elapsed(&self, from: &Self::Mark, to: &Self::Mark) -> OpResult<Duration>;
+    /// Wait for all queued work.
+    fn synchronize(&self) -> OpResult<()>;
+    fn memory(&self) -> MemoryStats;
+    fn reset_peak_memory(&self);
 }

@@ -6,8 +6,11 @@ mod indexer;
 mod linalg;
 pub mod reference;
 
-use crate::{Backend, Mlp, Moe, RopeLayout, RopeTable, TopK};
+use crate::{
+    Backend, DType, MemoryStats, Mlp, Moe, OpError, OpResult, Positions, RopeLayout, RopeTable, TopK, WeightInit,
+};
 use rayon::prelude::*;
+use std::time::{Duration, Instant};
 
 /// A row-major f32 matrix in host memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,53 +53,126 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// A weight `[groups, rows, cols]` in host f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuWeight {
+    pub data: Vec<f32>,
+    pub groups: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuWeight {
+    /// Group `g` as a `[rows, cols]` slice.
+    pub fn group(&self, g: usize) -> &[f32] {
+        let n = self.rows * self.cols;
+        &self.data[g * n..(g + 1) * n]
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
-    type Weight = CpuTensor;
+    type Weight = CpuWeight;
+    type Vector = Vec<f32>;
+    type Selection = TopK;
+    type PosData = ();
+    type Rope = RopeTable;
+    type Mark = Instant;
 
     fn name(&self) -> String {
         format!("cpu ({} threads, f32)", self.threads)
     }
 
-    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor::new(data.to_vec(), rows, cols)
+    fn dtype(&self) -> DType {
+        DType::F32
     }
 
-    fn download(&self, t: &CpuTensor) -> Vec<f32> {
-        t.data.clone()
+    fn default_chunk(&self) -> usize {
+        // The indexer's working set grows with chunk × context; 2K rows keeps it in the tens
+        // of MiB at 64K context while every GEMM stays large.
+        2048
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> OpResult<CpuTensor> {
+        Ok(CpuTensor::new(data.to_vec(), rows, cols))
+    }
+
+    fn download(&self, t: &CpuTensor) -> OpResult<Vec<f32>> {
+        Ok(t.data.clone())
     }
 
     fn dims(&self, t: &CpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
 
-    fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor::new(vec![0.0; rows * cols], rows, cols)
+    fn zeros(&self, rows: usize, cols: usize) -> OpResult<CpuTensor> {
+        Ok(CpuTensor::new(vec![0.0; rows * cols], rows, cols))
     }
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor::new(data, rows, cols)
+    fn copy(&self, t: &CpuTensor) -> OpResult<CpuTensor> {
+        Ok(t.clone())
     }
 
-    fn weight_dims(&self, w: &CpuTensor) -> (usize, usize) {
-        (w.rows, w.cols)
+    fn weight(&self, init: WeightInit, groups: usize, rows: usize, cols: usize) -> OpResult<CpuWeight> {
+        let n = groups * rows * cols;
+        let data = match init {
+            WeightInit::Host(v) => {
+                if v.len() != n {
+                    return Err(OpError::new(
+                        "weight",
+                        format!("[{groups}, {rows}, {cols}]"),
+                        format!("{} values given", v.len()),
+                    ));
+                }
+                v
+            }
+            WeightInit::Random { seed, bound } => crate::random::fill(seed, bound, n),
+        };
+        Ok(CpuWeight { data, groups, rows, cols })
     }
 
-    fn columns(&self, x: &CpuTensor, start: usize, len: usize) -> CpuTensor {
+    fn vector(&self, data: &[f32]) -> OpResult<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn positions(&self, pos: &[usize]) -> OpResult<Positions<()>> {
+        Ok(Positions { host: pos.to_vec(), device: () })
+    }
+
+    fn rope_table(&self, table: &RopeTable) -> OpResult<RopeTable> {
+        Ok(table.clone())
+    }
+
+    fn selection_to_host(&self, sel: &TopK) -> OpResult<TopK> {
+        Ok(sel.clone())
+    }
+
+    fn selection_from_host(&self, sel: &TopK) -> OpResult<TopK> {
+        Ok(sel.clone())
+    }
+
+    fn columns(&self, x: &CpuTensor, start: usize, len: usize) -> OpResult<CpuTensor> {
         debug_assert!(start + len <= x.cols);
         let mut data = Vec::with_capacity(x.rows * len);
         for r in 0..x.rows {
             data.extend_from_slice(&x.row(r)[start..start + len]);
         }
-        CpuTensor::new(data, x.rows, len)
+        Ok(CpuTensor::new(data, x.rows, len))
     }
 
-    fn rows(&self, x: &CpuTensor, start: usize, len: usize) -> CpuTensor {
+    fn rows(&self, x: &CpuTensor, start: usize, len: usize) -> OpResult<CpuTensor> {
         debug_assert!(start + len <= x.rows);
-        CpuTensor::new(x.data[start * x.cols..(start + len) * x.cols].to_vec(), len, x.cols)
+        Ok(CpuTensor::new(x.data[start * x.cols..(start + len) * x.cols].to_vec(), len, x.cols))
     }
 
-    fn head_columns(&self, x: &CpuTensor, heads: usize, stride: usize, offset: usize, len: usize) -> CpuTensor {
+    fn head_columns(
+        &self,
+        x: &CpuTensor,
+        heads: usize,
+        stride: usize,
+        offset: usize,
+        len: usize,
+    ) -> OpResult<CpuTensor> {
         debug_assert_eq!(x.cols, heads * stride);
         debug_assert!(offset + len <= stride);
         let mut data = Vec::with_capacity(x.rows * heads * len);
@@ -106,37 +182,46 @@ impl Backend for CpuBackend {
                 data.extend_from_slice(&row[h * stride + offset..h * stride + offset + len]);
             }
         }
-        CpuTensor::new(data, x.rows, heads * len)
+        Ok(CpuTensor::new(data, x.rows, heads * len))
     }
 
-    fn write_block(&self, dst: &mut CpuTensor, row0: usize, col0: usize, src: &CpuTensor) {
-        assert!(row0 + src.rows <= dst.rows, "write_block: rows {}+{} > {}", row0, src.rows, dst.rows);
-        assert!(col0 + src.cols <= dst.cols, "write_block: cols {}+{} > {}", col0, src.cols, dst.cols);
+    fn write_block(&self, dst: &mut CpuTensor, row0: usize, col0: usize, src: &CpuTensor) -> OpResult<()> {
+        if row0 + src.rows > dst.rows || col0 + src.cols > dst.cols {
+            return Err(OpError::new(
+                "write_block",
+                format!("dst [{}, {}] at ({row0}, {col0}), src [{}, {}]", dst.rows, dst.cols, src.rows, src.cols),
+                "block out of bounds",
+            ));
+        }
         let cols = dst.cols;
         for r in 0..src.rows {
             let d = (row0 + r) * cols + col0;
             dst.data[d..d + src.cols].copy_from_slice(src.row(r));
         }
+        Ok(())
     }
 
-    fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> CpuTensor {
+    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> OpResult<CpuTensor> {
         let mut data = Vec::with_capacity(ids.len() * table.cols);
         for &id in ids {
-            data.extend_from_slice(table.row(id as usize));
+            let r = id as usize;
+            data.extend_from_slice(&table.data[r * table.cols..(r + 1) * table.cols]);
         }
-        CpuTensor::new(data, ids.len(), table.cols)
+        Ok(CpuTensor::new(data, ids.len(), table.cols))
     }
 
-    fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) {
+    fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> OpResult<()> {
         debug_assert_eq!((x.rows, x.cols), (y.rows, y.cols));
         x.data.par_iter_mut().zip(y.data.par_iter()).for_each(|(a, b)| *a += *b);
+        Ok(())
     }
 
-    fn scale_inplace(&self, x: &mut CpuTensor, s: f32) {
+    fn scale_inplace(&self, x: &mut CpuTensor, s: f32) -> OpResult<()> {
         x.data.par_iter_mut().for_each(|a| *a *= s);
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &CpuTensor, w: &[f32], eps: f32) -> CpuTensor {
+    fn rms_norm(&self, x: &CpuTensor, w: &Vec<f32>, eps: f32) -> OpResult<CpuTensor> {
         debug_assert_eq!(w.len(), x.cols);
         let mut out = x.clone();
         out.data.par_chunks_mut(x.cols).for_each(|row| {
@@ -146,10 +231,10 @@ impl Backend for CpuBackend {
                 *v = g * (*v * inv);
             }
         });
-        out
+        Ok(out)
     }
 
-    fn layer_norm(&self, x: &CpuTensor, w: &[f32], b: &[f32], eps: f32) -> CpuTensor {
+    fn layer_norm(&self, x: &CpuTensor, w: &Vec<f32>, b: &Vec<f32>, eps: f32) -> OpResult<CpuTensor> {
         debug_assert_eq!(w.len(), x.cols);
         let mut out = x.clone();
         out.data.par_chunks_mut(x.cols).for_each(|row| {
@@ -161,7 +246,7 @@ impl Backend for CpuBackend {
                 *v = (*v - mean) * inv * g + bb;
             }
         });
-        out
+        Ok(out)
     }
 
     fn rope_inplace(
@@ -170,39 +255,45 @@ impl Backend for CpuBackend {
         head_dim: usize,
         rot_dims: usize,
         layout: RopeLayout,
-        positions: &[usize],
+        pos: &Positions<()>,
         table: &RopeTable,
-    ) {
-        debug_assert_eq!(x.rows, positions.len());
+    ) -> OpResult<()> {
+        debug_assert_eq!(x.rows, pos.len());
         debug_assert_eq!(x.cols % head_dim, 0);
         debug_assert_eq!(rot_dims, 2 * table.half());
-        x.data.par_chunks_mut(x.cols).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        if pos.max_visible() > table.max_positions() {
+            return Err(OpError::new(
+                "rope",
+                format!("[{}, {}]", x.rows, x.cols),
+                format!("position {} beyond the table's {}", pos.max_visible() - 1, table.max_positions()),
+            ));
+        }
+        x.data.par_chunks_mut(x.cols).zip(pos.host.par_iter()).for_each(|(row, &p)| {
             for head in row.chunks_mut(head_dim) {
-                table.rotate(&mut head[..rot_dims], pos, layout);
+                table.rotate(&mut head[..rot_dims], p, layout);
             }
         });
+        Ok(())
     }
 
-    fn matmul_t(&self, x: &CpuTensor, w: &CpuTensor) -> CpuTensor {
+    fn matmul_t(&self, x: &CpuTensor, w: &CpuWeight) -> OpResult<CpuTensor> {
+        debug_assert_eq!(w.groups, 1);
         debug_assert_eq!(x.cols, w.cols, "matmul_t: inner dims");
         let out = linalg::matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows, self.threads);
-        CpuTensor::new(out, x.rows, w.rows)
+        Ok(CpuTensor::new(out, x.rows, w.rows))
     }
 
-    fn matmul_heads(&self, x: &CpuTensor, ws: &[CpuTensor]) -> CpuTensor {
-        let heads = ws.len();
-        let n_in = ws[0].cols;
-        let n_out = ws[0].rows;
+    fn matmul_heads(&self, x: &CpuTensor, w: &CpuWeight) -> OpResult<CpuTensor> {
+        let (heads, n_out, n_in) = (w.groups, w.rows, w.cols);
         debug_assert_eq!(x.cols, heads * n_in);
-        let per_head: Vec<Vec<f32>> = ws
-            .par_iter()
-            .enumerate()
-            .map(|(h, w)| {
+        let per_head: Vec<Vec<f32>> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
                 let mut xs = Vec::with_capacity(x.rows * n_in);
                 for r in 0..x.rows {
                     xs.extend_from_slice(&x.row(r)[h * n_in..(h + 1) * n_in]);
                 }
-                linalg::matmul_t(&xs, x.rows, n_in, &w.data, n_out, 1)
+                linalg::matmul_t(&xs, x.rows, n_in, w.group(h), n_out, 1)
             })
             .collect();
         let mut out = vec![0.0f32; x.rows * heads * n_out];
@@ -212,7 +303,7 @@ impl Backend for CpuBackend {
                     .copy_from_slice(&ph[r * n_out..(r + 1) * n_out]);
             }
         }
-        CpuTensor::new(out, x.rows, heads * n_out)
+        Ok(CpuTensor::new(out, x.rows, heads * n_out))
     }
 
     fn indexer_topk(
@@ -220,32 +311,36 @@ impl Backend for CpuBackend {
         q: &CpuTensor,
         head_w: &CpuTensor,
         keys: &CpuTensor,
-        positions: &[usize],
+        pos: &Positions<()>,
         topk: usize,
         scale: f32,
-    ) -> TopK {
-        indexer::indexer_topk(q, head_w, keys, positions, topk, scale)
+    ) -> OpResult<TopK> {
+        Ok(indexer::indexer_topk(q, head_w, keys, &pos.host, topk, scale))
     }
 
-    fn sparse_mla(&self, q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &TopK, scale: f32) -> CpuTensor {
-        attention::sparse_mla(q_lat, q_pe, cache, sel, scale)
+    fn sparse_mla(
+        &self,
+        q_lat: &CpuTensor,
+        q_pe: &CpuTensor,
+        cache: &CpuTensor,
+        sel: &TopK,
+        scale: f32,
+    ) -> OpResult<CpuTensor> {
+        Ok(attention::sparse_mla(q_lat, q_pe, cache, sel, scale))
     }
 
-    fn mlp(&self, x: &CpuTensor, mlp: &Mlp<CpuTensor>) -> CpuTensor {
-        let g = self.matmul_t(x, &mlp.gate);
-        let u = self.matmul_t(x, &mlp.up);
-        let mut a = g;
-        a.data.par_iter_mut().zip(u.data.par_iter()).for_each(|(gv, uv)| *gv = silu(*gv) * uv);
-        self.matmul_t(&a, &mlp.down)
+    fn mlp(&self, x: &CpuTensor, mlp: &Mlp<CpuWeight>) -> OpResult<CpuTensor> {
+        Ok(self.swiglu(x, &mlp.gate.data, &mlp.up.data, &mlp.down.data, mlp.gate.rows))
     }
 
-    fn moe(&self, x: &CpuTensor, moe: &Moe<CpuTensor>) -> CpuTensor {
-        let logits = self.matmul_t(x, &moe.router);
-        let n_exp = moe.experts.len();
+    fn moe(&self, x: &CpuTensor, moe: &Moe<CpuWeight, Vec<f32>>) -> OpResult<CpuTensor> {
+        let logits = self.matmul_t(x, &moe.router)?;
+        let n_exp = moe.experts.n;
+        let inter = moe.experts.inter;
         // Route every token: (expert, weight) pairs.
         let routes: Vec<Vec<(usize, f32)>> = (0..x.rows)
             .into_par_iter()
-            .map(|t| crate::cpu::route(&logits.data[t * n_exp..(t + 1) * n_exp], &moe.score_bias, &moe.routing))
+            .map(|t| route(&logits.data[t * n_exp..(t + 1) * n_exp], &moe.score_bias, &moe.routing))
             .collect();
         // Tokens per expert, in token order.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_exp];
@@ -264,7 +359,15 @@ impl Backend for CpuBackend {
             for &(t, _) in toks {
                 xs.extend_from_slice(x.row(t));
             }
-            let y = self.mlp(&CpuTensor::new(xs, toks.len(), hidden), &moe.experts[e]);
+            let gu = moe.experts.gate_up.group(e);
+            let (gate, up) = gu.split_at(inter * hidden);
+            let y = self.swiglu(
+                &CpuTensor::new(xs, toks.len(), hidden),
+                gate,
+                up,
+                moe.experts.down.group(e),
+                inter,
+            );
             for (i, &(t, w)) in toks.iter().enumerate() {
                 let dst = &mut out[t * hidden..(t + 1) * hidden];
                 for (d, v) in dst.iter_mut().zip(y.row(i)) {
@@ -274,10 +377,52 @@ impl Backend for CpuBackend {
         }
         let mut out = CpuTensor::new(out, x.rows, hidden);
         if let Some(shared) = &moe.shared {
-            let s = self.mlp(x, shared);
-            self.add_inplace(&mut out, &s);
+            let s = self.mlp(x, shared)?;
+            self.add_inplace(&mut out, &s)?;
         }
-        out
+        Ok(out)
+    }
+
+    fn nll(&self, logits: &CpuTensor, targets: &[u32]) -> OpResult<Vec<f64>> {
+        debug_assert_eq!(logits.rows, targets.len());
+        Ok((0..logits.rows)
+            .into_par_iter()
+            .map(|t| {
+                let row = logits.row(t);
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let z: f64 = row.iter().map(|&l| (l as f64 - m).exp()).sum();
+                m + z.ln() - row[targets[t] as usize] as f64
+            })
+            .collect())
+    }
+
+    fn mark(&self) -> OpResult<Instant> {
+        Ok(Instant::now())
+    }
+
+    fn elapsed(&self, from: &Instant, to: &Instant) -> OpResult<Duration> {
+        Ok(to.saturating_duration_since(*from))
+    }
+
+    fn synchronize(&self) -> OpResult<()> {
+        Ok(())
+    }
+
+    fn memory(&self) -> MemoryStats {
+        MemoryStats::default()
+    }
+
+    fn reset_peak_memory(&self) {}
+}
+
+impl CpuBackend {
+    /// `down(silu(x·gateᵀ) * x·upᵀ)` with `gate`/`up` `[inter, hidden]`, `down` `[hidden, inter]`.
+    fn swiglu(&self, x: &CpuTensor, gate: &[f32], up: &[f32], down: &[f32], inter: usize) -> CpuTensor {
+        let mut a = linalg::matmul_t(&x.data, x.rows, x.cols, gate, inter, self.threads);
+        let u = linalg::matmul_t(&x.data, x.rows, x.cols, up, inter, self.threads);
+        a.par_iter_mut().zip(u.par_iter()).for_each(|(gv, uv)| *gv = silu(*gv) * uv);
+        let y = linalg::matmul_t(&a, x.rows, inter, down, x.cols, self.threads);
+        CpuTensor::new(y, x.rows, x.cols)
     }
 }
 

@@ -1,0 +1,286 @@
+//! The device context shared by every CUDA op: one context and stream, an NVRTC module cache,
+//! counted allocations (current and peak bytes) and checked launches.
+//!
+//! Kernels are CUDA C sources in `src/kernels/`, compiled at run time by NVRTC for `compute_90a`
+//! (the driver JIT-compiles the PTX once per process) and cached per module name. They include no
+//! CUDA headers, so NVRTC alone (no toolkit) compiles them: bf16 is handled as `unsigned short`
+//! bit patterns and tensor-core instructions as inline PTX.
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig};
+use indexcache_ops::{OpError, OpResult};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The virtual architecture every kernel is compiled for (Hopper, with `wgmma`/`setmaxnreg`).
+pub const ARCH: &str = "compute_90a";
+
+/// Current and peak bytes allocated through [`Dev::alloc`].
+#[derive(Debug, Default)]
+pub struct MemCounter {
+    current: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemCounter {
+    fn add(&self, n: u64) {
+        let now = self.current.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+    fn sub(&self, n: u64) {
+        self.current.fetch_sub(n, Ordering::Relaxed);
+    }
+    pub fn current(&self) -> u64 {
+        self.current.load(Ordering::Relaxed)
+    }
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+    pub fn reset_peak(&self) {
+        self.peak.store(self.current(), Ordering::Relaxed);
+    }
+}
+
+/// A device allocation of `bytes` bytes (stream-ordered; freed when dropped).
+#[derive(Debug)]
+pub struct DevBuf {
+    slice: CudaSlice<u8>,
+    counter: Arc<MemCounter>,
+}
+
+impl DevBuf {
+    pub fn bytes(&self) -> usize {
+        self.slice.len()
+    }
+    /// The raw device address, for kernel arguments.
+    pub fn ptr(&self) -> u64 {
+        let (p, _sync) = self.slice.device_ptr(self.slice.stream());
+        p
+    }
+    pub fn slice(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+    pub fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.slice
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        self.counter.sub(self.slice.len() as u64);
+    }
+}
+
+/// Kernel source files, by module name.
+pub struct Source {
+    pub name: &'static str,
+    pub code: &'static str,
+}
+
+pub struct Dev {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub sm_count: u32,
+    pub device_name: String,
+    pub total_memory: u64,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    mem: Arc<MemCounter>,
+}
+
+fn driver_err(op: &'static str, shapes: impl Into<String>, e: impl std::fmt::Debug) -> OpError {
+    OpError::new(op, shapes, format!("{e:?}"))
+}
+
+/// Is a CUDA driver library loadable on this machine? (Never panics, never touches a GPU.)
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library under its known names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Is NVRTC loadable (needed to compile kernels)?
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compile one kernel source to PTX for [`ARCH`]. Needs only libnvrtc (no GPU): CI runs this.
+pub fn compile(src: &Source) -> Result<cudarc::nvrtc::Ptx, String> {
+    if !nvrtc_present() {
+        return Err("libnvrtc not found (set LD_LIBRARY_PATH to a CUDA 13 lib/ directory)".into());
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(ARCH),
+        options: vec!["--std=c++17".into(), "-default-device".into()],
+        name: Some(format!("{}.cu", src.name)),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(src.code, opts).map_err(|e| format!("{}.cu: {e}", src.name))
+}
+
+impl Dev {
+    /// Open GPU `ordinal`. Fails cleanly (no panic) where no driver or GPU exists.
+    pub fn open(ordinal: usize) -> OpResult<Self> {
+        if !driver_present() {
+            return Err(OpError::new("cuda init", "", "no CUDA driver (libcuda.so) on this machine"));
+        }
+        let n = CudaContext::device_count().map_err(|e| driver_err("cuda init", "", e))?;
+        if ordinal as i32 >= n {
+            return Err(OpError::new("cuda init", format!("device {ordinal}"), format!("{n} CUDA device(s) present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("cuda init", format!("device {ordinal}"), e))?;
+        // One stream: ordering is program order, no per-buffer events needed.
+        // SAFETY: every buffer is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_err("cuda init", "", e))? as u32;
+        let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let total_memory = ctx.total_mem().map_err(|e| driver_err("cuda init", "", e))? as u64;
+        Ok(Self {
+            ctx,
+            stream,
+            sm_count,
+            device_name,
+            total_memory,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            mem: Arc::new(MemCounter::default()),
+        })
+    }
+
+    pub fn mem(&self) -> &MemCounter {
+        &self.mem
+    }
+
+    /// `bytes` of uninitialised device memory. Out of memory names the op and what was asked.
+    pub fn alloc(&self, op: &'static str, bytes: usize) -> OpResult<DevBuf> {
+        let bytes = bytes.max(1);
+        // SAFETY: the memory is written before it is read by every op that allocates it.
+        let slice = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            OpError::new(
+                op,
+                format!("{bytes} bytes"),
+                format!(
+                    "device allocation failed ({e:?}); {:.2} GiB free of {:.2} GiB, {:.2} GiB held by this engine",
+                    free as f64 / GIB,
+                    total as f64 / GIB,
+                    self.mem.current() as f64 / GIB
+                ),
+            )
+        })?;
+        self.mem.add(slice.len() as u64);
+        Ok(DevBuf { slice, counter: self.mem.clone() })
+    }
+
+    pub fn alloc_zeroed(&self, op: &'static str, bytes: usize) -> OpResult<DevBuf> {
+        let mut b = self.alloc(op, bytes)?;
+        self.stream.memset_zeros(b.slice_mut()).map_err(|e| driver_err(op, format!("{bytes} bytes"), e))?;
+        Ok(b)
+    }
+
+    /// Copy host values to a new device buffer.
+    pub fn upload<T: Copy>(&self, op: &'static str, data: &[T]) -> OpResult<DevBuf> {
+        let bytes = std::mem::size_of_val(data);
+        let mut b = self.alloc(op, bytes)?;
+        // SAFETY: plain-old-data reinterpretation of an initialised slice.
+        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) };
+        if bytes > 0 {
+            self.stream
+                .memcpy_htod(raw, &mut b.slice_mut().slice_mut(..bytes))
+                .map_err(|e| driver_err(op, format!("{bytes} bytes to device"), e))?;
+        }
+        Ok(b)
+    }
+
+    /// Copy `n` values of type `T` from the start of `buf` to the host (synchronises).
+    pub fn download<T: Copy + Default>(&self, op: &'static str, buf: &DevBuf, n: usize) -> OpResult<Vec<T>> {
+        let bytes = n * std::mem::size_of::<T>();
+        if bytes > buf.bytes() {
+            return Err(OpError::new(op, format!("{n} values"), format!("buffer holds {} bytes", buf.bytes())));
+        }
+        let mut out = vec![T::default(); n];
+        // SAFETY: `out` is initialised and exactly `bytes` long.
+        let raw = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, bytes) };
+        if bytes > 0 {
+            self.stream
+                .memcpy_dtoh(&buf.slice().slice(..bytes), raw)
+                .map_err(|e| driver_err(op, format!("{bytes} bytes to host"), e))?;
+        }
+        self.sync(op)?;
+        Ok(out)
+    }
+
+    /// Device-to-device copy of `bytes` bytes between raw addresses (async).
+    pub fn copy_raw(&self, op: &'static str, dst: u64, src: u64, bytes: usize) -> OpResult<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: callers pass addresses of live buffers with at least `bytes` bytes.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_err(op, format!("{bytes} bytes device to device"), e))
+    }
+
+    pub fn sync(&self, op: &'static str) -> OpResult<()> {
+        self.stream.synchronize().map_err(|e| driver_err(op, "synchronize", e))
+    }
+
+    /// The function `func` of kernel source `src`, compiling and loading the module on first use.
+    pub fn function(&self, src: &Source, func: &'static str) -> OpResult<CudaFunction> {
+        if let Some(f) = self.functions.lock().expect("function cache").get(&(src.name, func)) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut mods = self.modules.lock().expect("module cache");
+            match mods.get(src.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = compile(src).map_err(|e| OpError::new("nvrtc", src.name, e))?;
+                    let m = self.ctx.load_module(ptx).map_err(|e| driver_err("load module", src.name, e))?;
+                    mods.insert(src.name, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(func).map_err(|e| driver_err("load function", format!("{}::{func}", src.name), e))?;
+        self.functions.lock().expect("function cache").insert((src.name, func), f.clone());
+        Ok(f)
+    }
+
+    /// Allow `func` more than 48 KiB of dynamic shared memory.
+    pub fn set_max_smem(&self, f: &CudaFunction, bytes: u32) -> OpResult<()> {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| driver_err("set smem", format!("{bytes} bytes"), e))
+    }
+
+    pub fn builder<'a>(&'a self, f: &'a CudaFunction) -> LaunchArgs<'a> {
+        self.stream.launch_builder(f)
+    }
+
+    /// Launch a built kernel and check the launch; `op`/`shapes` name it in errors.
+    pub fn launch(
+        &self,
+        mut args: LaunchArgs<'_>,
+        cfg: LaunchConfig,
+        op: &'static str,
+        shapes: impl FnOnce() -> String,
+    ) -> OpResult<()> {
+        if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 || cfg.grid_dim.2 == 0 {
+            return Ok(());
+        }
+        // SAFETY: each op passes arguments matching its kernel's signature.
+        unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| driver_err(op, shapes(), e))
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `ceil(a / b)` as u32, for grid sizes.
+pub fn blocks(a: usize, b: usize) -> u32 {
+    a.div_ceil(b) as u32
+}
