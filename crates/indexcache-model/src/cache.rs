@@ -24,7 +24,8 @@ pub struct LayerCache<B: Backend> {
 pub struct Cache<B: Backend> {
     pub(crate) schedule: IndexSchedule,
     pub(crate) layers: Vec<LayerCache<B>>,
-    pub(crate) rope: RopeTable,
+    /// cos/sin for positions `0..capacity`, on the device.
+    pub(crate) rope: B::Rope,
     len: usize,
     capacity: usize,
 }
@@ -39,13 +40,18 @@ impl<B: Backend> Cache<B> {
             });
         }
         let width = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| LayerCache {
-                latent: b.zeros(capacity, width),
-                index_keys: schedule.is_full(l).then(|| b.zeros(capacity, cfg.index_head_dim)),
-            })
-            .collect();
-        let rope = RopeTable::new(&cfg.rope.inv_freq(), cfg.rope.attention_factor(), capacity);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let cache_err = |e| ModelError::Cache { layer: l, capacity, source: e };
+            let latent = b.zeros(capacity, width).map_err(cache_err)?;
+            let index_keys = match schedule.is_full(l) {
+                true => Some(b.zeros(capacity, cfg.index_head_dim).map_err(cache_err)?),
+                false => None,
+            };
+            layers.push(LayerCache { latent, index_keys });
+        }
+        let table = RopeTable::new(&cfg.rope.inv_freq(), cfg.rope.attention_factor(), capacity);
+        let rope = b.rope_table(&table)?;
         Ok(Self { schedule, layers, rope, len: 0, capacity })
     }
 
@@ -84,7 +90,7 @@ impl<B: Backend> Cache<B> {
 /// Cache bytes per token for a schedule, in two storage formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheBytes {
-    /// This engine's f32 cache.
+    /// This engine's cache in f32 (the CPU, and the GPU's exact mode); half of it in bf16.
     pub engine_f32: usize,
     /// The production layout (FlashMLA FP8 latent 656 B + DeepGEMM FP8 indexer key 132 B, for
     /// R=512,P=64,D=128; generalised as R + 4·R/128 + 2·P and D + 4).

@@ -30,4 +30,10 @@ pub enum ModelError {
     ScheduleLength { expected: usize, got: usize },
     #[error("{0}")]
     Invalid(String),
+    #[error("loading {tensor}: {source}")]
+    Device { tensor: String, source: indexcache_ops::OpError },
+    #[error(transparent)]
+    Op(#[from] indexcache_ops::OpError),
+    #[error("allocating the cache of layer {layer} for {capacity} tokens: {source}")]
+    Cache { layer: usize, capacity: usize, source: indexcache_ops::OpError },
 }

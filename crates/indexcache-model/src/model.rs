@@ -19,10 +19,11 @@ use crate::weights::{
     CheckpointSource, FfnWeights, IndexerSelection, ModelWeights, RandomSource, WeightSource, load_weights,
 };
 use indexcache_config::{IndexSchedule, LayerIndexer, ModelConfig, ScheduleOverride};
-use indexcache_ops::{Backend, RopeLayout, TopK};
+use indexcache_ops::{Backend, Positions, RopeLayout, TopK};
 use indexcache_weights::WeightStore;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// transformers builds `q_a_layernorm` / `kv_a_layernorm` with the RMSNorm default eps, not
 /// `rms_norm_eps`.
@@ -78,7 +79,8 @@ impl Default for ForwardOptions {
     }
 }
 
-/// Wall time per stage of a forward pass (summed over layers).
+/// Device time per stage of a forward pass (summed over layers), from backend marks (CUDA events
+/// on a GPU), not host clocks around asynchronous launches.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StageTimes {
     /// Lightning indexer: projections, scoring and top-k (Full layers only).
@@ -97,12 +99,48 @@ impl StageTimes {
     }
 }
 
+/// Marks recorded around one layer's stages, resolved into [`StageTimes`] after the pass.
+struct LayerMarks<M> {
+    start: M,
+    indexer: Option<(M, M)>,
+    attention_end: M,
+    ffn_end: M,
+}
+
 /// State carried from layer to layer within one forward pass.
-#[derive(Debug, Clone, Default)]
-pub struct StepState {
-    /// The top-k of the latest Full layer (the IndexCache share buffer).
-    pub shared: Option<TopK>,
-    pub times: StageTimes,
+pub struct StepState<B: Backend> {
+    /// The top-k of the latest Full layer (the IndexCache share buffer), on the device. Shared
+    /// layers (and tools that snapshot a pass) hold it by reference count.
+    pub shared: Option<Arc<B::Selection>>,
+    marks: Vec<LayerMarks<B::Mark>>,
+}
+
+impl<B: Backend> Default for StepState<B> {
+    fn default() -> Self {
+        Self { shared: None, marks: Vec::new() }
+    }
+}
+
+impl<B: Backend> StepState<B> {
+    /// A state that starts from another pass's share buffer.
+    pub fn with_shared(shared: Option<Arc<B::Selection>>) -> Self {
+        Self { shared, marks: Vec::new() }
+    }
+
+    /// Stage times of the layers run so far (waits for the device).
+    pub fn times(&self, b: &B) -> Result<StageTimes, ModelError> {
+        let mut t = StageTimes::default();
+        for m in &self.marks {
+            let indexer = match &m.indexer {
+                Some((a, z)) => b.elapsed(a, z)?,
+                None => Duration::ZERO,
+            };
+            t.indexer += indexer;
+            t.attention += b.elapsed(&m.start, &m.attention_end)?.saturating_sub(indexer);
+            t.ffn += b.elapsed(&m.attention_end, &m.ffn_end)?;
+        }
+        Ok(t)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -242,35 +280,131 @@ impl<B: Backend> DsaModel<B> {
         cache: &mut Cache<B>,
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput, ModelError> {
+        let (x, state) = self.forward_hidden(ids, cache, opts.capture_topk)?;
+        let (x, mut out) = x;
+        let b = &self.backend;
+        let x = match opts.logits {
+            Logits::None => {
+                out.times = state.times(b)?;
+                return Ok(out);
+            }
+            Logits::All => x,
+            Logits::Last => b.rows(&x, ids.len() - 1, 1)?,
+        };
+        let logits = self.logits(&x)?;
+        out.rows = b.dims(&logits).0;
+        out.logits = b.download(&logits)?;
+        out.times = state.times(b)?;
+        Ok(out)
+    }
+
+    /// [`Self::forward`] in chunks of at most `chunk` tokens (a long prompt's activations and the
+    /// indexer's `[chunk, context]` scores stay bounded). Same result as one pass: logits of every
+    /// chunk (`Logits::All`) or of the last token, top-k rows of every chunk (padded with -1 to the
+    /// longest row), stage times summed.
+    pub fn forward_chunked(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache<B>,
+        opts: &ForwardOptions,
+        chunk: usize,
+    ) -> Result<ForwardOutput, ModelError> {
+        let chunk = chunk.max(1);
+        if ids.len() <= chunk {
+            return self.forward(ids, cache, opts);
+        }
+        let mut total = ForwardOutput::default();
+        let n_chunks = ids.len().div_ceil(chunk);
+        for (i, part) in ids.chunks(chunk).enumerate() {
+            let last = i + 1 == n_chunks;
+            let logits = match opts.logits {
+                Logits::All => Logits::All,
+                Logits::Last if last => Logits::Last,
+                _ => Logits::None,
+            };
+            let out = self.forward(part, cache, &ForwardOptions { logits, ..*opts })?;
+            total.logits.extend_from_slice(&out.logits);
+            total.rows += out.rows;
+            total.times.add(&out.times);
+            if opts.capture_topk {
+                if total.topk.is_empty() {
+                    total.topk = out.topk;
+                } else {
+                    for ((_, acc), (_, t)) in total.topk.iter_mut().zip(out.topk) {
+                        acc.append_rows(&t);
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Run `ids` and return the per-token NLL of `targets` (`targets[i]` is the token after
+    /// `ids[i]`; `None` = not scored), computed on the device so the `[T, vocab]` logits never
+    /// leave it. The cache advances as in [`Self::forward`].
+    pub fn forward_nll(
+        &self,
+        ids: &[u32],
+        targets: &[Option<u32>],
+        cache: &mut Cache<B>,
+    ) -> Result<Vec<Option<f64>>, ModelError> {
+        if targets.len() != ids.len() {
+            return Err(ModelError::Invalid(format!("{} targets for {} tokens", targets.len(), ids.len())));
+        }
+        let ((x, _), _) = self.forward_hidden(ids, cache, false)?;
+        self.nll_rows(&x, targets)
+    }
+
+    /// Per-row NLL of `targets` from final hidden states `x` (`None` rows are skipped).
+    pub fn nll_rows(&self, x: &B::Tensor, targets: &[Option<u32>]) -> Result<Vec<Option<f64>>, ModelError> {
+        let b = &self.backend;
+        let rows: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].is_some()).collect();
+        let mut out = vec![None; targets.len()];
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        // Scored rows are a suffix in every tool (score_from..); take the contiguous span.
+        let (first, last) = (rows[0], *rows.last().expect("non-empty"));
+        let span = b.rows(x, first, last - first + 1)?;
+        let logits = self.logits(&span)?;
+        let want: Vec<u32> = (first..=last).map(|i| targets[i].unwrap_or(0)).collect();
+        let nll = b.nll(&logits, &want)?;
+        for (i, v) in (first..=last).zip(nll) {
+            if targets[i].is_some() {
+                out[i] = Some(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The layers of a forward pass without the LM head: final hidden states `[T, hidden]`.
+    #[allow(clippy::type_complexity)]
+    fn forward_hidden(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache<B>,
+        capture_topk: bool,
+    ) -> Result<((B::Tensor, ForwardOutput), StepState<B>), ModelError> {
         let (mut x, positions) = self.begin(ids, cache)?;
         let mut out = ForwardOutput::default();
         let mut state = StepState::default();
         for l in 0..self.cfg.num_hidden_layers {
             self.layer(l, &mut x, cache, &positions, &mut state)?;
-            if opts.capture_topk
+            if capture_topk
                 && cache.schedule.is_full(l)
                 && let Some(t) = &state.shared
             {
-                out.topk.push((l, t.clone()));
+                out.topk.push((l, self.backend.selection_to_host(t)?));
             }
         }
-        out.times = state.times;
         cache.advance(ids.len());
-        let b = &self.backend;
-        let x = match opts.logits {
-            Logits::None => return Ok(out),
-            Logits::All => x,
-            Logits::Last => b.rows(&x, ids.len() - 1, 1),
-        };
-        let logits = self.logits(&x);
-        out.rows = b.dims(&logits).0;
-        out.logits = b.download(&logits);
-        Ok(out)
+        Ok(((x, out), state))
     }
 
     /// Validate `ids` against the vocabulary and the cache, embed them, and return their
     /// absolute positions. Building block for tools that drive layers one by one.
-    pub fn begin(&self, ids: &[u32], cache: &Cache<B>) -> Result<(B::Tensor, Vec<usize>), ModelError> {
+    #[allow(clippy::type_complexity)]
+    pub fn begin(&self, ids: &[u32], cache: &Cache<B>) -> Result<(B::Tensor, Positions<B::PosData>), ModelError> {
         if ids.is_empty() {
             return Err(ModelError::EmptyInput);
         }
@@ -281,8 +415,9 @@ impl<B: Backend> DsaModel<B> {
         if needed > cache.capacity() {
             return Err(ModelError::ContextTooLong { needed, limit: cache.capacity(), what: "cache capacity" });
         }
-        let x = self.backend.embedding(&self.weights.embed, ids);
-        Ok((x, (cache.len()..needed).collect()))
+        let x = self.backend.embedding(&self.weights.embed, ids)?;
+        let pos: Vec<usize> = (cache.len()..needed).collect();
+        Ok((x, self.backend.positions(&pos)?))
     }
 
     /// One decoder layer, in place on `x`. `state.shared` carries the latest Full layer's
@@ -292,94 +427,95 @@ impl<B: Backend> DsaModel<B> {
         l: usize,
         x: &mut B::Tensor,
         cache: &mut Cache<B>,
-        positions: &[usize],
-        state: &mut StepState,
+        positions: &Positions<B::PosData>,
+        state: &mut StepState<B>,
     ) -> Result<(), ModelError> {
         let b = &self.backend;
         let lw = &self.weights.layers[l];
         let eps = self.cfg.rms_norm_eps;
-        let t0 = Instant::now();
-        let h = b.rms_norm(x, &lw.input_norm, eps);
-        let (attn, indexer_time) = self.attention(l, &h, cache, positions, &mut state.shared)?;
-        b.add_inplace(x, &attn);
-        let t1 = Instant::now();
-        let h = b.rms_norm(x, &lw.post_attn_norm, eps);
+        let start = b.mark()?;
+        let h = b.rms_norm(x, &lw.input_norm, eps)?;
+        let (attn, indexer) = self.attention(l, &h, cache, positions, &mut state.shared)?;
+        b.add_inplace(x, &attn)?;
+        let attention_end = b.mark()?;
+        let h = b.rms_norm(x, &lw.post_attn_norm, eps)?;
         let ffn = match &lw.ffn {
-            FfnWeights::Dense(m) => b.mlp(&h, m),
-            FfnWeights::Moe(m) => b.moe(&h, m),
+            FfnWeights::Dense(m) => b.mlp(&h, m)?,
+            FfnWeights::Moe(m) => b.moe(&h, m)?,
         };
-        b.add_inplace(x, &ffn);
-        state.times.indexer += indexer_time;
-        state.times.attention += (t1 - t0).saturating_sub(indexer_time);
-        state.times.ffn += t1.elapsed();
+        b.add_inplace(x, &ffn)?;
+        let ffn_end = b.mark()?;
+        state.marks.push(LayerMarks { start, indexer, attention_end, ffn_end });
         Ok(())
     }
 
     /// Final norm + LM head: `[T, hidden]` → `[T, vocab]`.
-    pub fn logits(&self, x: &B::Tensor) -> B::Tensor {
+    pub fn logits(&self, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
         let b = &self.backend;
-        let h = b.rms_norm(x, &self.weights.norm, self.cfg.rms_norm_eps);
-        b.matmul_t(&h, self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed))
+        let h = b.rms_norm(x, &self.weights.norm, self.cfg.rms_norm_eps)?;
+        Ok(b.matmul_t(&h, self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed))?)
     }
 
+    #[allow(clippy::type_complexity)]
     fn attention(
         &self,
         l: usize,
         h: &B::Tensor,
         cache: &mut Cache<B>,
-        positions: &[usize],
-        shared: &mut Option<TopK>,
-    ) -> Result<(B::Tensor, Duration), ModelError> {
+        positions: &Positions<B::PosData>,
+        shared: &mut Option<Arc<B::Selection>>,
+    ) -> Result<(B::Tensor, Option<(B::Mark, B::Mark)>), ModelError> {
         let b = &self.backend;
         let c = &self.cfg;
         let w = &self.weights.layers[l].attn;
         let (heads, nope, p, r) = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank);
-        let pos0 = positions[0];
+        let pos0 = positions.host[0];
         let Cache { schedule, layers, rope, .. } = cache;
         let lc: &mut LayerCache<B> = &mut layers[l];
 
         // Queries: latent qr (shared with the indexer), then per head [nope | rope].
-        let qr = b.rms_norm(&b.matmul_t(h, &w.q_a), &w.q_a_norm, LATENT_NORM_EPS); // [T, q_lora]
-        let q = b.matmul_t(&qr, &w.q_b); // [T, H*(nope+P)]
-        let q_nope = b.head_columns(&q, heads, nope + p, 0, nope); // [T, H*nope]
-        let mut q_pe = b.head_columns(&q, heads, nope + p, nope, p); // [T, H*P]
-        b.rope_inplace(&mut q_pe, p, p, RopeLayout::Interleaved, positions, rope);
-        let q_lat = b.matmul_heads(&q_nope, &w.w_uk); // [T, H*R] absorbed
+        let qr = b.rms_norm(&b.matmul_t(h, &w.q_a)?, &w.q_a_norm, LATENT_NORM_EPS)?; // [T, q_lora]
+        let q = b.matmul_t(&qr, &w.q_b)?; // [T, H*(nope+P)]
+        let q_nope = b.head_columns(&q, heads, nope + p, 0, nope)?; // [T, H*nope]
+        let mut q_pe = b.head_columns(&q, heads, nope + p, nope, p)?; // [T, H*P]
+        b.rope_inplace(&mut q_pe, p, p, RopeLayout::Interleaved, positions, rope)?;
+        let q_lat = b.matmul_heads(&q_nope, &w.w_uk)?; // [T, H*R] absorbed
 
         // Keys/values: the latent row [c_kv | k_pe] goes straight into the cache.
-        let kv = b.matmul_t(h, &w.kv_a); // [T, R+P]
-        let c_kv = b.rms_norm(&b.columns(&kv, 0, r), &w.kv_a_norm, LATENT_NORM_EPS);
-        let mut k_pe = b.columns(&kv, r, p);
-        b.rope_inplace(&mut k_pe, p, p, RopeLayout::Interleaved, positions, rope);
-        b.write_block(&mut lc.latent, pos0, 0, &c_kv);
-        b.write_block(&mut lc.latent, pos0, r, &k_pe);
+        let kv = b.matmul_t(h, &w.kv_a)?; // [T, R+P]
+        let c_kv = b.rms_norm(&b.columns(&kv, 0, r)?, &w.kv_a_norm, LATENT_NORM_EPS)?;
+        let mut k_pe = b.columns(&kv, r, p)?;
+        b.rope_inplace(&mut k_pe, p, p, RopeLayout::Interleaved, positions, rope)?;
+        b.write_block(&mut lc.latent, pos0, 0, &c_kv)?;
+        b.write_block(&mut lc.latent, pos0, r, &k_pe)?;
 
         // IndexCache: a Full layer runs its indexer and publishes the top-k; a Shared layer
         // reuses it.
-        let t_indexer = Instant::now();
-        let mut indexer_time = Duration::ZERO;
+        let mut indexer_marks = None;
         if let LayerIndexer::Full = schedule.layer(l) {
             let (Some(ix), Some(keys)) = (&w.indexer, lc.index_keys.as_mut()) else {
                 return Err(ModelError::Invalid(format!("layer {l} is Full but has no indexer loaded")));
             };
+            let m0 = b.mark()?;
             let (hi, d) = (c.index_n_heads, c.index_head_dim);
-            let mut qi = b.matmul_t(&qr, &ix.wq_b); // [T, HI*D]
-            b.rope_inplace(&mut qi, d, p, self.indexer_layout, positions, rope);
-            let mut ki = b.layer_norm(&b.matmul_t(h, &ix.wk), &ix.k_norm_w, &ix.k_norm_b, INDEXER_NORM_EPS);
-            b.rope_inplace(&mut ki, d, p, self.indexer_layout, positions, rope);
-            b.write_block(keys, pos0, 0, &ki);
-            let mut head_w = b.matmul_t(h, &ix.weights_proj); // [T, HI]
-            b.scale_inplace(&mut head_w, (hi as f32).powf(-0.5));
-            *shared = Some(b.indexer_topk(&qi, &head_w, keys, positions, c.index_topk, (d as f32).powf(-0.5)));
-            indexer_time = t_indexer.elapsed();
+            let mut qi = b.matmul_t(&qr, &ix.wq_b)?; // [T, HI*D]
+            b.rope_inplace(&mut qi, d, p, self.indexer_layout, positions, rope)?;
+            let mut ki = b.layer_norm(&b.matmul_t(h, &ix.wk)?, &ix.k_norm_w, &ix.k_norm_b, INDEXER_NORM_EPS)?;
+            b.rope_inplace(&mut ki, d, p, self.indexer_layout, positions, rope)?;
+            b.write_block(keys, pos0, 0, &ki)?;
+            let mut head_w = b.matmul_t(h, &ix.weights_proj)?; // [T, HI]
+            b.scale_inplace(&mut head_w, (hi as f32).powf(-0.5))?;
+            let sel = b.indexer_topk(&qi, &head_w, keys, positions, c.index_topk, (d as f32).powf(-0.5))?;
+            *shared = Some(Arc::new(sel));
+            indexer_marks = Some((m0, b.mark()?));
         }
         let sel = shared
             .as_ref()
             .ok_or_else(|| ModelError::Invalid(format!("layer {l} is Shared but no Full layer precedes it")))?;
 
-        let o_lat = b.sparse_mla(&q_lat, &q_pe, &lc.latent, sel, c.softmax_scale); // [T, H*R]
-        let o = b.matmul_heads(&o_lat, &w.w_uv); // [T, H*v]
-        Ok((b.matmul_t(&o, &w.o), indexer_time))
+        let o_lat = b.sparse_mla(&q_lat, &q_pe, &lc.latent, sel, c.softmax_scale)?; // [T, H*R]
+        let o = b.matmul_heads(&o_lat, &w.w_uv)?; // [T, H*v]
+        Ok((b.matmul_t(&o, &w.o)?, indexer_marks))
     }
 }
 
@@ -390,7 +526,7 @@ pub fn check_indexers(
     schedule: &IndexSchedule,
     has: impl Fn(&str) -> bool,
 ) -> Result<(), ModelError> {
-    let name = |l: usize| format!("model.layers.{l}.self_attn.indexer.wk.weight");
+    let name = crate::weights::indexer_probe;
     for l in schedule.full_layers() {
         if !has(&name(l)) {
             let available: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| has(&name(l))).collect();

@@ -3,7 +3,7 @@
 //! Prints the best of 3 runs with GFLOP/s (FLOPs counted as 2 per multiply-add).
 
 use indexcache_ops::cpu::{CpuBackend, CpuTensor};
-use indexcache_ops::{Backend, TopK};
+use indexcache_ops::{Backend, TopK, WeightInit};
 use std::time::Instant;
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -38,9 +38,9 @@ fn main() {
     // Dense projections.
     for &(m, k, n) in &[(1usize, 1024usize, 1024usize), (4096, 1024, 384), (4096, 384, 1536), (4096, 1024, 1024)] {
         let x = CpuTensor::new(rand(m * k, 1), m, k);
-        let w = CpuTensor::new(rand(n * k, 2), n, k);
+        let w = b.weight(WeightInit::Host(rand(n * k, 2)), 1, n, k).unwrap();
         let s = best_of(|| {
-            std::hint::black_box(b.matmul_t(&x, &w));
+            std::hint::black_box(b.matmul_t(&x, &w).unwrap());
         });
         report(&format!("matmul_t {m}x{k} · ({n}x{k})ᵀ"), s, 2.0 * (m * k * n) as f64);
     }
@@ -50,15 +50,16 @@ fn main() {
         let keys = CpuTensor::new(rand(l * d, 3), l, d);
         let q = CpuTensor::new(rand(l * hi * d, 4), l, hi * d);
         let w = CpuTensor::new(rand(l * hi, 5), l, hi);
-        let pos: Vec<usize> = (0..l).collect();
+        let pos = b.positions(&(0..l).collect::<Vec<_>>()).unwrap();
         let s = best_of(|| {
-            std::hint::black_box(b.indexer_topk(&q, &w, &keys, &pos, topk, 0.125));
+            std::hint::black_box(b.indexer_topk(&q, &w, &keys, &pos, topk, 0.125).unwrap());
         });
         report(&format!("indexer_topk prefill L={l}"), s, (hi * d) as f64 * (l * l) as f64);
-        let q1 = b.rows(&q, l - 1, 1);
-        let w1 = b.rows(&w, l - 1, 1);
+        let q1 = b.rows(&q, l - 1, 1).unwrap();
+        let w1 = b.rows(&w, l - 1, 1).unwrap();
+        let p1 = b.positions(&[l - 1]).unwrap();
         let s = best_of(|| {
-            std::hint::black_box(b.indexer_topk(&q1, &w1, &keys, &[l - 1], topk, 0.125));
+            std::hint::black_box(b.indexer_topk(&q1, &w1, &keys, &p1, topk, 0.125).unwrap());
         });
         report(&format!("indexer_topk decode S={l}"), s, 2.0 * (hi * d * l) as f64);
     }
@@ -74,7 +75,7 @@ fn main() {
             *v = ((i * 7919) % s_len) as i32;
         }
         let s = best_of(|| {
-            std::hint::black_box(b.sparse_mla(&q_lat, &q_pe, &cache, &sel, 0.1));
+            std::hint::black_box(b.sparse_mla(&q_lat, &q_pe, &cache, &sel, 0.1).unwrap());
         });
         report(&format!("sparse_mla T={t} k={topk}"), s, 2.0 * (t * h * topk * (2 * r + p)) as f64);
     }

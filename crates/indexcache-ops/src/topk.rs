@@ -15,6 +15,22 @@ impl TopK {
         &self.data[t * self.k..(t + 1) * self.k]
     }
 
+    /// Append `other`'s rows, padding the shorter row length with -1.
+    pub fn append_rows(&mut self, other: &TopK) {
+        let k = self.k.max(other.k);
+        let widen = |t: &TopK| -> Vec<i32> {
+            let mut v = Vec::with_capacity(t.rows * k);
+            for r in 0..t.rows {
+                v.extend_from_slice(t.row(r));
+                v.extend(std::iter::repeat_n(-1, k - t.k));
+            }
+            v
+        };
+        let mut data = widen(self);
+        data.extend(widen(other));
+        *self = TopK { rows: self.rows + other.rows, k, data };
+    }
+
     /// Valid (non-negative) positions of row `t`.
     pub fn valid(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
         self.row(t).iter().filter(|&&i| i >= 0).map(|&i| i as usize)

@@ -3,7 +3,7 @@
 use crate::data::Window;
 use crate::error::ToolError;
 use indexcache_config::IndexSchedule;
-use indexcache_model::{DsaModel, ForwardOptions, Logits};
+use indexcache_model::DsaModel;
 use indexcache_ops::Backend;
 
 /// A sum of NLLs and how many targets it covers.
@@ -24,6 +24,22 @@ impl Nll {
     pub fn perplexity(&self) -> f64 {
         self.mean().exp()
     }
+    /// Sum of per-row NLLs (`None` = row not scored).
+    pub fn from_rows(rows: &[Option<f64>]) -> Nll {
+        let mut n = Nll::default();
+        for v in rows.iter().flatten() {
+            n.sum += v;
+            n.tokens += 1;
+        }
+        n
+    }
+}
+
+/// Per input row, the token it predicts if that token is scored: row `j` predicts `ids[j+1]`,
+/// scored when `j + 1 ≥ max(score_from, 1)`.
+pub fn targets(w: &Window) -> Vec<Option<u32>> {
+    let from = w.score_from.max(1);
+    (0..w.ids.len()).map(|j| (j + 1 < w.ids.len() && j + 1 >= from).then(|| w.ids[j + 1])).collect()
 }
 
 /// NLL of `ids[score_from..]` given `logits` (`[ids.len(), vocab]`, row `j` predicts `ids[j+1]`),
@@ -40,11 +56,22 @@ pub fn nll_from_logits(logits: &[f32], vocab: usize, ids: &[u32], score_from: us
     nll
 }
 
-/// NLL of one window from a fresh cache.
-pub fn window_nll<B: Backend>(model: &DsaModel<B>, schedule: &IndexSchedule, w: &Window) -> Result<Nll, ToolError> {
+/// NLL of one window from a fresh cache, prefilled in chunks of `chunk` tokens; the per-token
+/// NLL is reduced on the device (the window's `[T, vocab]` logits are never downloaded).
+pub fn window_nll<B: Backend>(
+    model: &DsaModel<B>,
+    schedule: &IndexSchedule,
+    w: &Window,
+    chunk: usize,
+) -> Result<Nll, ToolError> {
     let mut cache = model.new_cache_with(schedule.clone(), w.ids.len())?;
-    let out = model.forward(&w.ids, &mut cache, &ForwardOptions { logits: Logits::All, capture_topk: false })?;
-    Ok(nll_from_logits(&out.logits, model.config().vocab_size, &w.ids, w.score_from))
+    let targets = targets(w);
+    let chunk = chunk.max(1);
+    let mut total = Nll::default();
+    for (ids, tg) in w.ids.chunks(chunk).zip(targets.chunks(chunk)) {
+        total.add(Nll::from_rows(&model.forward_nll(ids, tg, &mut cache)?));
+    }
+    Ok(total)
 }
 
 /// Summed NLL over `windows`; `progress` is called after each window.
@@ -52,11 +79,12 @@ pub fn dataset_nll<B: Backend>(
     model: &DsaModel<B>,
     schedule: &IndexSchedule,
     windows: &[Window],
+    chunk: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Nll, ToolError> {
     let mut total = Nll::default();
     for (i, w) in windows.iter().enumerate() {
-        total.add(window_nll(model, schedule, w)?);
+        total.add(window_nll(model, schedule, w, chunk)?);
         progress(i + 1);
     }
     Ok(total)

@@ -18,10 +18,11 @@
 
 use crate::data::Window;
 use crate::error::ToolError;
-use crate::loss::{Nll, nll_from_logits};
+use crate::loss::Nll;
 use indexcache_config::IndexSchedule;
 use indexcache_model::{DsaModel, StepState};
-use indexcache_ops::{Backend, TopK};
+use indexcache_ops::Backend;
+use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// When to stop.
@@ -92,20 +93,20 @@ pub enum SearchEvent<'a> {
 }
 
 /// Hidden state and share buffer at the input of one layer, for one window.
-struct Snapshot<T> {
-    x: T,
-    shared: Option<TopK>,
+struct Snapshot<B: Backend> {
+    x: B::Tensor,
+    shared: Option<Arc<B::Selection>>,
 }
 
 /// Per window: `inputs[j]` = state at the input of layer `j` (`j = N` is the final hidden state),
 /// `None` where not computed/valid.
-struct Trace<T> {
-    inputs: Vec<Option<Snapshot<T>>>,
+struct Trace<B: Backend> {
+    inputs: Vec<Option<Snapshot<B>>>,
     nll: Nll,
 }
 
 /// One candidate's traces (one per window) and the last layer whose input state is valid.
-type CandidateTraces<T> = (Vec<Trace<T>>, usize);
+type CandidateTraces<B> = (Vec<Trace<B>>, usize);
 
 struct Evaluator<'m, B: Backend> {
     model: &'m DsaModel<B>,
@@ -114,9 +115,8 @@ struct Evaluator<'m, B: Backend> {
 }
 
 impl<B: Backend> Evaluator<'_, B> {
-    fn copy(&self, t: &B::Tensor) -> B::Tensor {
-        let b = self.model.backend();
-        b.rows(t, 0, b.dims(t).0)
+    fn copy(&self, t: &B::Tensor) -> Result<B::Tensor, ToolError> {
+        Ok(self.model.backend().copy(t).map_err(indexcache_model::ModelError::from)?)
     }
 
     /// Run layers `from..N` of `schedule` on window `w` starting from `start`, recording the
@@ -126,29 +126,27 @@ impl<B: Backend> Evaluator<'_, B> {
         schedule: &IndexSchedule,
         w: usize,
         from: usize,
-        start: &Snapshot<B::Tensor>,
-        trace: &mut Trace<B::Tensor>,
+        start: &Snapshot<B>,
+        trace: &mut Trace<B>,
     ) -> Result<(), ToolError> {
         let model = self.model;
         let n = model.config().num_hidden_layers;
         let ids = &self.windows[w].ids;
         let mut cache = model.new_cache_with(schedule.clone(), ids.len())?;
-        let positions: Vec<usize> = (0..ids.len()).collect();
-        let mut x = self.copy(&start.x);
-        let mut state = StepState { shared: start.shared.clone(), ..Default::default() };
+        let positions = model.backend().positions(&(0..ids.len()).collect::<Vec<_>>()).map_err(model_err)?;
+        let mut x = self.copy(&start.x)?;
+        let mut state = StepState::<B>::with_shared(start.shared.clone());
         for l in from..n {
             model.layer(l, &mut x, &mut cache, &positions, &mut state)?;
             self.layer_evals += 1;
-            trace.inputs[l + 1] = Some(Snapshot { x: self.copy(&x), shared: state.shared.clone() });
+            trace.inputs[l + 1] = Some(Snapshot { x: self.copy(&x)?, shared: state.shared.clone() });
         }
-        let logits = model.logits(&x);
-        let logits = model.backend().download(&logits);
-        trace.nll = nll_from_logits(&logits, model.config().vocab_size, ids, self.windows[w].score_from);
+        trace.nll = window_nll_from_hidden(model, &x, &self.windows[w])?;
         Ok(())
     }
 
     /// Full traces of `schedule` for every window.
-    fn baseline(&mut self, schedule: &IndexSchedule) -> Result<Vec<Trace<B::Tensor>>, ToolError> {
+    fn baseline(&mut self, schedule: &IndexSchedule) -> Result<Vec<Trace<B>>, ToolError> {
         let n = self.model.config().num_hidden_layers;
         let mut traces = Vec::new();
         for w in 0..self.windows.len() {
@@ -164,7 +162,17 @@ impl<B: Backend> Evaluator<'_, B> {
     }
 }
 
-fn total(traces: &[Trace<impl Sized>]) -> Nll {
+fn model_err(e: indexcache_ops::OpError) -> ToolError {
+    indexcache_model::ModelError::from(e).into()
+}
+
+/// NLL of a window's scored tokens from the final hidden states, reduced on the device.
+fn window_nll_from_hidden<B: Backend>(model: &DsaModel<B>, x: &B::Tensor, w: &Window) -> Result<Nll, ToolError> {
+    let nll = model.nll_rows(x, &crate::loss::targets(w))?;
+    Ok(Nll::from_rows(&nll))
+}
+
+fn total<B: Backend>(traces: &[Trace<B>]) -> Nll {
     let mut t = Nll::default();
     for tr in traces {
         t.add(tr.nll);
@@ -263,7 +271,7 @@ pub fn greedy_search<B: Backend>(
         on_event(SearchEvent::Baseline { loss: state.all_full_loss });
     }
     // Per candidate layer: its traces, valid for the inputs of layers `..=valid_until`.
-    let mut cand: Vec<Option<CandidateTraces<B::Tensor>>> = (0..n).map(|_| None).collect();
+    let mut cand: Vec<Option<CandidateTraces<B>>> = (0..n).map(|_| None).collect();
     state.layer_evals += ev.layer_evals;
     ev.layer_evals = 0;
     save(&state)?;
@@ -291,7 +299,7 @@ pub fn greedy_search<B: Backend>(
                         let c = committed[w].inputs[l]
                             .as_ref()
                             .ok_or_else(|| ToolError::Invalid(format!("internal: no committed state at layer {l}")))?;
-                        Snapshot { x: ev.copy(&c.x), shared: c.shared.clone() }
+                        Snapshot { x: ev.copy(&c.x)?, shared: c.shared.clone() }
                     }
                 };
                 ev.run(&trial, w, from, &start, trace)?;

@@ -37,7 +37,8 @@ pub fn run(a: Args) -> Result<()> {
     let windows = a.data.windows(&a.model.model)?;
     let bar = progress_bar("ppl", "windows {eta}", windows.len() as u64);
     let t0 = Instant::now();
-    let nll = dataset_nll(&model, model.schedule(), &windows, &mut |i| bar.set_position(i as u64))?;
+    let chunk = indexcache_ops::Backend::default_chunk(model.backend());
+    let nll = dataset_nll(&model, model.schedule(), &windows, chunk, &mut |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     let r = Report {
         schedule: model.schedule().to_pattern(),
