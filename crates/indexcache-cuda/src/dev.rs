@@ -218,6 +218,7 @@ impl Dev {
         if bytes == 0 {
             return Ok(());
         }
+        self.ctx.bind_to_thread().map_err(|e| driver_err(op, "bind context", e))?;
         // SAFETY: callers pass addresses of live buffers with at least `bytes` bytes.
         unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
             .map_err(|e| driver_err(op, format!("{bytes} bytes device to device"), e))

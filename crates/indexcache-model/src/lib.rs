@@ -8,6 +8,7 @@
 //! ```
 
 pub mod cache;
+pub mod conformance;
 pub mod error;
 pub mod generate;
 pub mod model;

@@ -159,6 +159,9 @@ pub struct DsaModel<B: Backend> {
     schedule: IndexSchedule,
     weights: ModelWeights<B>,
     indexer_layout: RopeLayout,
+    /// Score with the reference's FP8 numerics (Hadamard + UE8M0 e4m3 fake quantisation of the
+    /// indexer q and k) instead of exact arithmetic.
+    indexer_fp8: bool,
 }
 
 impl<B: Backend> DsaModel<B> {
@@ -220,12 +223,30 @@ impl<B: Backend> DsaModel<B> {
         let full: Vec<bool> = (0..cfg.num_hidden_layers).map(|l| schedule.is_full(l)).collect();
         let weights = load_weights(&backend, &cfg, src, &full, indexers)?;
         let indexer_layout = if cfg.indexer_rope_interleave { RopeLayout::Interleaved } else { RopeLayout::HalfSplit };
-        Ok(Self { backend, cfg, schedule, weights, indexer_layout })
+        Ok(Self { backend, cfg, schedule, weights, indexer_layout, indexer_fp8: false })
     }
 
     /// Seeded random weights at the config's shapes, with an indexer on every layer.
     pub fn random(cfg: ModelConfig, backend: B, schedule: IndexSchedule, seed: u64) -> Result<Self, ModelError> {
         Self::from_source(cfg, backend, schedule, &mut RandomSource::new(seed), IndexerSelection::All)
+    }
+
+    /// Select top-k with the FP8 indexer numerics of DeepSeek's reference implementation (as
+    /// production engines do) instead of exact scores. A cache filled in one mode must not be
+    /// continued in the other (its keys are stored as scored).
+    pub fn set_fp8_indexer(&mut self, on: bool) -> Result<(), ModelError> {
+        if on && !self.cfg.index_head_dim.is_power_of_two() {
+            return Err(ModelError::Invalid(format!(
+                "the FP8 indexer needs a power-of-two index_head_dim, this model has {}",
+                self.cfg.index_head_dim
+            )));
+        }
+        self.indexer_fp8 = on;
+        Ok(())
+    }
+
+    pub fn fp8_indexer(&self) -> bool {
+        self.indexer_fp8
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -502,6 +523,10 @@ impl<B: Backend> DsaModel<B> {
             b.rope_inplace(&mut qi, d, p, self.indexer_layout, positions, rope)?;
             let mut ki = b.layer_norm(&b.matmul_t(h, &ix.wk)?, &ix.k_norm_w, &ix.k_norm_b, INDEXER_NORM_EPS)?;
             b.rope_inplace(&mut ki, d, p, self.indexer_layout, positions, rope)?;
+            if self.indexer_fp8 {
+                b.indexer_fp8_quant_inplace(&mut qi, d)?;
+                b.indexer_fp8_quant_inplace(&mut ki, d)?;
+            }
             b.write_block(keys, pos0, 0, &ki)?;
             let mut head_w = b.matmul_t(h, &ix.weights_proj)?; // [T, HI]
             b.scale_inplace(&mut head_w, (hi as f32).powf(-0.5))?;

@@ -26,6 +26,7 @@
 //! * [`cpu::CpuBackend`] — f32 compute, `gemm` + `rayon`; every fast kernel has a plain
 //!   reference next to it in [`cpu::reference`] and is tested against it.
 
+pub mod conformance;
 pub mod cpu;
 pub mod random;
 mod rope;
@@ -267,6 +268,12 @@ pub trait Backend: Send + Sync {
         topk: usize,
         scale: f32,
     ) -> OpResult<Self::Selection>;
+    /// The FP8-faithful indexer numerics of DeepSeek's reference (an option): per `block`-wide
+    /// block of every row (a 128-dim indexer head of q, or a key), the orthonormal Walsh–Hadamard
+    /// rotation, then e4m3 fake quantisation with a power-of-two (UE8M0) scale
+    /// (`cpu::fp8_indexer`). Applied to q and k before scoring, the scores equal the reference's
+    /// FP8 `fp8_index` up to f32 summation order. In place.
+    fn indexer_fp8_quant_inplace(&self, x: &mut Self::Tensor, block: usize) -> OpResult<()>;
     /// Sparse MLA attention in the absorbed (MQA) form over the selected positions only.
     /// `q_lat: [T, H*R]` (q_nope·W_UK), `q_pe: [T, H*P]` (RoPE applied), `cache: [≥S, R+P]`
     /// rows `[c_kv | k_pe]`. Returns the latent output `[T, H*R]` = softmax(scale·(q_lat·c +

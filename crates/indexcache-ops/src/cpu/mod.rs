@@ -2,6 +2,7 @@
 //! `rayon`. Fast kernels live in the sibling modules; [`reference`] holds their plain twins.
 
 mod attention;
+pub mod fp8_indexer;
 mod indexer;
 mod linalg;
 pub mod reference;
@@ -316,6 +317,14 @@ impl Backend for CpuBackend {
         scale: f32,
     ) -> OpResult<TopK> {
         Ok(indexer::indexer_topk(q, head_w, keys, &pos.host, topk, scale))
+    }
+
+    fn indexer_fp8_quant_inplace(&self, x: &mut CpuTensor, block: usize) -> OpResult<()> {
+        let cols = x.cols;
+        if !cols.is_multiple_of(block) {
+            return Err(OpError::new("indexer_fp8", format!("[{}, {cols}]", x.rows), format!("block {block}")));
+        }
+        x.data.par_chunks_mut(cols).try_for_each(|row| fp8_indexer::hadamard_fp8_inplace(row, block))
     }
 
     fn sparse_mla(

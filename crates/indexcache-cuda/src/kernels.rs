@@ -1,0 +1,15 @@
+//! The CUDA C sources, compiled at run time by NVRTC ([`crate::dev::compile`]).
+
+use crate::dev::Source;
+
+pub const INDEXER: Source = Source { name: "indexer", code: include_str!("kernels/indexer.cu") };
+pub const TOPK: Source = Source { name: "topk", code: include_str!("kernels/topk.cu") };
+pub const MLA: Source = Source { name: "mla", code: include_str!("kernels/mla.cu") };
+pub const ELEMENTWISE: Source = Source { name: "elementwise", code: include_str!("kernels/elementwise.cu") };
+pub const MOE: Source = Source { name: "moe", code: include_str!("kernels/moe.cu") };
+pub const FP8: Source = Source { name: "fp8", code: include_str!("kernels/fp8.cu") };
+
+/// Every kernel source (the compile test in CI walks this list).
+pub fn all() -> Vec<&'static Source> {
+    vec![&INDEXER, &TOPK, &MLA, &ELEMENTWISE, &MOE, &FP8]
+}

@@ -1,0 +1,683 @@
+// Sparse MLA attention in the absorbed (MQA) form over the selected cache rows.
+//
+// For query row t and head h, over the valid entries j of sel[t, :] (entries < 0 skipped):
+//   logit_j = scale * (q_lat[t,h,:] . c_j + q_pe[t,h,:] . k_pe_j)      (cache row = [c_j | k_pe_j])
+//   out[t,h,:] = sum_j softmax(logit)_j * c_j                           (zeros when no valid entry)
+// Layouts: q_lat [rows, heads*r], q_pe [rows, heads*p], cache [cache_rows, r+p], out [rows, heads*r],
+// sel i32 [rows, k]. bf16 values are `unsigned short` bit patterns (no CUDA headers here).
+//
+// Kernels (grid = (rows, head groups, splits) for the attention kernels, 256 threads):
+//   mla_cc_f32 / mla_cc_bf16  exact CUDA-core path (f32 arithmetic): any r, p, heads, k.
+//   mla_tc_m1 / _m2 / _m4     bf16 tensor-core path (mma.sync m16n8k16, f32 accumulate) for
+//                             16 / 32 / 64 heads per CTA; r % 8 == 0, p % 8 == 0, r <= 512.
+//   mla_combine_f32 / _bf16   split-k combine: out = sum_s e^{m_s-M} O_s / sum_s e^{m_s-M} l_s.
+// With splits == 1 the attention kernels write `out` directly; otherwise split s of row t writes
+// its unnormalised partial O (f32) to ws_o[t, s, h, :] and (m, l) (natural-log units) to
+// ws_ml[t, s, h, 0..2], and the combine kernel finishes.
+//
+// MLA_HOST_EMU: defined only by a host-side emulator (C++ threads standing in for CUDA threads,
+// ldmatrix / mma / cp.async emulated from the PTX ISA fragment layouts) used to check the index
+// arithmetic without a GPU; it supplies the primitives guarded below. NVRTC never defines it.
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+struct alignas(8) mla_f2 {
+    float x, y;
+};
+struct alignas(16) mla_f4 {
+    float x, y, z, w;
+};
+struct alignas(8) mla_u2 {
+    u32 x, y;
+};
+
+#ifndef MLA_HOST_EMU
+// ---- device primitives (inline PTX; the host emulator used in development supplies its own) ----
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+// 16-byte async copy global -> shared; `src_bytes` of 0 writes 16 zero bytes (reads nothing).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32 (&d)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32 (&d)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(addr));
+}
+
+// c += a (16x16, row) * b (16x8, col); bf16 in, f32 accumulate.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two f32 -> packed bf16x2 (round to nearest even); `lo` lands in the low half (lower address).
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float neg_inf() {
+    return __int_as_float(0xff800000);
+}
+#endif  // MLA_HOST_EMU
+
+__device__ __forceinline__ int imin(int a, int b) {
+    return a < b ? a : b;
+}
+__device__ __forceinline__ int imax(int a, int b) {
+    return a > b ? a : b;
+}
+
+__device__ __forceinline__ float bf2f(bf16_t v) {
+    return __uint_as_float(((u32)v) << 16);
+}
+
+__device__ __forceinline__ bf16_t f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float ld_val(const float* p) {
+    return *p;
+}
+__device__ __forceinline__ float ld_val(const bf16_t* p) {
+    return bf2f(*p);
+}
+__device__ __forceinline__ void st_val(float* p, float v) {
+    *p = v;
+}
+__device__ __forceinline__ void st_val(bf16_t* p, float v) {
+    *p = f2bf(v);
+}
+
+// One past the last valid (>= 0) entry of sel_row[jb..je), or jb when there is none; block-wide
+// (256 threads), `red` is 8 ints of shared memory. Ends with a barrier; `red` may not be reused.
+__device__ __forceinline__ int valid_end(const int* sel_row, int jb, int je, int* red) {
+    const int tid = threadIdx.x;
+    int last = jb;
+    for (int j = jb + tid; j < je; j += 256)
+        if (sel_row[j] >= 0) last = j + 1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) last = imax(last, __shfl_xor_sync(0xffffffffu, last, o));
+    if ((tid & 31) == 0) red[tid >> 5] = last;
+    __syncthreads();
+    int n = red[0];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) n = imax(n, red[w]);
+    return n;
+}
+
+// =============================================================================================
+// CUDA-core path: exact f32 arithmetic, any shape.
+//
+// CTA = (row t, head group [h0, h0+nh), split). Shared memory (f32):
+//   sG [NB, W] gathered rows | sQ [HG, W] | sO [HG, r] running output | sP [HG, NB] logits then
+//   probabilities | sM, sL, sCorr [HG] | sValid [NB] (int) | red [8] (int).
+// Per block of NB selected entries: gather (invalid -> zeros), logits (one warp per (head, key)
+// dot product, lane-strided + tree reduce), online-softmax update (one thread per head), then
+// O = O * corr + P . G (one thread per output element).
+// =============================================================================================
+template <typename T>
+__device__ __forceinline__ void mla_cc(const T* __restrict__ q_lat, const T* __restrict__ q_pe,
+                                       const T* __restrict__ cache, const int* __restrict__ sel, T* __restrict__ out,
+                                       float* __restrict__ ws_o, float* __restrict__ ws_ml, int heads, int r, int p,
+                                       int k, float scale, int hg, int nb, int split_len, int splits,
+                                       unsigned char* smem) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int t = blockIdx.x;
+    const int h0 = blockIdx.y * hg;
+    const int nh = imin(hg, heads - h0);
+    const int split = blockIdx.z;
+    const int W = r + p;
+    const int jb = imin(k, split * split_len);
+    const int je = imin(k, jb + split_len);
+    const int* sel_row = sel + (u64)t * k;
+
+    float* sG = (float*)smem;
+    float* sQ = sG + nb * W;
+    float* sO = sQ + hg * W;
+    float* sP = sO + hg * r;
+    float* sM = sP + hg * nb;
+    float* sL = sM + hg;
+    float* sCorr = sL + hg;
+    int* sValid = (int*)(sCorr + hg);
+    int* red = sValid + nb;
+
+    const int n_end = valid_end(sel_row, jb, je, red);
+
+    for (int i = tid; i < nh * W; i += 256) {
+        const int h = i / W, c = i - h * W;
+        const u64 qrow = (u64)t * heads + h0 + h;
+        sQ[i] = c < r ? ld_val(q_lat + qrow * r + c) : ld_val(q_pe + qrow * p + (c - r));
+    }
+    for (int i = tid; i < nh * r; i += 256) sO[i] = 0.0f;
+    for (int h = tid; h < nh; h += 256) {
+        sM[h] = neg_inf();
+        sL[h] = 0.0f;
+    }
+
+    for (int b0 = jb; b0 < n_end; b0 += nb) {
+        __syncthreads();  // previous block's readers of sG / sP are done; init visible
+        for (int jj = tid; jj < nb; jj += 256) {
+            const int j = b0 + jj;
+            sValid[jj] = j < n_end ? sel_row[j] : -1;
+        }
+        __syncthreads();
+        for (int i = tid; i < nb * W; i += 256) {
+            const int jj = i / W, c = i - jj * W;
+            const int s = sValid[jj];
+            sG[i] = s >= 0 ? ld_val(cache + (u64)s * W + c) : 0.0f;
+        }
+        __syncthreads();
+        for (int pr = warp; pr < nh * nb; pr += 8) {
+            const int h = pr / nb, jj = pr - h * nb;
+            if (sValid[jj] < 0) {
+                if (lane == 0) sP[pr] = neg_inf();
+                continue;
+            }
+            const float* q = sQ + h * W;
+            const float* g = sG + jj * W;
+            float acc = 0.0f;
+            for (int c = lane; c < W; c += 32) acc = fmaf(q[c], g[c], acc);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (lane == 0) sP[pr] = acc * scale;
+        }
+        __syncthreads();
+        for (int h = tid; h < nh; h += 256) {
+            float* lg = sP + h * nb;
+            const float m_old = sM[h];
+            float mx = m_old;
+            for (int jj = 0; jj < nb; ++jj) mx = fmaxf(mx, lg[jj]);
+            float corr = 1.0f, sum = 0.0f;
+            if (mx != neg_inf()) {
+                corr = expf(m_old - mx);
+                for (int jj = 0; jj < nb; ++jj) {
+                    const float e = expf(lg[jj] - mx);
+                    lg[jj] = e;
+                    sum += e;
+                }
+            } else {
+                for (int jj = 0; jj < nb; ++jj) lg[jj] = 0.0f;
+            }
+            sM[h] = mx;
+            sL[h] = sL[h] * corr + sum;
+            sCorr[h] = corr;
+        }
+        __syncthreads();
+        for (int i = tid; i < nh * r; i += 256) {
+            const int h = i / r, c = i - h * r;
+            const float* pr = sP + h * nb;
+            float o = sO[i] * sCorr[h];
+            for (int jj = 0; jj < nb; ++jj) o = fmaf(pr[jj], sG[jj * W + c], o);
+            sO[i] = o;
+        }
+    }
+    __syncthreads();
+
+    for (int i = tid; i < nh * r; i += 256) {
+        const int h = i / r, c = i - h * r;
+        const u64 orow = (u64)t * heads + h0 + h;
+        if (splits == 1) {
+            const float l = sL[h];
+            st_val(out + orow * r + c, l > 0.0f ? sO[i] / l : 0.0f);
+        } else {
+            const u64 wrow = ((u64)t * splits + split) * heads + h0 + h;
+            ws_o[wrow * r + c] = sO[i];
+            if (c == 0) {
+                ws_ml[wrow * 2] = sM[h];
+                ws_ml[wrow * 2 + 1] = sL[h];
+            }
+        }
+    }
+}
+
+#ifndef MLA_HOST_EMU
+extern __shared__ __align__(16) unsigned char mla_dyn_smem[];
+#define MLA_SMEM mla_dyn_smem
+#endif
+
+extern "C" __global__ void __launch_bounds__(256) mla_cc_f32(const float* q_lat, const float* q_pe, const float* cache,
+                                                             const int* sel, float* out, float* ws_o, float* ws_ml,
+                                                             int heads, int r, int p, int k, float scale, int hg,
+                                                             int nb, int split_len, int splits) {
+    mla_cc<float>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, hg, nb, split_len, splits,
+                  MLA_SMEM);
+}
+
+extern "C" __global__ void __launch_bounds__(256) mla_cc_bf16(const bf16_t* q_lat, const bf16_t* q_pe,
+                                                              const bf16_t* cache, const int* sel, bf16_t* out,
+                                                              float* ws_o, float* ws_ml, int heads, int r, int p,
+                                                              int k, float scale, int hg, int nb, int split_len,
+                                                              int splits) {
+    mla_cc<bf16_t>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, hg, nb, split_len, splits,
+                   MLA_SMEM);
+}
+
+// =============================================================================================
+// Tensor-core path (bf16 in, f32 accumulate), FlashMLA-like with mma.sync.m16n8k16.
+//
+// CTA = (row t, head group of HP = 16*MT heads, split), 8 warps. Shared memory (runtime W = r+p,
+// Wp = W rounded up to 16, row stride WS = Wp + 8 elements so ldmatrix rows hit distinct banks):
+//   sQ [HP, WS] bf16    Q_t = [q_lat_h | q_pe_h | 0-pad] per head, rows >= nh zero
+//   sG [2][NT, WS] bf16 double-buffered tile of NT gathered cache rows (cp.async, 16-B chunks;
+//                       invalid entries zero-filled)
+//   sS [4][HP, NT+8] f32 partial logits of the 4 K-splits
+//   sP [HP, NT+8] bf16  probabilities of the tile
+//   sCorr [HP], sML [2, HP] f32, red [8] int
+// Per tile of NT selected entries (loads of tile i+1 overlap the math of tile i):
+//   S phase: S = Q . G^T (K = Wp). 8 warps = 2 output blocks x 4 K-splits; each warp computes a
+//            (16*WMT) x 32 block over a quarter of the k16 steps (A = Q via ldmatrix, B = G via
+//            ldmatrix: rows of G are the n index), and stores its partial to sS.
+//   softmax: 256/HP threads per head row sum the 4 partials, mask invalid entries, update the
+//            running max / sum (log2 domain, in registers), write P (bf16) and the rescale factor.
+//   O phase: O[HP, r] += P . G[:, :r]; warp w owns the n8 column tiles w, w+8, ... (<= 8 tiles,
+//            so r <= 512) for all HP rows, accumulators in registers (MT*8*4 f32 per thread);
+//            A = P via ldmatrix, B = G via ldmatrix.trans (rows of G are the k index).
+// FLOPs per valid entry: 2*HP*(Wp + r) issued, 2*heads*(W + r) useful.
+// =============================================================================================
+template <int MT>
+struct TcCfg {
+    static constexpr int HP = 16 * MT;
+    static constexpr int NT = (MT == 4) ? 32 : 64;  // keys per tile
+    static constexpr int STAGES = 2;
+    static constexpr int KS = 4;                    // K-splits of the S phase
+    static constexpr int WMT = (MT >= 2) ? 2 : 1;   // m16 tiles per S warp block
+    static constexpr int TPR = 256 / HP;            // softmax threads per head row
+    static constexpr int KPT = NT / TPR;            // keys per softmax thread (multiple of 4)
+    static constexpr int NTW = 8;                   // O column tiles per warp (r <= 512)
+    static constexpr int SS = NT + 8;               // sS row stride (f32)
+    static constexpr int PS = NT + 8;               // sP row stride (bf16)
+};
+
+template <int MT>
+__device__ __forceinline__ void mla_tc(const bf16_t* __restrict__ q_lat, const bf16_t* __restrict__ q_pe,
+                                       const bf16_t* __restrict__ cache, const int* __restrict__ sel,
+                                       bf16_t* __restrict__ out, float* __restrict__ ws_o,
+                                       float* __restrict__ ws_ml, int heads, int r, int p, int k, float scale,
+                                       int split_len, int splits, unsigned char* smem) {
+    typedef TcCfg<MT> C;
+    constexpr int HP = C::HP, NT = C::NT, STAGES = C::STAGES, KS = C::KS, WMT = C::WMT, TPR = C::TPR,
+                  KPT = C::KPT, NTW = C::NTW, SS = C::SS, PS = C::PS;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int t = blockIdx.x;
+    const int h0 = blockIdx.y * HP;
+    const int nh = imin(HP, heads - h0);
+    const int split = blockIdx.z;
+    const int W = r + p;
+    const int Wp = (W + 15) & ~15;
+    const int WS = Wp + 8;
+    const int CPR = W >> 3;  // 16-byte chunks per row
+    const int RCH = r >> 3;  // chunks of the q_lat part
+    const int KSTEPS = Wp >> 4;
+    const int NR = r >> 3;   // n8 tiles of O
+    const int jb = imin(k, split * split_len);
+    const int je = imin(k, jb + split_len);
+    const int* sel_row = sel + (u64)t * k;
+
+    bf16_t* sQ = (bf16_t*)smem;
+    bf16_t* sG = sQ + HP * WS;
+    float* sS = (float*)(sG + STAGES * NT * WS);
+    bf16_t* sP = (bf16_t*)(sS + KS * HP * SS);
+    float* sCorr = (float*)(sP + HP * PS);
+    float* sML = sCorr + HP;
+    int* red = (int*)(sML + 2 * HP);
+
+    const int n_end = valid_end(sel_row, jb, je, red);
+    const int ntiles = (n_end - jb + NT - 1) / NT;
+
+    // Zero what cp.async never writes: Q rows >= nh, and columns [W, Wp) of every Q / G row.
+    for (int i = tid; i < (HP - nh) * (Wp >> 1); i += 256) {
+        const int h = nh + i / (Wp >> 1), c = i % (Wp >> 1);
+        ((u32*)(sQ + h * WS))[c] = 0u;
+    }
+    if (Wp > W) {
+        for (int row = tid; row < HP + STAGES * NT; row += 256) {
+            bf16_t* rp = (row < HP) ? sQ + row * WS : sG + (row - HP) * WS;
+            for (int c = W; c < Wp; ++c) rp[c] = 0;
+        }
+    }
+
+    // Q rows via cp.async (joins the first commit group).
+    for (int h = warp; h < nh; h += 8) {
+        const u64 qrow = (u64)t * heads + h0 + h;
+        const bf16_t* ql = q_lat + qrow * r;
+        const bf16_t* qp = q_pe + qrow * p;
+        const u32 dst = smem_addr(sQ + h * WS);
+        for (int c = lane; c < CPR; c += 32) cp_async16(dst + c * 16, c < RCH ? ql + c * 8 : qp + (c - RCH) * 8, 16);
+    }
+
+    // Gather tile `it` (entries jb + it*NT ..) into stage `st`: one warp per row, lanes over chunks.
+    auto load_tile = [&](int it, int st) {
+        const int j0 = jb + it * NT;
+        bf16_t* base = sG + st * NT * WS;
+        int idx[NT / 8];  // all index loads first, so their latencies overlap
+#pragma unroll
+        for (int i = 0; i < NT / 8; ++i) {
+            const int j = j0 + warp + 8 * i;
+            idx[i] = j < n_end ? sel_row[j] : -1;
+        }
+#pragma unroll
+        for (int i = 0; i < NT / 8; ++i) {
+            const bf16_t* src = cache + (u64)(idx[i] < 0 ? 0 : idx[i]) * W;
+            const int bytes = idx[i] < 0 ? 0 : 16;
+            const u32 dst = smem_addr(base + (warp + 8 * i) * WS);
+            for (int c = lane; c < CPR; c += 32) cp_async16(dst + c * 16, src + c * 8, bytes);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ntiles) load_tile(s, s);
+        cp_async_commit();
+    }
+
+    const float sl2 = scale * 1.4426950408889634f;  // logits in log2 units
+    const int srow = tid / TPR, sq = tid % TPR;     // this thread's softmax row / slot
+    float m_run = neg_inf(), l_run = 0.0f;
+
+    float o[MT][NTW][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int i = 0; i < NTW; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mi][i][e] = 0.0f;
+
+    const int g = lane >> 2, tg = lane & 3;
+
+    for (int it = 0; it < ntiles; ++it) {
+        const int st = it % STAGES;
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // (A) tile `it` landed for all threads; everyone is done with tile it-1
+        {
+            const int nx = it + STAGES - 1;
+            if (nx < ntiles) load_tile(nx, nx % STAGES);
+            cp_async_commit();
+        }
+        const bf16_t* G = sG + st * NT * WS;
+
+        // Validity of this thread's softmax entries, loaded now so the latency hides under the S phase.
+        u32 okmask = 0;
+        {
+            const int j0 = jb + it * NT;
+#pragma unroll
+            for (int u = 0; u < KPT / 4; ++u)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j0 + 4 * sq + 4 * TPR * u + e;
+                    if (j < n_end && sel_row[j] >= 0) okmask |= 1u << (4 * u + e);
+                }
+        }
+
+        // ---- S phase ----
+        {
+            const int ks = warp >> 1, wt = warp & 1;
+            const int m0 = (MT == 4) ? wt * 32 : 0;
+            const int n0 = (MT == 4) ? 0 : wt * 32;
+            const int per = (KSTEPS + KS - 1) / KS;
+            const int kb = ks * per, ke = imin(KSTEPS, kb + per);
+            float sacc[WMT][4][4];
+#pragma unroll
+            for (int mi = 0; mi < WMT; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) sacc[mi][ni][e] = 0.0f;
+            const u32 qa = smem_addr(sQ + (m0 + (lane & 15)) * WS + (lane >> 4) * 8);
+            const u32 ga = smem_addr(G + (n0 + (lane & 7) + ((lane >> 4) << 3)) * WS + ((lane >> 3) & 1) * 8);
+            for (int kk = kb; kk < ke; ++kk) {
+                u32 a[WMT][4];
+#pragma unroll
+                for (int mi = 0; mi < WMT; ++mi) ldsm_x4(qa + (mi * 16 * WS + kk * 16) * 2, a[mi]);
+                u32 b[4][2];
+#pragma unroll
+                for (int nj = 0; nj < 2; ++nj) {
+                    u32 x[4];
+                    ldsm_x4(ga + (nj * 16 * WS + kk * 16) * 2, x);
+                    b[2 * nj][0] = x[0];
+                    b[2 * nj][1] = x[1];
+                    b[2 * nj + 1][0] = x[2];
+                    b[2 * nj + 1][1] = x[3];
+                }
+#pragma unroll
+                for (int mi = 0; mi < WMT; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) mma_bf16(sacc[mi][ni], a[mi], b[ni]);
+            }
+            float* S = sS + ks * HP * SS;
+#pragma unroll
+            for (int mi = 0; mi < WMT; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    const int row = m0 + mi * 16 + g, col = n0 + ni * 8 + 2 * tg;
+                    *(mla_f2*)&S[row * SS + col] = mla_f2{sacc[mi][ni][0], sacc[mi][ni][1]};
+                    *(mla_f2*)&S[(row + 8) * SS + col] = mla_f2{sacc[mi][ni][2], sacc[mi][ni][3]};
+                }
+        }
+        __syncthreads();  // (B) partial logits complete
+
+        // ---- online softmax (log2 domain) ----
+        {
+            float x[KPT];
+#pragma unroll
+            for (int u = 0; u < KPT / 4; ++u) {
+                const int jj = 4 * sq + 4 * TPR * u;
+                mla_f4 v = *(const mla_f4*)&sS[srow * SS + jj];
+#pragma unroll
+                for (int ks = 1; ks < KS; ++ks) {
+                    const mla_f4 w = *(const mla_f4*)&sS[(ks * HP + srow) * SS + jj];
+                    v.x += w.x;
+                    v.y += w.y;
+                    v.z += w.z;
+                    v.w += w.w;
+                }
+                const float vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) x[4 * u + e] = (okmask >> (4 * u + e)) & 1u ? vv[e] * sl2 : neg_inf();
+            }
+            float mx = x[0];
+#pragma unroll
+            for (int i = 1; i < KPT; ++i) mx = fmaxf(mx, x[i]);
+#pragma unroll
+            for (int off = TPR / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            const float m_new = fmaxf(m_run, mx);
+            float corr = 1.0f, sum = 0.0f;
+            if (m_new != neg_inf()) {
+                corr = exp2f(m_run - m_new);
+#pragma unroll
+                for (int i = 0; i < KPT; ++i) {
+                    x[i] = exp2f(x[i] - m_new);
+                    sum += x[i];
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < KPT; ++i) x[i] = 0.0f;
+            }
+#pragma unroll
+            for (int off = TPR / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            l_run = l_run * corr + sum;
+            m_run = m_new;
+#pragma unroll
+            for (int u = 0; u < KPT / 4; ++u) {
+                const int jj = 4 * sq + 4 * TPR * u;
+                *(mla_u2*)&sP[srow * PS + jj] =
+                    mla_u2{pack_bf16x2(x[4 * u], x[4 * u + 1]), pack_bf16x2(x[4 * u + 2], x[4 * u + 3])};
+            }
+            if (sq == 0) sCorr[srow] = corr;
+        }
+        __syncthreads();  // (C) P and the rescale factors are complete
+
+        // ---- O phase ----
+        {
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                const float c0 = sCorr[mi * 16 + g], c1 = sCorr[mi * 16 + g + 8];
+#pragma unroll
+                for (int i = 0; i < NTW; ++i) {
+                    o[mi][i][0] *= c0;
+                    o[mi][i][1] *= c0;
+                    o[mi][i][2] *= c1;
+                    o[mi][i][3] *= c1;
+                }
+            }
+            const u32 pa = smem_addr(sP + (lane & 15) * PS + (lane >> 4) * 8);
+#pragma unroll
+            for (int kk = 0; kk < NT / 16; ++kk) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int mi = 0; mi < MT; ++mi) ldsm_x4(pa + (mi * 16 * PS + kk * 16) * 2, a[mi]);
+#pragma unroll
+                for (int i = 0; i < NTW; i += 2) {
+                    const int nt0 = warp + 8 * i, nt1 = warp + 8 * (i + 1);
+                    if (nt0 < NR) {
+                        const int ntl = (lane < 16 || nt1 >= NR) ? nt0 : nt1;
+                        u32 x[4];
+                        ldsm_x4_t(smem_addr(G + (kk * 16 + (lane & 15)) * WS + ntl * 8), x);
+                        const u32 b0[2] = {x[0], x[1]};
+                        const u32 b1[2] = {x[2], x[3]};
+#pragma unroll
+                        for (int mi = 0; mi < MT; ++mi) mma_bf16(o[mi][i], a[mi], b0);
+                        if (nt1 < NR) {
+#pragma unroll
+                            for (int mi = 0; mi < MT; ++mi) mma_bf16(o[mi][i + 1], a[mi], b1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue ----
+    if (sq == 0) {
+        sML[srow] = m_run * 0.6931471805599453f;  // natural-log units
+        sML[HP + srow] = l_run;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int h = mi * 16 + g + 8 * hh;
+            if (h >= nh) continue;
+            const float l = sML[HP + h];
+            if (splits == 1) {
+                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                bf16_t* orow = out + ((u64)t * heads + h0 + h) * r;
+#pragma unroll
+                for (int i = 0; i < NTW; ++i) {
+                    const int nt = warp + 8 * i;
+                    if (nt < NR)
+                        *(u32*)&orow[nt * 8 + 2 * tg] =
+                            pack_bf16x2(o[mi][i][2 * hh] * inv, o[mi][i][2 * hh + 1] * inv);
+                }
+            } else {
+                const u64 wrow = ((u64)t * splits + split) * heads + h0 + h;
+                float* orow = ws_o + wrow * r;
+#pragma unroll
+                for (int i = 0; i < NTW; ++i) {
+                    const int nt = warp + 8 * i;
+                    if (nt < NR) *(mla_f2*)&orow[nt * 8 + 2 * tg] = mla_f2{o[mi][i][2 * hh], o[mi][i][2 * hh + 1]};
+                }
+                if (warp == 0 && tg == 0) {
+                    ws_ml[wrow * 2] = sML[h];
+                    ws_ml[wrow * 2 + 1] = l;
+                }
+            }
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    mla_tc_m1(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
+              float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    mla_tc<1>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    mla_tc_m2(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
+              float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    mla_tc<2>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    mla_tc_m4(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
+              float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    mla_tc<4>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
+}
+
+// =============================================================================================
+// Split-k combine. Grid (rows, heads), 128 threads; dynamic shared memory: `splits` floats.
+// =============================================================================================
+template <typename T>
+__device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
+                                            T* __restrict__ out, int heads, int r, int splits, float* sw) {
+    const int t = blockIdx.x, h = blockIdx.y;
+    if (threadIdx.x == 0) {
+        float M = neg_inf();
+        for (int s = 0; s < splits; ++s) {
+            const u64 w = ((u64)t * splits + s) * heads + h;
+            if (ws_ml[w * 2 + 1] > 0.0f) M = fmaxf(M, ws_ml[w * 2]);
+        }
+        float L = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const u64 w = ((u64)t * splits + s) * heads + h;
+            const float l = ws_ml[w * 2 + 1];
+            const float e = l > 0.0f ? expf(ws_ml[w * 2] - M) : 0.0f;
+            sw[s] = e;
+            L += e * l;
+        }
+        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        for (int s = 0; s < splits; ++s) sw[s] *= inv;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < r; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float w = sw[s];
+            if (w != 0.0f) acc = fmaf(w, ws_o[(((u64)t * splits + s) * heads + h) * r + c], acc);
+        }
+        st_val(out + ((u64)t * heads + h) * r + c, acc);
+    }
+}
+
+extern "C" __global__ void mla_combine_f32(const float* ws_o, const float* ws_ml, float* out, int heads, int r,
+                                           int splits) {
+    mla_combine<float>(ws_o, ws_ml, out, heads, r, splits, (float*)MLA_SMEM);
+}
+
+extern "C" __global__ void mla_combine_bf16(const float* ws_o, const float* ws_ml, bf16_t* out, int heads, int r,
+                                            int splits) {
+    mla_combine<bf16_t>(ws_o, ws_ml, out, heads, r, splits, (float*)MLA_SMEM);
+}
