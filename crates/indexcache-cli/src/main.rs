@@ -26,7 +26,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// The built-in demo: schedule, generation, and DSA vs IndexCache timing on a tiny model.
     Demo(cmd::demo::Args),
-    /// Time-to-first-token and decode tokens/s per IndexCache pattern, with the indexer's share.
+    /// Prefill time, TTFT and decode tokens/s per context and IndexCache pattern, with the indexer's
+    /// share and peak device memory.
     Bench(cmd::bench::Args),
     /// Mean next-token NLL and perplexity over windows of text.
     Ppl(cmd::ppl::Args),

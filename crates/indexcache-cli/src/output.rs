@@ -1,4 +1,5 @@
-//! Writing results: safetensors files of named tensors, written atomically.
+//! Writing results: files written atomically into directories created on demand, and
+//! safetensors files of named tensors.
 
 use anyhow::{Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -10,7 +11,30 @@ pub enum OutTensor {
     I32 { name: String, shape: Vec<usize>, data: Vec<i32> },
 }
 
-/// Write tensors to `path` (via a temporary file + rename, so a failure never leaves half a file).
+/// Create the directory `path` goes into (every `--out` may name a directory that does not exist
+/// yet).
+pub fn create_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Write `bytes` to `path` via a temporary file + rename (a failure never leaves half a file),
+/// creating the parent directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    create_parent(path)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Write tensors to `path` (atomically, see [`write_atomic`]).
 pub fn write_safetensors(path: &Path, tensors: &[OutTensor]) -> Result<()> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
@@ -24,8 +48,5 @@ pub fn write_safetensors(path: &Path, tensors: &[OutTensor]) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, None).context("serialising safetensors")?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    write_atomic(path, &bytes)
 }

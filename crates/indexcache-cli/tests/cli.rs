@@ -34,7 +34,16 @@ fn fails(args: &[&str]) -> String {
 fn help_everywhere() {
     for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search", "overlap", "eval", "export"] {
         let out = ok(&[cmd, "--help"]);
-        assert!(out.contains("Usage:"), "{cmd}");
+        assert!(out.contains(&format!("Usage: indexcache {cmd}")), "{cmd}: {out}");
+        // Every command that loads a model chooses its device, dtype and prefill chunk.
+        let loads = !matches!(cmd, "info" | "export");
+        for opt in ["--device <DEVICE>", "--dtype <DTYPE>", "--chunk <TOKENS>"] {
+            assert_eq!(out.contains(opt), loads, "{cmd} {opt}: {out}");
+        }
+    }
+    let top = ok(&["--help"]);
+    for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search", "overlap", "eval", "export"] {
+        assert!(top.contains(cmd), "{cmd} missing from the top-level help");
     }
 }
 
@@ -72,7 +81,8 @@ fn schedule_errors_are_clear() {
 #[test]
 fn forward_writes_the_contract_tensors() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.safetensors");
+    // --out into a directory that does not exist yet.
+    let out = dir.path().join("new/out.safetensors");
     let ids = (0..40).map(|i| ((i * 37 + 11) % 256).to_string()).collect::<Vec<_>>().join(",");
     ok(&[
         "forward",
@@ -106,6 +116,34 @@ fn forward_writes_the_contract_tensors() {
     };
     let (full, dec) = (f("logits"), f("decode_logits"));
     for (a, b) in dec.iter().zip(&full[37 * 256..]) {
+        assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    // A chunked prefill (--chunk 16: three chunks) writes the same tensors: top-k rows of every
+    // chunk concatenated, same logits up to rounding.
+    let out2 = dir.path().join("chunked.safetensors");
+    ok(&[
+        "forward",
+        "-m",
+        &fixture("glm5-pattern"),
+        "--input-ids",
+        &ids,
+        "--chunk",
+        "16",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    let bytes2 = std::fs::read(&out2).unwrap();
+    let st2 = safetensors::SafeTensors::deserialize(&bytes2).unwrap();
+    for l in [0, 3, 5] {
+        let name = format!("topk.layer{l}");
+        let (a, b) = (st.tensor(&name).unwrap(), st2.tensor(&name).unwrap());
+        assert_eq!(a.shape(), b.shape(), "{name}");
+        assert_eq!(a.data(), b.data(), "{name}");
+    }
+    let chunked: Vec<f32> =
+        st2.tensor("logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(chunked.len(), full.len());
+    for (a, b) in chunked.iter().zip(&full) {
         assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
     }
     let err =
@@ -142,10 +180,35 @@ fn generate_and_demo_run_on_the_shipped_model() {
     assert!(err.contains("context too long"), "{err}");
 }
 
+/// Token ids and `[T, vocab]` logits of a safetensors file (`input_ids` i64, `logits` f32).
+fn ids_and_logits(path: &std::path::Path, ids_name: &str) -> (Vec<u32>, Vec<f32>, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = match st.tensor(ids_name) {
+        Ok(t) => t.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect(),
+        Err(_) => Vec::new(),
+    };
+    let t = st.tensor("logits").unwrap();
+    let vocab = t.shape()[1];
+    let logits = t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    (ids, logits, vocab)
+}
+
+/// Summed NLL of `ids[1..]` from `logits` rows `0..len-1`, float64 log-softmax.
+fn nll_sum(logits: &[f32], vocab: usize, ids: &[u32]) -> f64 {
+    (1..ids.len())
+        .map(|j| {
+            let row = &logits[(j - 1) * vocab..j * vocab];
+            let m = row.iter().map(|&v| v as f64).fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            m + z.ln() - row[ids[j] as usize] as f64
+        })
+        .sum()
+}
+
 #[test]
-fn bench_ppl_and_search_on_a_fixture() {
+fn bench_on_a_fixture() {
     let m = fixture("ds32-yarn");
-    let data = root().join("tests/fixtures/ds32-yarn/reference.safetensors").display().to_string();
     let b: serde_json::Value = serde_json::from_str(&ok(&[
         "bench",
         "-m",
@@ -153,26 +216,125 @@ fn bench_ppl_and_search_on_a_fixture() {
         "--contexts",
         "40",
         "--patterns",
-        "full,1/2",
+        "1/2,full",
         "--decode",
         "2",
+        "--chunk",
+        "16",
         "--json",
     ]))
     .unwrap();
-    assert_eq!(b["rows"].as_array().unwrap().len(), 2);
-    assert_eq!(b["rows"][1]["schedule"], "FSFS");
-    let p: serde_json::Value =
-        serde_json::from_str(&ok(&["ppl", "-m", &m, "--data", &data, "--ctx", "32", "--json"])).unwrap();
-    assert_eq!(p["tokens"], 62);
-    assert!(p["perplexity"].as_f64().unwrap() > 1.0);
+    let rows = b["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["schedule"], "FSFS");
+    assert_eq!(b["chunk"], 16);
+    // Speedups are against the all-Full row, wherever it is in --patterns.
+    assert_eq!(rows[1]["schedule"], "FFFF");
+    assert_eq!(rows[1]["prefill_speedup"], 1.0);
+    assert_eq!(rows[1]["decode_speedup"], 1.0);
+    for r in rows {
+        assert!(r["error"].is_null(), "{r}");
+        assert!(r["prefill_s"].as_f64().unwrap() > 0.0 && r["ttft_s"].as_f64() >= r["prefill_s"].as_f64());
+        assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0);
+        assert!(r["cache_bytes"].as_u64().unwrap() > 0);
+        assert!(r["peak_memory_bytes"].is_null(), "the cpu backend does not count memory");
+        let share = r["indexer_share_prefill"].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&share), "{share}");
+    }
+    assert!(rows[0]["cache_bytes"].as_u64() < rows[1]["cache_bytes"].as_u64(), "Shared layers keep no indexer keys");
 
+    // --json FILE into a directory that does not exist yet: the table is printed too. Plain
+    // token counts and k (= 1024) lengths; --decode 0 = prefill only.
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("p.json");
+    let out = dir.path().join("new/dir/bench.json");
+    let table = ok(&[
+        "bench",
+        "--random-weights",
+        &root().join("models/tiny-dsa/config.json").display().to_string(),
+        "--contexts",
+        "24,1k",
+        "--patterns",
+        "full",
+        "--decode",
+        "0",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(table.contains("| 1024 | full | FFFFFFFF |") && table.contains("| 24 | full |"), "{table}");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(j["rows"][1]["context"], 1024);
+    assert!(j["rows"][0]["decode_tok_s"].is_null() && j["decode_steps"] == 0);
+    let err = fails(&["bench", "-m", &m, "--contexts", "100000"]);
+    assert!(err.contains("max_position_embeddings"), "{err}");
+    let err = fails(&["bench", "-m", &m, "--contexts", "0"]);
+    assert!(err.contains("positive"), "{err}");
+}
+
+#[test]
+fn ppl_value_and_search_on_a_fixture() {
+    let m = fixture("ds32-yarn");
+    let reference = root().join("tests/fixtures/ds32-yarn/reference.safetensors");
+    let data = reference.display().to_string();
+    let (ids, hf_logits, vocab) = ids_and_logits(&reference, "input_ids");
+    assert_eq!(ids.len(), 64);
+
+    // One 64-token window: transformers' logits give the NLL directly.
+    let p: serde_json::Value =
+        serde_json::from_str(&ok(&["ppl", "-m", &m, "--data", &data, "--ctx", "64", "--json"])).unwrap();
+    assert_eq!(p["tokens"], 63);
+    let want = nll_sum(&hf_logits, vocab, &ids) / 63.0;
+    let got = p["mean_nll"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-4 * want, "ppl mean NLL {got} vs transformers {want}");
+    assert!((p["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-3 * want.exp());
+
+    // Two 32-token windows, each from an empty cache: the first is a prefix of the reference
+    // sequence (same logits); the second's logits come from `forward` on its own.
+    let dir = tempfile::tempdir().unwrap();
+    let second = dir.path().join("second.safetensors");
+    let ids2: Vec<String> = ids[32..].iter().map(u32::to_string).collect();
+    ok(&["forward", "-m", &m, "--input-ids", &ids2.join(","), "--out", second.to_str().unwrap()]);
+    let (_, logits2, _) = ids_and_logits(&second, "input_ids");
+    let want = (nll_sum(&hf_logits[..32 * vocab], vocab, &ids[..32]) + nll_sum(&logits2, vocab, &ids[32..])) / 62.0;
+    for chunk in ["2048", "5"] {
+        let p: serde_json::Value =
+            serde_json::from_str(&ok(&["ppl", "-m", &m, "--data", &data, "--ctx", "32", "--chunk", chunk, "--json"]))
+                .unwrap();
+        assert_eq!(p["tokens"], 62);
+        let got = p["mean_nll"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-4 * want, "--chunk {chunk}: {got} vs {want}");
+    }
+
+    // search --out into a directory that does not exist yet.
+    let out = dir.path().join("runs/a/p.json");
     let out_s = out.to_str().unwrap();
     let direct: serde_json::Value = serde_json::from_str(&ok(&[
         "search", "-m", &m, "--data", &data, "--ctx", "32", "--keep", "1/4", "--out", out_s, "--json",
     ]))
     .unwrap();
+    assert!(out.is_file() && out.with_extension("loss.png").is_file());
+    // Without memos: the same steps, bit for bit (the JSON numbers round-trip exactly).
+    let no_memo: serde_json::Value = serde_json::from_str(&ok(&[
+        "search",
+        "-m",
+        &m,
+        "--data",
+        &data,
+        "--ctx",
+        "32",
+        "--keep",
+        "1/4",
+        "--memo-budget",
+        "0",
+        "--out",
+        dir.path().join("runs/b.json").to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(no_memo["steps"], direct["steps"]);
+    assert_eq!(no_memo["options"]["memo_budget_bytes"], 0);
+    assert!(no_memo["layer_evals"].as_u64() > direct["layer_evals"].as_u64());
+    let err = fails(&["search", "-m", &m, "--data", &data, "--keep", "1/4", "--memo-budget", "lots", "--out", out_s]);
+    assert!(err.contains("--memo-budget"), "{err}");
     // Interrupted after one flip, then resumed: same result.
     let out2 = dir.path().join("q.json");
     let out2_s = out2.to_str().unwrap();
@@ -186,6 +348,7 @@ fn bench_ppl_and_search_on_a_fixture() {
     assert_eq!(direct["pattern"], resumed["pattern"]);
     assert_eq!(direct["removal_order"], resumed["removal_order"]);
     assert_eq!(direct["steps"], resumed["steps"]);
+    let out3 = dir.path().join("r.json");
     let err = fails(&[
         "search",
         "-m",
@@ -197,9 +360,50 @@ fn bench_ppl_and_search_on_a_fixture() {
         "--keep",
         "1/2",
         "--out",
-        out2_s,
+        out3.to_str().unwrap(),
     ]);
     assert!(err.contains("layer 1 is Full"), "{err}");
+}
+
+#[test]
+fn device_dtype_and_chunk_errors_are_clear() {
+    let m = fixture("ds32-yarn");
+    let data = root().join("tests/fixtures/ds32-yarn/reference.safetensors").display().to_string();
+    let ppl = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> =
+            ["ppl", "-m", &m, "--data", &data, "--ctx", "32"].iter().map(|s| s.to_string()).collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let err = fails(&args(&ppl(&["--device", "cpu", "--dtype", "bf16"])));
+    assert!(err.contains("--dtype bf16 needs --device cuda"), "{err}");
+    let err = fails(&args(&ppl(&["--chunk", "0"])));
+    assert!(err.contains("--chunk") && err.contains("at least 1"), "{err}");
+    let err = fails(&args(&ppl(&["--device", "gpu"])));
+    assert!(err.contains("possible values: cpu, cuda"), "{err}");
+    // The explicit cpu device and f32 work everywhere.
+    ok(&args(&ppl(&["--device", "cpu", "--dtype", "f32"])));
+    if !cfg!(feature = "cuda") {
+        let err = fails(&args(&ppl(&["--device", "cuda"])));
+        assert!(err.contains("built without CUDA support") && err.contains("--features cuda"), "{err}");
+        // Without --device, a build without CUDA runs on the cpu; bf16 then has nowhere to run.
+        let err = fails(&args(&ppl(&["--dtype", "bf16"])));
+        assert!(err.contains("--dtype bf16 needs --device cuda"), "{err}");
+    }
+}
+
+#[test]
+fn demo_decode_errors_are_clear() {
+    let err = fails(&["demo", "--decode", "0"]);
+    assert!(err.contains("--decode must be at least 1"), "{err}");
+    // tiny-dsa: 16384 positions.
+    let err = fails(&["demo", "--decode", "20000"]);
+    assert!(err.contains("leaves no room for a prompt") && err.contains("16384"), "{err}");
+    let err = fails(&["demo", "--context", "0"]);
+    assert!(err.contains("at least 1"), "{err}");
 }
 
 #[test]
@@ -318,4 +522,121 @@ fn killed_search_resumes_to_the_same_result() {
         serde_json::from_str(&ok(&resume.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
     assert_eq!(resumed["pattern"], direct["pattern"]);
     assert_eq!(resumed["steps"], direct["steps"]);
+}
+
+/// With `--features cuda`: on a machine with a GPU, the cuda device reproduces the cpu end to end
+/// (ppl, forward, search, bench); without one, `--device cuda` is a clear error.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_device_end_to_end() {
+    let m = fixture("ds32-yarn");
+    let data = root().join("tests/fixtures/ds32-yarn/reference.safetensors").display().to_string();
+    let ppl = |device: &str, dtype: &str, chunk: &str| -> Output {
+        run(&[
+            "ppl", "-m", &m, "--data", &data, "--ctx", "64", "--device", device, "--dtype", dtype, "--chunk", chunk,
+            "--json",
+        ])
+    };
+    let probe = ppl("cuda", "f32", "2048");
+    if !probe.status.success() {
+        let err = String::from_utf8_lossy(&probe.stderr);
+        assert!(err.contains("--device cuda:") && !err.contains("panicked"), "{err}");
+        eprintln!("skipped: no usable GPU ({})", err.trim());
+        return;
+    }
+    let value = |o: &Output| -> f64 {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["tokens"], 63);
+        v["mean_nll"].as_f64().unwrap()
+    };
+    let cpu = value(&ppl("cpu", "f32", "2048"));
+    let f32_ = value(&probe);
+    assert!((f32_ - cpu).abs() < 1e-4 * cpu, "cuda f32 {f32_} vs cpu {cpu}");
+    let chunked = value(&ppl("cuda", "f32", "7"));
+    assert!((chunked - cpu).abs() < 1e-4 * cpu, "cuda f32 chunk 7 {chunked} vs cpu {cpu}");
+    let bf16 = value(&ppl("cuda", "bf16", "16"));
+    assert!((bf16 - cpu).abs() < 3e-2 * cpu, "cuda bf16 {bf16} vs cpu {cpu}");
+    // The default device is the GPU when there is one (bf16).
+    let default: serde_json::Value =
+        serde_json::from_str(&ok(&["ppl", "-m", &m, "--data", &data, "--ctx", "64", "--json"])).unwrap();
+    assert!(!default["backend"].as_str().unwrap().starts_with("cpu"), "{default}");
+
+    // forward in exact mode: the same logits as the cpu.
+    let dir = tempfile::tempdir().unwrap();
+    let ids = (0..40).map(|i| ((i * 37 + 11) % 256).to_string()).collect::<Vec<_>>().join(",");
+    let fwd = |device: &str, name: &str| -> Vec<f32> {
+        let out = dir.path().join(name);
+        ok(&[
+            "forward",
+            "-m",
+            &m,
+            "--input-ids",
+            &ids,
+            "--device",
+            device,
+            "--dtype",
+            "f32",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        ids_and_logits(&out, "input_ids").1
+    };
+    let (c, g) = (fwd("cpu", "cpu.safetensors"), fwd("cuda", "gpu.safetensors"));
+    for (a, b) in g.iter().zip(&c) {
+        assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "cuda {a} vs cpu {b}");
+    }
+
+    // search in exact mode: the same flips.
+    let search = |device: &str, budget: &str| -> serde_json::Value {
+        let out = dir.path().join(format!("search-{device}-{budget}.json"));
+        serde_json::from_str(&ok(&[
+            "search",
+            "-m",
+            &m,
+            "--data",
+            &data,
+            "--ctx",
+            "32",
+            "--keep",
+            "1/4",
+            "--device",
+            device,
+            "--dtype",
+            "f32",
+            "--memo-budget",
+            budget,
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]))
+        .unwrap()
+    };
+    let (sc, sg, sg0) = (search("cpu", "none"), search("cuda", "none"), search("cuda", "0"));
+    assert_eq!(sg["removal_order"], sc["removal_order"]);
+    assert_eq!(sg0["steps"], sg["steps"], "memo budget changes nothing on the GPU either");
+
+    // bench: peak device memory per row, speedups against the all-Full row.
+    let b: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        "-m",
+        &m,
+        "--device",
+        "cuda",
+        "--contexts",
+        "64",
+        "--patterns",
+        "full,1/2",
+        "--decode",
+        "4",
+        "--json",
+    ]))
+    .unwrap();
+    for r in b["rows"].as_array().unwrap() {
+        assert!(r["error"].is_null(), "{r}");
+        assert!(r["peak_memory_bytes"].as_u64().unwrap() > r["cache_bytes"].as_u64().unwrap(), "{r}");
+        assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0);
+    }
+    assert!(b["weights_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(b["dtype"], "bf16");
 }

@@ -6,7 +6,9 @@
 //! CUDA headers, so NVRTC alone (no toolkit) compiles them: bf16 is handled as `unsigned short`
 //! bit patterns and tensor-core instructions as inline PTX.
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig,
+};
 use indexcache_ops::{OpError, OpResult};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -245,7 +247,8 @@ impl Dev {
                 }
             }
         };
-        let f = module.load_function(func).map_err(|e| driver_err("load function", format!("{}::{func}", src.name), e))?;
+        let f =
+            module.load_function(func).map_err(|e| driver_err("load function", format!("{}::{func}", src.name), e))?;
         self.functions.lock().expect("function cache").insert((src.name, func), f.clone());
         Ok(f)
     }

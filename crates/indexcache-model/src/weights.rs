@@ -300,10 +300,9 @@ fn load_kv_b<B: Backend>(
             (WeightInit::Host(uk), WeightInit::Host(uv))
         }
         // Random weights: two independent streams of the same distribution.
-        WeightInit::Random { seed, bound } => (
-            WeightInit::Random { seed: seed ^ 0x55, bound },
-            WeightInit::Random { seed: seed ^ 0xAA, bound },
-        ),
+        WeightInit::Random { seed, bound } => {
+            (WeightInit::Random { seed: seed ^ 0x55, bound }, WeightInit::Random { seed: seed ^ 0xAA, bound })
+        }
     };
     Ok((b.weight(uk, h, r, nope).map_err(op_err(name))?, b.weight(uv, h, v, r).map_err(op_err(name))?))
 }

@@ -86,7 +86,8 @@ fn fp8_indexer_is_close_to_exact_but_not_identical() {
     let mut cfg =
         indexcache_config::ModelConfig::from_file(&fixtures_dir().join("glm5-bf16").join("config.json")).unwrap();
     cfg.index_head_dim = 64;
-    let ids: Vec<u32> = (0..96u64).map(|i| (indexcache_ops::random::hash(3, i) % cfg.vocab_size as u64) as u32).collect();
+    let ids: Vec<u32> =
+        (0..96u64).map(|i| (indexcache_ops::random::hash(3, i) % cfg.vocab_size as u64) as u32).collect();
     let opts = ForwardOptions { logits: Logits::All, capture_topk: true };
     let run = |fp8: bool| {
         let mut m = DsaModel::random(cfg.clone(), CpuBackend::new(), cfg.schedule.clone(), 7).unwrap();

@@ -878,6 +878,9 @@ mod tests {
             }
             Ok(sel)
         }
+        fn indexer_fp8_quant_inplace(&self, x: &mut CpuTensor, block: usize) -> OpResult<()> {
+            self.0.indexer_fp8_quant_inplace(x, block)
+        }
         fn sparse_mla(
             &self,
             q_lat: &CpuTensor,

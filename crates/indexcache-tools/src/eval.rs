@@ -24,8 +24,9 @@
 //! the same prompts and adding a cell does not change the others.
 
 use crate::error::ToolError;
+use crate::generate::generate_chunked;
 use indexcache_config::IndexSchedule;
-use indexcache_model::{DsaModel, SamplingParams, generate};
+use indexcache_model::{DsaModel, SamplingParams};
 use indexcache_ops::Backend;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -384,13 +385,15 @@ fn validate(cfg: &EvalConfig, max_position: usize) -> Result<(), ToolError> {
     Ok(())
 }
 
-/// Runs every (length, depth, sample) with `schedule`, greedy, one sequence at a time.
-/// `progress(done, total)` is called after each sample.
+/// Runs every (length, depth, sample) with `schedule`, greedy, one sequence at a time, each
+/// prompt prefilled in chunks of `chunk` tokens. `progress(done, total)` is called after each
+/// sample.
 pub fn run_eval<B: Backend>(
     model: &DsaModel<B>,
     schedule: &IndexSchedule,
     tokenizer: &Tokenizer,
     cfg: &EvalConfig,
+    chunk: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport, ToolError> {
     validate(cfg, model.config().max_position_embeddings)?;
@@ -415,13 +418,14 @@ pub fn run_eval<B: Backend>(
             for sample in 0..cfg.samples_per_cell {
                 let prompt = build_prompt(tokenizer, cfg.task, length, depth, cfg.seed, sample)?;
                 let mut cache = model.new_cache_with(schedule.clone(), prompt.ids.len() + cfg.max_new_tokens)?;
-                let (new_ids, _) = generate(
+                let (new_ids, _) = generate_chunked(
                     model,
                     &mut cache,
                     &prompt.ids,
                     cfg.max_new_tokens,
                     SamplingParams::default(),
                     &[],
+                    chunk,
                     |_| Ok::<(), ToolError>(()),
                 )?;
                 let output = tokenizer

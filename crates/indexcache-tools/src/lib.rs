@@ -3,6 +3,7 @@
 //!
 //! * [`data`] — calibration/eval text and token windows;
 //! * [`loss`] — mean next-token NLL of token windows under a schedule;
+//! * [`generate`] — generation with a chunked prefill;
 //! * [`search`] — the paper's greedy Algorithm 1 with prefix reuse and the pipeline-block variant;
 //! * [`overlap`] — |T_i ∩ T_j| / k between every pair of layers' top-k;
 //! * [`eval`] — synthetic long-context retrieval (passkey, needle-in-a-haystack);
@@ -13,9 +14,18 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod loss;
 pub mod overlap;
 pub mod plot;
 pub mod search;
 
 pub use error::ToolError;
+
+/// The host's `MemAvailable` in bytes (Linux `/proc/meminfo`); `None` where unknown.
+pub fn host_mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -14,7 +14,8 @@
 //!
 //! Memory: the top-k of all layers for one window at a time (`layers × T × k` i32) plus the
 //! `layers × layers` integer sums; the intersections of a window are counted in parallel over
-//! its rows.
+//! its rows. A window is prefilled in chunks of `chunk` tokens ([`DsaModel::forward_chunked`]
+//! concatenates the chunks' top-k rows), so the indexer's scores stay `[chunk, T]`.
 
 use crate::data::Window;
 use crate::error::ToolError;
@@ -51,11 +52,13 @@ pub fn rows_with_more_than_k(windows: &[Window], k: usize) -> usize {
     windows.iter().map(|w| w.ids.len().saturating_sub(k)).sum()
 }
 
-/// Run every layer's indexer on each window and average the pairwise top-k overlap.
-/// `progress` is called with the number of windows done after each window.
+/// Run every layer's indexer on each window (prefilled in chunks of `chunk` tokens) and average
+/// the pairwise top-k overlap. `progress` is called with the number of windows done after each
+/// window.
 pub fn overlap_matrix<B: Backend>(
     model: &DsaModel<B>,
     windows: &[Window],
+    chunk: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<OverlapReport, ToolError> {
     let cfg = model.config();
@@ -93,7 +96,7 @@ pub fn overlap_matrix<B: Backend>(
     let mut sums = vec![0u64; n * n];
     for (wi, w) in windows.iter().enumerate() {
         let mut cache = model.new_cache_with(schedule.clone(), w.ids.len())?;
-        let out = model.forward(&w.ids, &mut cache, &opts)?;
+        let out = model.forward_chunked(&w.ids, &mut cache, &opts, chunk)?;
         let topk = ordered_topk(out.topk, n, k, w.ids.len(), wi)?;
         let window_sums = window_intersections(&topk, k, w.ids.len());
         for (s, ws) in sums.iter_mut().zip(window_sums) {
@@ -124,7 +127,8 @@ pub fn overlap_matrix<B: Backend>(
     Ok(OverlapReport { layers: n, k, windows: windows.len(), rows_counted, matrix, adjacent, mean_with_others })
 }
 
-/// The captured top-k in layer order, checked against what the counting relies on.
+/// The captured top-k in layer order, checked against what the counting relies on (rows of
+/// `min(k, rows)` positions: a window no longer than `k` has shorter rows, and no row counted).
 fn ordered_topk(
     captured: Vec<(usize, TopK)>,
     n: usize,
@@ -136,9 +140,10 @@ fn ordered_topk(
     let mut by_layer: Vec<Option<TopK>> = vec![None; n];
     for (l, t) in captured {
         let slot = by_layer.get_mut(l).ok_or_else(|| bad(format!("top-k captured for layer {l} of {n}")))?;
-        if t.rows != rows || t.k != k || t.data.len() != rows * k {
+        let want_k = k.min(rows);
+        if t.rows != rows || t.k != want_k || t.data.len() != rows * want_k {
             return Err(bad(format!(
-                "layer {l} top-k is {}×{} ({} entries), expected {rows}×{k}",
+                "layer {l} top-k is {}×{} ({} entries), expected {rows}×{want_k}",
                 t.rows,
                 t.k,
                 t.data.len()

@@ -108,6 +108,9 @@ fn prompt_errors() {
     assert!("ruler".parse::<Task>().is_err());
 }
 
+/// Prefill chunk: longer than every prompt here (one pass), unless a test says otherwise.
+const CHUNK: usize = 2048;
+
 fn model() -> DsaModel<CpuBackend> {
     DsaModel::load(&tiny(), CpuBackend::new(), &LoadOptions::default(), &mut |_, _, _| {}).unwrap().0
 }
@@ -126,7 +129,7 @@ fn smoke_run_on_tiny_dsa() {
     };
     assert_eq!(cfg.max_new_tokens, 8);
     let mut calls = Vec::new();
-    let r = run_eval(&m, &schedule, &tok, &cfg, &mut |d, t| calls.push((d, t))).unwrap();
+    let r = run_eval(&m, &schedule, &tok, &cfg, CHUNK, &mut |d, t| calls.push((d, t))).unwrap();
     assert_eq!(calls, (1..=8).map(|d| (d, 8)).collect::<Vec<_>>());
     assert_eq!(r.task, Task::Passkey);
     assert_eq!(r.pattern, "FSSSFSSS");
@@ -151,8 +154,11 @@ fn smoke_run_on_tiny_dsa() {
     assert_eq!(json["cells"][0]["length"], 200);
     assert!(json["cells"][0]["accuracy"].is_number());
     // Same inputs, same report.
-    let again = run_eval(&m, &schedule, &tok, &cfg, &mut |_, _| {}).unwrap();
+    let again = run_eval(&m, &schedule, &tok, &cfg, CHUNK, &mut |_, _| {}).unwrap();
     assert_eq!(r, again);
+    // A prefill in chunks of 64 tokens (4 chunks per prompt) continues every prompt the same way.
+    let chunked = run_eval(&m, &schedule, &tok, &cfg, 64, &mut |_, _| {}).unwrap();
+    assert_eq!(r, chunked);
 }
 
 #[test]
@@ -162,13 +168,13 @@ fn eval_config_errors() {
     let s = IndexSchedule::all_full(8);
     // tiny-dsa: max_position_embeddings 16384.
     let cfg = EvalConfig { lengths: vec![16380], ..EvalConfig::new(Task::Niah) };
-    let e = run_eval(&m, &s, &tok, &cfg, &mut |_, _| {}).unwrap_err();
+    let e = run_eval(&m, &s, &tok, &cfg, CHUNK, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("max_position_embeddings 16384"), "{e}");
     let cfg = EvalConfig { lengths: vec![30], ..EvalConfig::new(Task::Niah) };
-    assert!(run_eval(&m, &s, &tok, &cfg, &mut |_, _| {}).unwrap_err().to_string().contains("too short"));
+    assert!(run_eval(&m, &s, &tok, &cfg, CHUNK, &mut |_, _| {}).unwrap_err().to_string().contains("too short"));
     let cfg = EvalConfig { depths: vec![], ..EvalConfig::new(Task::Niah) };
-    assert!(run_eval(&m, &s, &tok, &cfg, &mut |_, _| {}).is_err());
+    assert!(run_eval(&m, &s, &tok, &cfg, CHUNK, &mut |_, _| {}).is_err());
     let cfg = EvalConfig { lengths: vec![256], ..EvalConfig::new(Task::Niah) };
-    let e = run_eval(&m, &IndexSchedule::all_full(4), &tok, &cfg, &mut |_, _| {}).unwrap_err();
+    let e = run_eval(&m, &IndexSchedule::all_full(4), &tok, &cfg, CHUNK, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("schedule has 4 layers"), "{e}");
 }

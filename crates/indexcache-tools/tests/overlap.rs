@@ -28,8 +28,12 @@ fn prompt_windows(name: &str, ctx: usize) -> Vec<Window> {
 }
 
 fn run(model: &DsaModel<CpuBackend>, ws: &[Window]) -> Result<OverlapReport, ToolError> {
+    run_chunked(model, ws, 2048)
+}
+
+fn run_chunked(model: &DsaModel<CpuBackend>, ws: &[Window], chunk: usize) -> Result<OverlapReport, ToolError> {
     let mut calls = Vec::new();
-    let r = overlap_matrix(model, ws, &mut |d| calls.push(d));
+    let r = overlap_matrix(model, ws, chunk, &mut |d| calls.push(d));
     if r.is_ok() {
         assert_eq!(calls, (1..=ws.len()).collect::<Vec<_>>(), "progress after every window");
     }
@@ -118,6 +122,21 @@ fn entries_match_a_hand_count_over_the_captured_topk() {
     let hf: f64 = rows.iter().map(|&t| set(&a, t).intersection(&set(&b, t)).count() as f64 / k as f64).sum::<f64>()
         / rows.len() as f64;
     assert!((r.matrix[0][1] - hf).abs() < 1e-12, "layers 0/1: {} vs HF {hf}", r.matrix[0][1]);
+}
+
+#[test]
+fn chunked_prefill_captures_the_same_topk() {
+    let model = load("ds32-yarn");
+    // 64 tokens in windows of 56: lengths 56 and 8; the short window (8 ≤ k = 16) has 8-wide
+    // top-k rows and no counted row.
+    let ws = prompt_windows("ds32-yarn", 56);
+    assert_eq!(ws.iter().map(|w| w.ids.len()).collect::<Vec<_>>(), vec![56, 8]);
+    let whole = run(&model, &ws).unwrap();
+    assert_eq!(whole.rows_counted, 56 - 16);
+    for chunk in [1, 7, 16, 50] {
+        let r = run_chunked(&model, &ws, chunk).unwrap();
+        assert_eq!(r, whole, "chunk {chunk}");
+    }
 }
 
 #[test]

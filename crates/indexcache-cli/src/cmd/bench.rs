@@ -1,12 +1,24 @@
-//! `indexcache bench`: time-to-first-token and decode speed per IndexCache pattern, with the
-//! share of time spent in the lightning indexer. Works on a checkpoint or on seeded random
-//! weights at any config's real shapes.
+//! `indexcache bench`: prefill time, time-to-first-token and decode speed per IndexCache pattern
+//! and context, with the share of time spent in the lightning indexer and the peak device memory.
+//! Works on a checkpoint or on seeded random weights at any config's real shapes (generated where
+//! they live: on the GPU for `--device cuda`).
+//!
+//! Per (context, pattern): one cache of `context + decode` tokens, allocated after the previous
+//! one was dropped (so a 200K all-Full row and a 200K 1/4 row each need only their own cache), a
+//! prefill of a fixed pseudo-random prompt in `--chunk` chunks, then `--decode` greedy one-token
+//! steps; `--repeats` times, the median reported. Host clocks are read only after
+//! `Backend::synchronize`, so asynchronous launches are counted; the stage split comes from the
+//! backend's marks (CUDA events on a GPU).
 
-use crate::load::{Model, load_model, progress_bar};
+use crate::args::{human_bytes, parse_lens, pattern_arg};
+use crate::load::{ExecArgs, load_model, progress_bar, with_backend};
 use anyhow::{Context, Result, bail};
 use indexcache_config::{IndexSchedule, ModelConfig, ScheduleOverride};
-use indexcache_model::{DsaModel, ForwardOptions, IndexerSelection, Logits, StageTimes, parameter_count};
-use indexcache_ops::cpu::CpuBackend;
+use indexcache_model::{
+    Cache, DsaModel, ForwardOptions, IndexerSelection, Logits, StageTimes, cache_bytes_per_token, parameter_count,
+    sampler::argmax,
+};
+use indexcache_ops::Backend;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,28 +28,33 @@ pub struct Args {
     /// Model directory.
     #[arg(long, short = 'm', required_unless_present = "random_weights", conflicts_with = "random_weights")]
     pub model: Option<PathBuf>,
-    /// A config.json: benchmark seeded random weights at its real shapes (no checkpoint needed).
+    /// A config.json: benchmark seeded random weights at its real shapes (no checkpoint needed;
+    /// generated on the device).
     #[arg(long, value_name = "CONFIG.json")]
     pub random_weights: Option<PathBuf>,
-    /// Prompt lengths, e.g. 1k,4k,16k (k = 1024).
+    /// Prompt lengths: token counts, or multiples of 1024 with a k suffix (1k,4k,16k; note "10k"
+    /// is 10240: write 10000 for ten thousand).
     #[arg(long, default_value = "1k,4k")]
     pub contexts: String,
     /// Schedules: full (plain DSA), config (the checkpoint's), N/D (uniform keep), an F/S pattern,
-    /// or a pattern file (search's pattern.json).
+    /// or a pattern file (search's pattern.json). Speedups are against the all-Full row.
     #[arg(long, default_value = "full,1/2,1/4")]
     pub patterns: String,
-    /// One-token decode steps after each prefill.
+    /// One-token decode steps after each prefill (0: prefill only).
     #[arg(long, default_value_t = 32)]
     pub decode: usize,
     /// Timed runs per (context, pattern); the median prefill and decode are reported.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::load::positive)]
     pub repeats: usize,
     /// Seed of the random prompt (and of random weights).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
+    /// Write the report as JSON to FILE (the table is still printed), or, without FILE, print JSON
+    /// instead of the table.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 #[derive(Serialize)]
@@ -46,97 +63,119 @@ struct Row {
     pattern: String,
     schedule: String,
     full_layers: usize,
+    /// `null` when the row ran; otherwise why it failed (e.g. out of device memory).
+    error: Option<String>,
     prefill_s: f64,
     prefill_tok_s: f64,
+    /// Prefill + picking the first token.
     ttft_s: f64,
-    decode_tok_s: f64,
+    decode_tok_s: Option<f64>,
+    decode_ms_per_token: Option<f64>,
     indexer_share_prefill: f64,
-    indexer_share_decode: f64,
-    /// Prefill seconds in the indexer / the rest of attention / the FFN.
+    indexer_share_decode: Option<f64>,
+    /// Prefill seconds in the indexer / the rest of attention / the FFN (device time).
     prefill_stages_s: [f64; 3],
-    prefill_speedup: f64,
-    decode_speedup: f64,
+    /// Decode seconds (all steps) in the indexer / the rest of attention / the FFN.
+    decode_stages_s: [f64; 3],
+    /// Cache bytes allocated for this row (`context + decode` tokens).
+    cache_bytes: u64,
+    /// Most device memory in use during this row (weights included); `null` where the backend
+    /// does not count (cpu).
+    peak_memory_bytes: Option<u64>,
+    /// Against the all-Full row of the same context (`null` without one).
+    prefill_speedup: Option<f64>,
+    decode_speedup: Option<f64>,
 }
 
 #[derive(Serialize)]
 struct Report {
     model: String,
     backend: String,
+    dtype: &'static str,
+    chunk: usize,
     threads: usize,
     decode_steps: usize,
+    repeats: usize,
+    /// Device memory in use after loading (the weights); `null` on the cpu.
+    weights_bytes: Option<u64>,
     rows: Vec<Row>,
 }
 
-/// "4k" → 4096, "1000" → 1000.
-pub fn parse_len(s: &str) -> Result<usize> {
-    let s = s.trim().to_ascii_lowercase();
-    let (num, mul) = match s.strip_suffix('k') {
-        Some(n) => (n, 1024),
-        None => (s.as_str(), 1),
-    };
-    let n: usize = num.parse().with_context(|| format!("invalid length {s:?} (examples: 512, 4k)"))?;
-    if n == 0 {
-        bail!("length must be positive: {s:?}");
-    }
-    Ok(n * mul)
-}
-
-fn parse_pattern(spec: &str, model: &Model) -> Result<IndexSchedule> {
+fn parse_pattern<B: Backend>(spec: &str, model: &DsaModel<B>) -> Result<IndexSchedule> {
     let n = model.config().num_hidden_layers;
     let o = match spec.trim() {
         "full" | "off" => ScheduleOverride::Off,
         "config" => return Ok(model.schedule().clone()),
-        s if std::path::Path::new(s).is_file() => ScheduleOverride::Pattern(crate::args::pattern_arg(s)?),
+        s if std::path::Path::new(s).is_file() => ScheduleOverride::Pattern(pattern_arg(s)?),
         s if s.contains('/') => ScheduleOverride::parse_keep(s)?,
         s => ScheduleOverride::Pattern(s.to_string()),
     };
     Ok(o.apply(n)?)
 }
 
-fn load(a: &Args) -> Result<(Model, String)> {
-    if let Some(cfg_path) = &a.random_weights {
-        let cfg = ModelConfig::from_file(cfg_path)?;
-        let bytes = parameter_count(&cfg) * 4;
-        if let Some(avail) = mem_available()
-            && bytes > avail
-        {
-            bail!(
-                "{}: random f32 weights need {:.1} GiB but only {:.1} GiB of memory is available",
-                cfg_path.display(),
-                bytes as f64 / (1u64 << 30) as f64,
-                avail as f64 / (1u64 << 30) as f64
-            );
+/// Random weights are generated where they live: the host for the cpu (checked against
+/// MemAvailable), the device for a GPU (checked against its free memory).
+fn check_weights_fit<B: Backend>(cfg: &ModelConfig, backend: &B, path: &std::path::Path) -> Result<()> {
+    let bytes = parameter_count(cfg) * backend.dtype().size() as u64;
+    let m = backend.memory();
+    let (avail, what) = match m.total {
+        Some(total) => (Some(total.saturating_sub(m.current)), "free device memory"),
+        None => (indexcache_tools::host_mem_available(), "available host memory"),
+    };
+    if let Some(avail) = avail
+        && bytes > avail
+    {
+        bail!(
+            "{}: random {} weights need {} but only {} of {what} is left",
+            path.display(),
+            backend.dtype().name(),
+            human_bytes(bytes),
+            human_bytes(avail)
+        );
+    }
+    Ok(())
+}
+
+fn load<B: Backend>(a: &Args, backend: B) -> Result<(DsaModel<B>, String)> {
+    match (&a.random_weights, &a.model) {
+        (Some(cfg_path), _) => {
+            let cfg = ModelConfig::from_file(cfg_path)?;
+            check_weights_fit(&cfg, &backend, cfg_path)?;
+            let t0 = Instant::now();
+            let schedule = cfg.schedule.clone();
+            let model = DsaModel::random(cfg, backend, schedule, a.seed)
+                .with_context(|| format!("random weights for {}", cfg_path.display()))?;
+            model.backend().synchronize()?;
+            tracing::info!("random weights in {:.2}s on {}", t0.elapsed().as_secs_f64(), model.backend().name());
+            Ok((model, format!("random weights, {}", cfg_path.display())))
         }
-        let schedule = cfg.schedule.clone();
-        let model = DsaModel::random(cfg, CpuBackend::new(), schedule, a.seed)?;
-        Ok((model, format!("random weights, {}", cfg_path.display())))
-    } else {
-        let dir = a.model.as_ref().expect("clap: model or random_weights");
-        Ok((load_model(dir, None, IndexerSelection::All)?, dir.display().to_string()))
+        (None, Some(dir)) => Ok((load_model(dir, backend, None, IndexerSelection::All)?, dir.display().to_string())),
+        (None, None) => bail!("give --model DIR or --random-weights CONFIG.json"),
     }
 }
 
-fn mem_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-fn share(t: &StageTimes, total: f64) -> f64 {
-    if total > 0.0 { t.indexer.as_secs_f64() / total } else { 0.0 }
-}
-
 pub fn run(a: Args) -> Result<()> {
-    let contexts: Vec<usize> = a.contexts.split(',').map(parse_len).collect::<Result<_>>()?;
-    let (model, label) = load(&a)?;
+    let contexts = parse_lens(&a.contexts).context("--contexts")?;
+    if contexts.is_empty() {
+        bail!("--contexts: no context length given");
+    }
+    with_backend!(a.exec.backend()?, |b| run_with(load(&a, b)?, &a, &contexts))
+}
+
+fn run_with<B: Backend>((model, label): (DsaModel<B>, String), a: &Args, contexts: &[usize]) -> Result<()> {
+    let b = model.backend();
     let cfg = model.config().clone();
+    let chunk = a.exec.chunk(b);
     let patterns: Vec<(String, IndexSchedule)> = a
         .patterns
         .split(',')
+        .filter(|p| !p.trim().is_empty())
         .map(|p| Ok((p.trim().to_string(), parse_pattern(p, &model).with_context(|| format!("--patterns {p:?}"))?)))
         .collect::<Result<_>>()?;
-    for &c in &contexts {
+    if patterns.is_empty() {
+        bail!("--patterns: no pattern given");
+    }
+    for &c in contexts {
         if c + a.decode > cfg.max_position_embeddings {
             bail!(
                 "context {c} + {} decode steps exceeds max_position_embeddings {}",
@@ -145,80 +184,191 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
+    b.synchronize()?;
+    let weights_bytes = Some(b.memory().current).filter(|&c| c > 0);
     let bar = progress_bar("bench", "{msg}", (contexts.len() * patterns.len()) as u64);
-    // Warm-up: first-touch page faults and thread-pool start-up stay out of the numbers.
-    let warm: Vec<u32> = (0..contexts[0].min(256) as u32).map(|i| i % cfg.vocab_size as u32).collect();
-    measure(&model, &patterns[0].1, &warm, a.decode.min(2))?;
+    // Warm-up (kernel compilation, first-touch page faults, thread-pool start-up stay out of the
+    // numbers), on a cache of its own, dropped before the first row.
+    {
+        let warm: Vec<u32> = synthetic_prompt(contexts[0].min(256), cfg.vocab_size, a.seed ^ 1);
+        let mut cache = model.new_cache_with(patterns[0].1.clone(), warm.len() + 2)?;
+        measure(&model, &mut cache, &warm, a.decode.min(2), chunk)?;
+    }
     let mut rows: Vec<Row> = Vec::new();
-    for &ctx in &contexts {
+    for &ctx in contexts {
         let prompt = synthetic_prompt(ctx, cfg.vocab_size, a.seed);
-        let mut baseline: Option<(f64, f64)> = None;
+        let first = rows.len();
         for (spec, schedule) in &patterns {
             bar.set_message(format!("{ctx} tokens, {spec}"));
-            let mut runs: Vec<Measurement> =
-                (0..a.repeats.max(1)).map(|_| measure(&model, schedule, &prompt, a.decode)).collect::<Result<_>>()?;
-            runs.sort_by(|x, y| x.prefill.total_cmp(&y.prefill));
-            let mid = runs.len() / 2;
-            let (prefill, ttft, out_times) = (runs[mid].prefill, runs[mid].ttft, runs[mid].prefill_times);
-            runs.sort_by(|x, y| x.decode.total_cmp(&y.decode));
-            let (decode, dec_times) = (runs[mid].decode, runs[mid].decode_times);
-            let decode_tok_s = if a.decode > 0 { a.decode as f64 / decode } else { 0.0 };
-            let (base_prefill, base_decode) = *baseline.get_or_insert((prefill, decode_tok_s));
-            rows.push(Row {
-                context: ctx,
-                pattern: spec.clone(),
-                schedule: schedule.to_pattern(),
-                full_layers: schedule.num_full(),
-                prefill_s: prefill,
-                prefill_tok_s: ctx as f64 / prefill,
-                ttft_s: ttft,
-                decode_tok_s,
-                indexer_share_prefill: share(&out_times, prefill),
-                indexer_share_decode: share(&dec_times, decode),
-                prefill_stages_s: [
-                    out_times.indexer.as_secs_f64(),
-                    out_times.attention.as_secs_f64(),
-                    out_times.ffn.as_secs_f64(),
-                ],
-                prefill_speedup: base_prefill / prefill,
-                decode_speedup: if base_decode > 0.0 { decode_tok_s / base_decode } else { 0.0 },
+            let row = bench_row(&model, schedule, &prompt, a, chunk).unwrap_or_else(|e| {
+                let msg = format!("{e:#}");
+                bar.println(format!("context {ctx}, {spec}: failed: {msg}"));
+                failed_row(ctx, schedule, msg)
             });
+            rows.push(Row { pattern: spec.clone(), ..row });
             bar.inc(1);
         }
+        speedups(&mut rows[first..], cfg.num_hidden_layers);
     }
     bar.finish_and_clear();
     let report = Report {
         model: label,
-        backend: indexcache_ops::Backend::name(model.backend()),
-        threads: rayon_threads(),
+        backend: b.name(),
+        dtype: b.dtype().name(),
+        chunk,
+        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         decode_steps: a.decode,
+        repeats: a.repeats,
+        weights_bytes,
         rows,
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    let failed = report.rows.iter().filter(|r| r.error.is_some()).count();
+    let json = serde_json::to_string_pretty(&report)?;
+    match a.json.as_deref() {
+        Some(p) if p.as_os_str() == "-" => println!("{json}"),
+        Some(p) => {
+            crate::output::write_atomic(p, (json + "\n").as_bytes())?;
+            print_table(&report);
+            println!("wrote {}", p.display());
+        }
+        None => print_table(&report),
     }
-    println!("model: {}; backend: {}; decode steps: {}", report.model, report.backend, report.decode_steps);
-    println!(
-        "| context | pattern | schedule | prefill s | prefill tok/s | decode tok/s | indexer share (prefill / decode) | speedup (prefill / decode) |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    for r in &report.rows {
-        println!(
-            "| {} | {} | {} | {:.3} | {:.1} | {:.2} | {:.0}% / {:.0}% | {:.2}x / {:.2}x |",
-            r.context,
-            r.pattern,
-            r.schedule,
-            r.prefill_s,
-            r.prefill_tok_s,
-            r.decode_tok_s,
-            100.0 * r.indexer_share_prefill,
-            100.0 * r.indexer_share_decode,
-            r.prefill_speedup,
-            r.decode_speedup
-        );
+    if failed > 0 {
+        bail!("{failed} of {} rows failed (see the error column)", report.rows.len());
     }
     Ok(())
+}
+
+/// One (context, schedule) row: a fresh cache (dropped on return), `repeats` measurements.
+fn bench_row<B: Backend>(
+    model: &DsaModel<B>,
+    schedule: &IndexSchedule,
+    prompt: &[u32],
+    a: &Args,
+    chunk: usize,
+) -> Result<Row> {
+    let b = model.backend();
+    let ctx = prompt.len();
+    b.synchronize()?;
+    b.reset_peak_memory();
+    let mut cache = model.new_cache_with(schedule.clone(), ctx + a.decode)?;
+    let mut runs: Vec<Measurement> =
+        (0..a.repeats.max(1)).map(|_| measure(model, &mut cache, prompt, a.decode, chunk)).collect::<Result<_>>()?;
+    b.synchronize()?;
+    let peak = b.memory().peak;
+    drop(cache);
+    let mid = runs.len() / 2;
+    runs.sort_by(|x, y| x.prefill.total_cmp(&y.prefill));
+    let (prefill, ttft, p_times) = (runs[mid].prefill, runs[mid].ttft, runs[mid].prefill_times);
+    runs.sort_by(|x, y| x.decode.total_cmp(&y.decode));
+    let (decode, d_times) = (runs[mid].decode, runs[mid].decode_times);
+    let has_decode = a.decode > 0 && decode > 0.0;
+    let cache_f32 = cache_bytes_per_token(model.config(), schedule).engine_f32 as u64;
+    Ok(Row {
+        context: ctx,
+        pattern: String::new(),
+        schedule: schedule.to_pattern(),
+        full_layers: schedule.num_full(),
+        error: None,
+        prefill_s: prefill,
+        prefill_tok_s: ctx as f64 / prefill,
+        ttft_s: ttft,
+        decode_tok_s: has_decode.then(|| a.decode as f64 / decode),
+        decode_ms_per_token: has_decode.then(|| 1e3 * decode / a.decode as f64),
+        indexer_share_prefill: share(&p_times, prefill),
+        indexer_share_decode: has_decode.then(|| share(&d_times, decode)),
+        prefill_stages_s: stages(&p_times),
+        decode_stages_s: stages(&d_times),
+        cache_bytes: cache_f32 / 4 * b.dtype().size() as u64 * (ctx + a.decode) as u64,
+        peak_memory_bytes: Some(peak).filter(|&p| p > 0),
+        prefill_speedup: None,
+        decode_speedup: None,
+    })
+}
+
+fn failed_row(ctx: usize, schedule: &IndexSchedule, error: String) -> Row {
+    Row {
+        context: ctx,
+        pattern: String::new(),
+        schedule: schedule.to_pattern(),
+        full_layers: schedule.num_full(),
+        error: Some(error),
+        prefill_s: f64::NAN,
+        prefill_tok_s: f64::NAN,
+        ttft_s: f64::NAN,
+        decode_tok_s: None,
+        decode_ms_per_token: None,
+        indexer_share_prefill: f64::NAN,
+        indexer_share_decode: None,
+        prefill_stages_s: [f64::NAN; 3],
+        decode_stages_s: [f64::NAN; 3],
+        cache_bytes: 0,
+        peak_memory_bytes: None,
+        prefill_speedup: None,
+        decode_speedup: None,
+    }
+}
+
+/// Speedups of one context's rows against its (first) all-Full row that ran.
+fn speedups(rows: &mut [Row], layers: usize) {
+    let Some((p, d)) =
+        rows.iter().find(|r| r.full_layers == layers && r.error.is_none()).map(|r| (r.prefill_s, r.decode_tok_s))
+    else {
+        return;
+    };
+    for r in rows.iter_mut().filter(|r| r.error.is_none()) {
+        r.prefill_speedup = Some(p / r.prefill_s);
+        r.decode_speedup = match (r.decode_tok_s, d) {
+            (Some(x), Some(base)) if base > 0.0 => Some(x / base),
+            _ => None,
+        };
+    }
+}
+
+fn share(t: &StageTimes, total: f64) -> f64 {
+    if total > 0.0 { t.indexer.as_secs_f64() / total } else { 0.0 }
+}
+
+fn stages(t: &StageTimes) -> [f64; 3] {
+    [t.indexer.as_secs_f64(), t.attention.as_secs_f64(), t.ffn.as_secs_f64()]
+}
+
+fn print_table(r: &Report) {
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("—".to_string(), f);
+    println!(
+        "model: {}; backend: {}; chunk {}; decode steps: {}; repeats: {}{}",
+        r.model,
+        r.backend,
+        r.chunk,
+        r.decode_steps,
+        r.repeats,
+        r.weights_bytes.map_or(String::new(), |w| format!("; weights {}", human_bytes(w)))
+    );
+    println!(
+        "| context | pattern | schedule | prefill s | TTFT s | prefill tok/s | decode tok/s | indexer share (prefill / decode) | peak memory | speedup (prefill / decode) |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &r.rows {
+        if let Some(e) = &row.error {
+            println!("| {} | {} | {} | failed: {e} | | | | | | |", row.context, row.pattern, row.schedule);
+            continue;
+        }
+        println!(
+            "| {} | {} | {} | {:.3} | {:.3} | {:.1} | {} | {:.0}% / {} | {} | {} / {} |",
+            row.context,
+            row.pattern,
+            row.schedule,
+            row.prefill_s,
+            row.ttft_s,
+            row.prefill_tok_s,
+            opt(row.decode_tok_s, &|v| format!("{v:.2}")),
+            100.0 * row.indexer_share_prefill,
+            opt(row.indexer_share_decode, &|v| format!("{:.0}%", 100.0 * v)),
+            row.peak_memory_bytes.map_or("—".to_string(), human_bytes),
+            opt(row.prefill_speedup, &|v| format!("{v:.2}x")),
+            opt(row.decode_speedup, &|v| format!("{v:.2}x")),
+        );
+    }
 }
 
 /// A fixed pseudo-random prompt (an LCG over the vocabulary): the same for every schedule.
@@ -232,32 +382,45 @@ pub fn synthetic_prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// One prefill of `prompt` and `decode` greedy steps on a fresh cache.
+/// One prefill of `prompt` and `decode` greedy steps.
 pub struct Measurement {
+    /// Seconds to the prefill's last logits.
     pub prefill: f64,
+    /// Seconds to the first token (prefill + sampling it).
     pub ttft: f64,
+    /// Seconds of all decode steps.
     pub decode: f64,
     pub prefill_times: StageTimes,
     pub decode_times: StageTimes,
 }
 
-pub fn measure(model: &Model, schedule: &IndexSchedule, prompt: &[u32], decode: usize) -> Result<Measurement> {
-    let mut cache = model.new_cache_with(schedule.clone(), prompt.len() + decode)?;
+/// Prefill `prompt` into `cache` (cleared first; capacity ≥ prompt + decode) in chunks of
+/// `chunk` tokens, then `decode` greedy one-token steps. Host clocks are read after
+/// [`Backend::synchronize`], so queued device work is counted.
+pub fn measure<B: Backend>(
+    model: &DsaModel<B>,
+    cache: &mut Cache<B>,
+    prompt: &[u32],
+    decode: usize,
+    chunk: usize,
+) -> Result<Measurement> {
+    let b = model.backend();
+    cache.clear();
+    b.synchronize()?;
     let t0 = Instant::now();
-    let out = model.forward(prompt, &mut cache, &ForwardOptions { logits: Logits::Last, capture_topk: false })?;
+    let out =
+        model.forward_chunked(prompt, cache, &ForwardOptions { logits: Logits::Last, capture_topk: false }, chunk)?;
+    b.synchronize()?;
     let prefill = t0.elapsed().as_secs_f64();
-    let mut next = indexcache_model::sampler::argmax(&out.logits);
+    let mut next = argmax(&out.logits);
     let ttft = t0.elapsed().as_secs_f64();
     let mut decode_times = StageTimes::default();
     let t1 = Instant::now();
     for _ in 0..decode {
-        let o = model.forward(&[next], &mut cache, &ForwardOptions::default())?;
+        let o = model.forward(&[next], cache, &ForwardOptions::default())?;
         decode_times.add(&o.times);
-        next = indexcache_model::sampler::argmax(&o.logits);
+        next = argmax(&o.logits);
     }
+    b.synchronize()?;
     Ok(Measurement { prefill, ttft, decode: t1.elapsed().as_secs_f64(), prefill_times: out.times, decode_times })
-}
-
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

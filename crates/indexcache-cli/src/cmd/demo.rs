@@ -4,23 +4,26 @@
 
 use crate::cmd::bench::{measure, synthetic_prompt};
 use crate::cmd::generate::{SamplingArgs, generate, load_tokenizer};
-use crate::load::load_model;
-use anyhow::{Result, anyhow};
+use crate::load::{ExecArgs, load_model, with_backend};
+use anyhow::{Result, anyhow, bail};
 use indexcache_config::ScheduleOverride;
-use indexcache_model::IndexerSelection;
-use std::path::PathBuf;
+use indexcache_model::{DsaModel, IndexerSelection};
+use indexcache_ops::Backend;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model directory (default: the tiny model shipped with the repository).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
-    /// Prompt length for the timing run.
-    #[arg(long, default_value_t = 4096)]
+    /// Prompt length for the timing run (capped so prompt + decode fit the model's context).
+    #[arg(long, default_value_t = 4096, value_parser = crate::load::positive)]
     pub context: usize,
-    /// Tokens to decode in the timing run.
+    /// Tokens to decode in the timing run (at least 1).
     #[arg(long, default_value_t = 32)]
     pub decode: usize,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 fn default_model_dir() -> PathBuf {
@@ -28,12 +31,27 @@ fn default_model_dir() -> PathBuf {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.decode == 0 {
+        bail!("--decode must be at least 1: the timing run reports decode tokens/s");
+    }
     let dir = a.model.clone().unwrap_or_else(default_model_dir);
     println!("== model: {}", dir.display());
-    let base = load_model(&dir, None, IndexerSelection::All)?;
+    with_backend!(a.exec.backend()?, |b| run_with(load_model(&dir, b, None, IndexerSelection::All)?, &a, &dir))
+}
+
+fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {
     let cfg = base.config().clone();
+    let chunk = a.exec.chunk(base.backend());
+    // The timing run needs at least one prompt token before the decode steps.
+    if a.decode >= cfg.max_position_embeddings {
+        bail!(
+            "--decode {} leaves no room for a prompt: the model's context (max_position_embeddings) is {} tokens",
+            a.decode,
+            cfg.max_position_embeddings
+        );
+    }
     println!(
-        "{} layers, hidden {}, {} heads, indexer {}x{} top-{}; schedule in config.json: {} ({} Full)",
+        "{} layers, hidden {}, {} heads, indexer {}x{} top-{}; schedule in config.json: {} ({} Full); backend {}",
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -41,7 +59,8 @@ pub fn run(a: Args) -> Result<()> {
         cfg.index_head_dim,
         cfg.index_topk,
         base.schedule(),
-        base.schedule().num_full()
+        base.schedule().num_full(),
+        base.backend().name()
     );
 
     println!("\n== generate (greedy; random weights, so the text is gibberish by design)");
@@ -49,22 +68,33 @@ pub fn run(a: Args) -> Result<()> {
     let prompt = "The lightning indexer picks the tokens that matter.";
     let ids = tokenizer.encode(prompt, true).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
     let sampling = SamplingArgs { max_tokens: 24, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
-    let (out, stats) = generate(&base, &ids, &sampling, |_| Ok(()))?;
+    let (out, stats) = generate(&base, &ids, &sampling, chunk, |_| Ok(()))?;
     let text = tokenizer.decode(&out, true).map_err(|e| anyhow!("detokenizing: {e}"))?;
     println!("{prompt}{text}");
     println!("(TTFT {:.1} ms, decode {:.1} tokens/s)", stats.ttft_s * 1e3, stats.decode_tok_s());
 
     let context = a.context.min(cfg.max_position_embeddings - a.decode);
+    if context < a.context {
+        println!(
+            "\n(--context {} + --decode {} exceed the model's {} positions)",
+            a.context, a.decode, cfg.max_position_embeddings
+        );
+    }
     println!("\n== timing: prefill {context} tokens, then decode {} tokens", a.decode);
     let long = synthetic_prompt(context, cfg.vocab_size, 0);
     // Warm-up, so first-touch page faults are not billed to the first schedule.
-    measure(&base, base.schedule(), &long[..context.min(256)], 2)?;
+    {
+        let warm = &long[..context.min(256)];
+        let mut cache = base.new_cache_with(base.schedule().clone(), warm.len() + 2)?;
+        measure(&base, &mut cache, warm, 2, chunk)?;
+    }
     let mut rows = Vec::new();
     for (label, o) in
         [("DSA (all Full)", ScheduleOverride::Off), ("IndexCache 1/4", ScheduleOverride::Keep { num: 1, den: 4 })]
     {
         let schedule = o.apply(cfg.num_hidden_layers)?;
-        let m = measure(&base, &schedule, &long, a.decode)?;
+        let mut cache = base.new_cache_with(schedule.clone(), context + a.decode)?;
+        let m = measure(&base, &mut cache, &long, a.decode, chunk)?;
         rows.push((label, schedule.to_pattern(), m.prefill, a.decode as f64 / m.decode));
     }
     println!("{:<16} {:<10} {:>12} {:>14}", "schedule", "pattern", "prefill s", "decode tok/s");

@@ -1,13 +1,14 @@
 //! `indexcache eval passkey|niah`: synthetic long-context retrieval under a schedule.
 
-use crate::args::{ModelArgs, ScheduleArgs};
-use crate::cmd::bench::parse_len;
+use crate::args::{ModelArgs, ScheduleArgs, parse_lens};
 use crate::cmd::generate::load_tokenizer;
-use crate::load::{load_model, progress_bar};
+use crate::load::{ExecArgs, load_model, progress_bar, with_backend};
 use anyhow::{Context, Result};
-use indexcache_model::IndexerSelection;
+use indexcache_model::{DsaModel, IndexerSelection};
+use indexcache_ops::Backend;
 use indexcache_tools::eval::{EvalConfig, Task, run_eval};
 use std::path::PathBuf;
+use tokenizers::Tokenizer;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,7 +17,7 @@ pub struct Args {
     pub task: String,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Prompt lengths in tokens (k = 1024).
+    /// Prompt lengths: token counts, or multiples of 1024 with a k suffix (1k = 1024).
     #[arg(long, default_value = "1k,2k,4k")]
     pub lengths: String,
     /// Needle depths in [0, 1] (0 = start of the haystack).
@@ -38,12 +39,14 @@ pub struct Args {
     /// Print JSON (with every sample's output).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let task: Task = a.task.parse()?;
     let mut cfg = EvalConfig::new(task);
-    cfg.lengths = a.lengths.split(',').map(parse_len).collect::<Result<_>>()?;
+    cfg.lengths = parse_lens(&a.lengths).context("--lengths")?;
     cfg.depths = a
         .depths
         .split(',')
@@ -55,9 +58,17 @@ pub fn run(a: Args) -> Result<()> {
         cfg.max_new_tokens = n;
     }
     let tok = load_tokenizer(&a.tokenizer.clone().unwrap_or_else(|| a.model.model.join("tokenizer.json")))?;
-    let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
+    let schedule = a.schedule.to_override()?;
+    with_backend!(a.exec.backend()?, |b| {
+        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full)?, &a, &cfg, &tok)
+    })
+}
+
+fn run_with<B: Backend>(model: DsaModel<B>, a: &Args, cfg: &EvalConfig, tok: &Tokenizer) -> Result<()> {
+    let task = cfg.task;
     let bar = progress_bar("eval", "prompts {eta}", 0);
-    let report = run_eval(&model, model.schedule(), &tok, &cfg, &mut |done, total| {
+    let chunk = a.exec.chunk(model.backend());
+    let report = run_eval(&model, model.schedule(), tok, cfg, chunk, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;

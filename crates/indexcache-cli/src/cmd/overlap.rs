@@ -1,10 +1,12 @@
 //! `indexcache overlap`: how much the layers' top-k selections agree, |T_i ∩ T_j| / k.
 
 use crate::args::{DataArgs, ModelArgs};
-use crate::load::{load_model, progress_bar};
+use crate::load::{ExecArgs, load_model, progress_bar, with_backend};
 use anyhow::{Context, Result};
 use indexcache_config::ScheduleOverride;
-use indexcache_model::IndexerSelection;
+use indexcache_model::{DsaModel, IndexerSelection};
+use indexcache_ops::Backend;
+use indexcache_tools::data::Window;
 use indexcache_tools::{overlap::overlap_matrix, plot};
 use std::path::PathBuf;
 
@@ -20,14 +22,22 @@ pub struct Args {
     /// Also print the JSON report.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = load_model(&a.model.model, Some(ScheduleOverride::Off), IndexerSelection::All)?;
     let windows = a.data.windows(&a.model.model)?;
+    with_backend!(a.exec.backend()?, |b| {
+        run_with(load_model(&a.model.model, b, Some(ScheduleOverride::Off), IndexerSelection::All)?, &a, &windows)
+    })
+}
+
+fn run_with<B: Backend>(model: DsaModel<B>, a: &Args, windows: &[Window]) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let bar = progress_bar("overlap", "windows {eta}", windows.len() as u64);
-    let report = overlap_matrix(&model, &windows, &mut |i| bar.set_position(i as u64))?;
+    let chunk = a.exec.chunk(model.backend());
+    let report = overlap_matrix(&model, windows, chunk, &mut |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(a.out.join("overlap.json"), &json)?;

@@ -1,9 +1,10 @@
 //! `indexcache ppl`: mean next-token NLL and perplexity of text under a schedule.
 
 use crate::args::{DataArgs, ModelArgs, ScheduleArgs};
-use crate::load::{load_model, progress_bar};
+use crate::load::{ExecArgs, load_model, progress_bar, with_backend};
 use anyhow::Result;
-use indexcache_model::IndexerSelection;
+use indexcache_model::{DsaModel, IndexerSelection};
+use indexcache_ops::Backend;
 use indexcache_tools::loss::dataset_nll;
 use serde::Serialize;
 use std::time::Instant;
@@ -19,10 +20,14 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 #[derive(Serialize)]
 struct Report {
+    backend: String,
+    chunk: usize,
     schedule: String,
     full_layers: usize,
     windows: usize,
@@ -33,14 +38,23 @@ struct Report {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = load_model(&a.model.model, a.schedule.to_override()?, IndexerSelection::Full)?;
+    let schedule = a.schedule.to_override()?;
     let windows = a.data.windows(&a.model.model)?;
+    with_backend!(a.exec.backend()?, |b| {
+        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full)?, &a, &windows)
+    })
+}
+
+/// The per-token NLL is reduced on the device (`Backend::nll`): the logits never leave it.
+fn run_with<B: Backend>(model: DsaModel<B>, a: &Args, windows: &[indexcache_tools::data::Window]) -> Result<()> {
     let bar = progress_bar("ppl", "windows {eta}", windows.len() as u64);
     let t0 = Instant::now();
-    let chunk = indexcache_ops::Backend::default_chunk(model.backend());
-    let nll = dataset_nll(&model, model.schedule(), &windows, chunk, &mut |i| bar.set_position(i as u64))?;
+    let chunk = a.exec.chunk(model.backend());
+    let nll = dataset_nll(&model, model.schedule(), windows, chunk, &mut |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     let r = Report {
+        backend: model.backend().name(),
+        chunk,
         schedule: model.schedule().to_pattern(),
         full_layers: model.schedule().num_full(),
         windows: windows.len(),

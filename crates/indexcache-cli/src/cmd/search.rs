@@ -1,13 +1,15 @@
 //! `indexcache search`: choose which layers keep their indexer (paper Algorithm 1, greedy,
 //! with exact prefix reuse), resumable, with a loss curve.
 
-use crate::args::{DataArgs, ModelArgs};
-use crate::load::{load_model, progress_bar};
+use crate::args::{DataArgs, ModelArgs, human_bytes, parse_bytes};
+use crate::load::{ExecArgs, load_model, progress_bar, with_backend};
 use anyhow::{Context, Result, bail};
 use indexcache_config::{IndexSchedule, ScheduleOverride};
-use indexcache_model::IndexerSelection;
+use indexcache_model::{DsaModel, IndexerSelection};
+use indexcache_ops::Backend;
+use indexcache_tools::data::Window;
 use indexcache_tools::search::{
-    SearchEvent, SearchOptions, SearchState, Target, fingerprint, greedy_search, schedule_loss,
+    SearchEvent, SearchOptions, SearchState, Target, default_memo_budget, fingerprint, greedy_search, schedule_loss,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -27,15 +29,23 @@ pub struct Args {
     /// Pipeline blocks: first layer of each block stays Full, one flip per block per step.
     #[arg(long, default_value_t = 1)]
     pub blocks: usize,
-    /// Result file; progress is saved here after every committed flip.
+    /// Result file; progress is saved here after every committed flip (its directory is created
+    /// if needed).
     #[arg(long, default_value = "pattern.json")]
     pub out: PathBuf,
+    /// Memory for the candidates' memos (their per-layer states, which save recomputation), e.g.
+    /// 8G, 512M, 0 (no memos: plain committed-prefix reuse) or none (no limit). Results are the same
+    /// for every budget. Default: a quarter of the free device memory (cuda) or of MemAvailable (cpu).
+    #[arg(long, value_name = "SIZE")]
+    pub memo_budget: Option<String>,
     /// Continue the search saved in --out.
     #[arg(long)]
     pub resume: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
 }
 
 /// What `--out` holds: the search state plus, when done, the comparison schedules.
@@ -56,10 +66,7 @@ pub struct Comparison {
 }
 
 fn save(path: &Path, file: &SearchFile) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(file)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::output::write_atomic(path, serde_json::to_string_pretty(file)?.as_bytes())
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -74,11 +81,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.blocks == 0 {
         bail!("--blocks must be at least 1");
     }
-    let opts = SearchOptions { target, blocks: a.blocks };
-    let model = load_model(&a.model.model, Some(ScheduleOverride::Off), IndexerSelection::All)?;
+    // `None`: not given (the default budget); `Some(None)`: no limit.
+    let memo_budget = a.memo_budget.as_deref().map(parse_bytes).transpose().context("--memo-budget")?;
     let windows = a.data.windows(&a.model.model)?;
     let config_json = std::fs::read_to_string(a.model.model.join("config.json"))?;
-    let fp = fingerprint(&config_json, &windows, &opts);
     let resume = if a.resume {
         let text = std::fs::read_to_string(&a.out).with_context(|| format!("--resume: reading {}", a.out.display()))?;
         let f: SearchFile =
@@ -90,8 +96,32 @@ pub fn run(a: Args) -> Result<()> {
         }
         None
     };
+    with_backend!(a.exec.backend()?, |b| {
+        let model = load_model(&a.model.model, b, Some(ScheduleOverride::Off), IndexerSelection::All)?;
+        let backend = model.backend();
+        let memo_budget_bytes = memo_budget.unwrap_or_else(|| default_memo_budget(backend));
+        let opts = SearchOptions { target, blocks: a.blocks, chunk: Some(a.exec.chunk(backend)), memo_budget_bytes };
+        let fp = fingerprint(&config_json, &windows, &opts);
+        search(&model, &a, &windows, &opts, fp, resume)
+    })
+}
+
+fn search<B: Backend>(
+    model: &DsaModel<B>,
+    a: &Args,
+    windows: &[Window],
+    opts: &SearchOptions,
+    fp: String,
+    resume: Option<SearchState>,
+) -> Result<()> {
     let n = model.config().num_hidden_layers;
-    let flips = target.flips(n);
+    let flips = opts.target.flips(n);
+    let chunk = opts.chunk.unwrap_or_else(|| model.backend().default_chunk());
+    tracing::info!(
+        "memo budget {}; prefill chunk {chunk}; backend {}",
+        opts.memo_budget_bytes.map_or("unlimited".into(), human_bytes),
+        model.backend().name()
+    );
     let bar = progress_bar("search step {msg}", "", 0);
     let out = a.out.clone();
     let mut saver = |s: &SearchState| {
@@ -100,6 +130,11 @@ pub fn run(a: Args) -> Result<()> {
     };
     let mut on_event = |e: SearchEvent<'_>| match e {
         SearchEvent::Baseline { loss } => bar.println(format!("all-Full loss {loss:.6}")),
+        SearchEvent::Memo { step, memoised, candidates, bytes } => {
+            let msg =
+                format!("step {step}: {memoised} of {candidates} candidates keep a memo (~{})", human_bytes(bytes));
+            if step == 1 { tracing::info!("{msg}") } else { tracing::debug!("{msg}") }
+        }
         SearchEvent::Candidate { step, done, total, .. } => {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -113,13 +148,13 @@ pub fn run(a: Args) -> Result<()> {
             ));
         }
     };
-    let state = greedy_search(&model, &windows, &opts, fp, resume, &mut saver, &mut on_event)?;
+    let state = greedy_search(model, windows, opts, fp, resume, &mut saver, &mut on_event)?;
     bar.finish_and_clear();
 
     let searched = IndexSchedule::from_pattern(&state.pattern, n)?;
     let uniform = ScheduleOverride::Keep { num: searched.num_full(), den: n }.apply(n)?;
     let comparison = Comparison {
-        uniform_loss: schedule_loss(&model, &uniform, &windows)?,
+        uniform_loss: schedule_loss(model, &uniform, windows, chunk)?,
         uniform_pattern: uniform.to_pattern(),
         all_full_loss: state.all_full_loss,
         searched_loss: state.steps.last().map_or(state.all_full_loss, |s| s.loss),

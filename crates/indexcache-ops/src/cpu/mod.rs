@@ -370,13 +370,7 @@ impl Backend for CpuBackend {
             }
             let gu = moe.experts.gate_up.group(e);
             let (gate, up) = gu.split_at(inter * hidden);
-            let y = self.swiglu(
-                &CpuTensor::new(xs, toks.len(), hidden),
-                gate,
-                up,
-                moe.experts.down.group(e),
-                inter,
-            );
+            let y = self.swiglu(&CpuTensor::new(xs, toks.len(), hidden), gate, up, moe.experts.down.group(e), inter);
             for (i, &(t, w)) in toks.iter().enumerate() {
                 let dst = &mut out[t * hidden..(t + 1) * hidden];
                 for (d, v) in dst.iter_mut().zip(y.row(i)) {
