@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=gpu-bundle
+tgt=${CARGO_TARGET_DIR:-target}
 rm -rf "$out" && mkdir -p "$out/tests"
 cargo build --release --locked -p indexcache-cli --features cuda
-cp target/release/indexcache "$out/"
+cp "$tgt"/release/indexcache "$out/"
 cargo build --release --locked -p indexcache-cuda --examples
-cp target/release/examples/kernel_bench "$out/"
+cp "$tgt"/release/examples/kernel_bench "$out/"
 # Test executables of the cuda crate, by target name.
 cargo test --release --locked -p indexcache-cuda --no-run --message-format=json 2>/dev/null |
     python3 -c '

@@ -3,7 +3,7 @@
 //! `kernel_bench [--json FILE]` (built by scripts/gpu/bundle.sh, run by scripts/gpu/check.sh).
 
 use indexcache_cuda::dev::Dev;
-use indexcache_cuda::{KernelBench, backend, fp8, indexer, mla};
+use indexcache_cuda::{KernelBench, backend, fp8, indexer, mla, moe_decode};
 use std::sync::Arc;
 
 fn main() {
@@ -19,11 +19,12 @@ fn main() {
     println!("{} ({} SMs)", dev.device_name, dev.sm_count);
     let mut rows: Vec<KernelBench> = Vec::new();
     let mut failed = false;
-    for name in ["backend", "indexer", "mla", "fp8"] {
+    for name in ["backend", "indexer", "mla", "fp8", "moe_decode"] {
         let result = match name {
             "backend" => backend::bench(&dev),
             "indexer" => indexer::bench(&dev),
             "mla" => mla::bench(&dev),
+            "moe_decode" => moe_decode::bench(&dev),
             _ => fp8::bench(&dev),
         };
         match result {

@@ -49,7 +49,7 @@
 
 use crate::dev::{self, Dev, DevBuf, Source};
 use crate::gemm::{Blas, MatmulT};
-use crate::{CEILING_BF16_TFLOPS, CEILING_GBPS, KernelBench, indexer, kernels, mla};
+use crate::{CEILING_BF16_TFLOPS, CEILING_GBPS, KernelBench, indexer, kernels, mla, moe_decode};
 use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 use indexcache_ops::{
     Backend, DType, MemoryStats, Mlp, Moe, OpError, OpResult, Positions, RopeLayout, RopeTable, TopK, WeightInit,
@@ -276,6 +276,8 @@ pub struct CudaBackend {
     blas: Blas,
     dtype: DType,
     poison: AtomicBool,
+    /// Use the sync-free grouped-GEMV MoE for decode-sized inputs (`INDEXCACHE_MOE_DECODE=0`: off).
+    moe_decode: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -296,7 +298,8 @@ impl CudaBackend {
         let blas = Blas::new(&dev)?;
         // Compile the element-wise module now, so a missing NVRTC fails at load, not mid-run.
         dev.function(&kernels::ELEMENTWISE, ADD.names[0])?;
-        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false) })
+        let moe_decode = std::env::var("INDEXCACHE_MOE_DECODE").map_or(true, |v| v != "0");
+        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode })
     }
 
     pub fn dev(&self) -> &Arc<Dev> {
@@ -1037,6 +1040,35 @@ impl Backend for CudaBackend {
             ],
         )?;
         drop(logits);
+
+        // Decode-sized inputs: grouped GEMVs that read the expert ids on the device — no host
+        // synchronisation, three launches (`moe_decode`). `INDEXCACHE_MOE_DECODE=0` turns it off.
+        if t <= moe_decode::MAX_DECODE_TOKENS && self.moe_decode {
+            let shared = match &moe.shared {
+                Some(m) => Some(self.mlp(x, m)?),
+                None => None,
+            };
+            let out = self.tensor_out(OP, t, hidden)?;
+            let args = moe_decode::MoeSmallArgs {
+                dtype: self.dtype,
+                x: x.ptr(),
+                ids: ids.ptr(),
+                weights: wts.ptr(),
+                gate_up: gu.ptr(),
+                down: dn.ptr(),
+                shared: shared.as_ref().map_or(0, |s| s.ptr()),
+                out: out.ptr(),
+                tokens: t,
+                hidden,
+                inter,
+                n_experts: n_exp,
+                top_k: k,
+            };
+            if moe_decode::check(&args).is_ok() {
+                moe_decode::moe_small(&self.dev, &args)?;
+                return Ok(out);
+            }
+        }
 
         // 3. Counts to the host (the one synchronisation of the layer), offsets back.
         let counts_h = self.dev.download::<i32>(OP, &counts, n_exp)?;

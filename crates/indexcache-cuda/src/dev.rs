@@ -120,6 +120,32 @@ pub fn compile(src: &Source) -> Result<cudarc::nvrtc::Ptx, String> {
     cudarc::nvrtc::compile_ptx_with_opts(src.code, opts).map_err(|e| format!("{}.cu: {e}", src.name))
 }
 
+/// Stream-ordered allocations come from the device's default memory pool, which by default hands
+/// unused memory back to the driver at every synchronisation; a prefill that frees and re-takes a
+/// multi-GiB indexer workspace per layer would then re-map it each time. Keep freed memory in the
+/// pool instead (the caching-allocator behaviour of PyTorch and vLLM); it is reused by later
+/// allocations and returned when the process exits.
+fn keep_pool_memory(ctx: &CudaContext) -> OpResult<()> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread().map_err(|e| driver_err("cuda init", "bind context", e))?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: plain driver calls on a valid device; `pool` and `threshold` outlive them.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(|e| driver_err("cuda init", "default memory pool", e))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| driver_err("cuda init", "memory pool release threshold", e))?;
+    }
+    Ok(())
+}
+
 impl Dev {
     /// Open GPU `ordinal`. Fails cleanly (no panic) where no driver or GPU exists.
     pub fn open(ordinal: usize) -> OpResult<Self> {
@@ -135,6 +161,7 @@ impl Dev {
         // SAFETY: every buffer is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_pool_memory(&ctx)?;
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_err("cuda init", "", e))? as u32;

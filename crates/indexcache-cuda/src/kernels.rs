@@ -8,8 +8,9 @@ pub const MLA: Source = Source { name: "mla", code: include_str!("kernels/mla.cu
 pub const ELEMENTWISE: Source = Source { name: "elementwise", code: include_str!("kernels/elementwise.cu") };
 pub const MOE: Source = Source { name: "moe", code: include_str!("kernels/moe.cu") };
 pub const FP8: Source = Source { name: "fp8", code: include_str!("kernels/fp8.cu") };
+pub const MOE_DECODE: Source = Source { name: "moe_decode", code: include_str!("kernels/moe_decode.cu") };
 
 /// Every kernel source (the compile test in CI walks this list).
 pub fn all() -> Vec<&'static Source> {
-    vec![&INDEXER, &TOPK, &MLA, &ELEMENTWISE, &MOE, &FP8]
+    vec![&INDEXER, &TOPK, &MLA, &ELEMENTWISE, &MOE, &FP8, &MOE_DECODE]
 }

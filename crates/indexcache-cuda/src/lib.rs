@@ -15,6 +15,7 @@ pub mod gemm;
 pub mod indexer;
 pub mod kernels;
 pub mod mla;
+pub mod moe_decode;
 
 pub use backend::CudaBackend;
 

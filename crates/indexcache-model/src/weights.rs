@@ -75,6 +75,11 @@ pub trait WeightSource {
     fn init(&mut self, name: &str, shape: &[usize]) -> Result<WeightInit, ModelError> {
         Ok(WeightInit::Host(self.get(name, shape)?))
     }
+    /// Synthetic weights: stacked tensors (experts) are generated whole rather than assembled
+    /// from per-expert host copies.
+    fn synthetic(&self) -> bool {
+        false
+    }
 }
 
 /// A checkpoint on disk, with a progress callback per loaded tensor.
@@ -122,6 +127,9 @@ impl WeightSource for RandomSource {
             WeightInit::Random { seed, bound } => Ok(indexcache_ops::random::fill(seed, bound, n)),
             WeightInit::Host(v) => Ok(v),
         }
+    }
+    fn synthetic(&self) -> bool {
+        true
     }
     fn init(&mut self, name: &str, shape: &[usize]) -> Result<WeightInit, ModelError> {
         if shape.len() == 1 {
@@ -334,7 +342,8 @@ fn load_experts<B: Backend>(
 ) -> Result<Experts<B::Weight>, ModelError> {
     let fused = format!("{prefix}.gate_up_proj");
     let down_fused = format!("{prefix}.down_proj");
-    let (gate_up, down) = if !src.has(&format!("{prefix}.0.gate_proj.weight")) && src.has(&fused) {
+    let hub = src.has(&format!("{prefix}.0.gate_proj.weight"));
+    let (gate_up, down) = if src.synthetic() || (!hub && src.has(&fused)) {
         (src.init(&fused, &[n, 2 * inter, hid])?, src.init(&down_fused, &[n, hid, inter])?)
     } else {
         let mut gate_up = Vec::with_capacity(n * 2 * inter * hid);

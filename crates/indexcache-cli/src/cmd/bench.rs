@@ -205,6 +205,19 @@ fn run_with<B: Backend>((model, label): (DsaModel<B>, String), a: &Args, context
                 bar.println(format!("context {ctx}, {spec}: failed: {msg}"));
                 failed_row(ctx, schedule, msg)
             });
+            if row.error.is_none() {
+                // One line per finished row, so a run cut short still reports what it measured.
+                bar.println(format!(
+                    "context {ctx}, {spec}: prefill {:.3} s (indexer {:.0}%, stages {:.2}/{:.2}/{:.2} s), decode {} tok/s, peak {:.1} GiB",
+                    row.prefill_s,
+                    row.indexer_share_prefill * 100.0,
+                    row.prefill_stages_s[0],
+                    row.prefill_stages_s[1],
+                    row.prefill_stages_s[2],
+                    row.decode_tok_s.map_or("-".into(), |v| format!("{v:.1}")),
+                    row.peak_memory_bytes.unwrap_or(0) as f64 / (1u64 << 30) as f64,
+                ));
+            }
             rows.push(Row { pattern: spec.clone(), ..row });
             bar.inc(1);
         }

@@ -1,0 +1,386 @@
+// Sync-free MoE expert FFN for decode-sized batches (moe_decode.rs, `moe_small`).
+//
+// Inputs (raw device addresses): x [T, hidden], ids [T, top_k] i32 and w [T, top_k] f32 from the
+// routing kernel (moe.cu `moe_route`), stacked expert weights gate_up [E, 2I, hidden] (rows 0..I
+// gate, I..2I up) and down [E, hidden, I]. Output out[t] = sum_j w[t,j] * down_e(silu(gate_e x) *
+// up_e x), e = ids[t,j], summed in f32 in j order (+ an optional shared-expert output, added in f32
+// before the one rounding, as moe.cu's moe_combine does). Nothing goes to the host: the work list is
+// built on the device, inside every CTA, from the N = T*top_k ids.
+//
+// Plan (`make_plan`, every CTA, N <= MAX_PAIRS): a pair q = t*top_k + j is a *leader* if no earlier
+// pair has its expert; next[q] chains the later pairs with the same expert. Each expert's weights
+// are read once per call, whatever number of pairs use it (they are the "members" of its leader);
+// members go through a weight row in passes of at most MAXM (a later pass re-reads the row, from
+// L2). A pair with an expert id outside [0, E) contributes zero.
+//
+// Kernel 1, gate/up (persistent warps): a unit is (leader, intermediate row i). Warp-units are
+// strided over all warps of the grid; a warp loads gate row i and up row i of the expert with
+// 16-byte streaming loads (L1 bypassed), `UNR` vectors per lane per step, lane-interleaved (a warp
+// reads 512 contiguous bytes per load instruction), dots them with x[t] of every member in f32,
+// reduces with warp shuffles and writes h[q, i] = silu(g) * u (f32) to the [N, I] workspace.
+//
+// Kernel 2, down + combine: a CTA owns a slice of DN_ROWS output rows and computes, for every leader
+// and every row of the slice, y[q, r] = down_e[r, :] . h[q, :] for the members q (one warp per
+// (leader, row) unit), into shared memory; then out[t, r] = sum_j w[t,j] * y[t*top_k + j, r] in j
+// order (f32), plus shared[t, r] if a shared-expert output is given (as moe.cu's moe_combine),
+// converted to the storage type once. The combine is fused and deterministic: no atomics,
+// every sum has a fixed order, and a pair's dot products do not depend on which other pairs share
+// its expert (the result for a token is bitwise independent of the rest of the batch).
+//
+// Optional L2 prefetch (`pf` units ahead, cp.async.bulk.prefetch.L2, one instruction per weight row)
+// keeps more bytes in flight than a warp's registers hold.
+//
+// No headers are included (NVRTC only); bf16 is unsigned short bits, as in elementwise.cu.
+
+typedef unsigned short bf16_t;
+typedef long long i64;
+
+#define FULL_MASK 0xffffffffu
+#define MAX_PAIRS 256  // most (token, pick) pairs per call; moe_decode.rs MAX_PAIRS
+#define DN_ROWS 4      // output rows per slice of the down kernel; moe_decode.rs DN_ROWS
+#define UNR 8          // 16-byte vectors per lane per step
+#define MAXM 4         // members per pass over a weight row
+#define THREADS 128    // threads per CTA of both kernels; moe_decode.rs THREADS
+#define MIN_CTAS 4     // resident CTAs per SM the register budget is sized for (<= 128 registers)
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, i64 i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
+
+// Elements per 16-byte vector and their unpacking to f32 (element 0 = lowest address).
+template <typename T>
+struct VecT;
+template <>
+struct VecT<float> {
+    static constexpr int N = 4;
+    static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
+        f[0] = __uint_as_float(v.x);
+        f[1] = __uint_as_float(v.y);
+        f[2] = __uint_as_float(v.z);
+        f[3] = __uint_as_float(v.w);
+    }
+};
+template <>
+struct VecT<bf16_t> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
+        f[0] = __uint_as_float(v.x << 16);
+        f[1] = __uint_as_float(v.x & 0xffff0000u);
+        f[2] = __uint_as_float(v.y << 16);
+        f[3] = __uint_as_float(v.y & 0xffff0000u);
+        f[4] = __uint_as_float(v.z << 16);
+        f[5] = __uint_as_float(v.z & 0xffff0000u);
+        f[6] = __uint_as_float(v.w << 16);
+        f[7] = __uint_as_float(v.w & 0xffff0000u);
+    }
+};
+
+// 16-byte load of weights read once per call: non-coherent path, no L1 allocation.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// 16-byte load of small read-only activations (x, h), reused across warps: cached in L1.
+// Not volatile: a pure function of the address, the compiler may schedule it freely.
+__device__ __forceinline__ uint4 ld_act(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Prefetch `bytes` (a multiple of 16, 16-byte aligned address) into L2; no registers, no waiting.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
+
+// Butterfly sum: every lane ends with the same value (each step adds the same two operands).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// The per-call work list, built by every CTA from the ids.
+struct Plan {
+    int id[MAX_PAIRS];    // expert of pair q, -1 if outside [0, E)
+    int next[MAX_PAIRS];  // next pair after q with the same expert, -1 if none
+    int flag[MAX_PAIRS];  // q is a leader (first pair of its expert)
+    int lead[MAX_PAIRS];  // the leaders, in pair order
+    int n_lead;
+};
+
+// Called by all threads of the block (blockDim.x a multiple of 32); ends with a barrier.
+// O(n) per pair; n <= MAX_PAIRS.
+__device__ void make_plan(Plan& p, const int* ids, int n, int E) {
+    for (int q = threadIdx.x; q < n; q += blockDim.x) {
+        const int e = ids[q];
+        p.id[q] = (e >= 0 && e < E) ? e : -1;
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < n; q += blockDim.x) {
+        const int e = p.id[q];
+        int first = e >= 0, nx = -1;
+        if (e >= 0) {
+            for (int r = 0; r < q; ++r) {
+                if (p.id[r] == e) {
+                    first = 0;
+                    break;
+                }
+            }
+            for (int r = q + 1; r < n; ++r) {
+                if (p.id[r] == e) {
+                    nx = r;
+                    break;
+                }
+            }
+        }
+        p.flag[q] = first;
+        p.next[q] = nx;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // warp 0: ordered compaction of the leaders
+        const int lane = threadIdx.x;
+        int base = 0;
+        for (int q0 = 0; q0 < n; q0 += 32) {
+            const int q = q0 + lane;
+            const bool f = q < n && p.flag[q];
+            const unsigned m = __ballot_sync(FULL_MASK, f);
+            if (f) p.lead[base + __popc(m & ((1u << lane) - 1u))] = q;
+            base += __popc(m);
+        }
+        if (lane == 0) p.n_lead = base;
+    }
+    __syncthreads();
+}
+
+// The next up-to-MAXM members of a chain starting at q (-1 padded); returns the pair after them.
+__device__ __forceinline__ int take_members(const Plan& p, int q, int (&mq)[MAXM]) {
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+        mq[m] = q;
+        if (q >= 0) q = p.next[q];
+    }
+    return q;
+}
+
+// ---- kernel 1: gate/up GEMV + SwiGLU ------------------------------------------------------------
+// Grid: any number of CTAs (persistent; the host sizes it to the resident capacity), blockDim.x a
+// multiple of 32. h: [n, I] f32.
+template <typename T>
+__device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int* __restrict__ ids,
+                                             const T* __restrict__ gu, float* __restrict__ h, int n, int top_k, int E,
+                                             int hidden, int I, int pf) {
+    __shared__ Plan plan;
+    if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
+    make_plan(plan, ids, n, E);
+    constexpr int N = VecT<T>::N;
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int nvec = hidden / N;  // 16-byte vectors per weight row (the host checks hidden % N == 0)
+    const i64 units = (i64)plan.n_lead * I;
+    const i64 step = (i64)gridDim.x * warps;
+    const i64 first = (i64)blockIdx.x * warps + (threadIdx.x >> 5);
+    const unsigned row_bytes = (unsigned)hidden * sizeof(T);
+    // Gate row of unit u (the up row is I rows further).
+    auto gate_row = [&](i64 u) -> const T* {
+        const int li = (int)(u / I), i = (int)(u - (i64)li * I);
+        return gu + ((i64)plan.id[plan.lead[li]] * 2 * I + i) * hidden;
+    };
+    if (lane == 0) {
+        for (int k = 1; k < pf; ++k) {
+            const i64 v = first + k * step;
+            if (v < units) {
+                prefetch_l2(gate_row(v), row_bytes);
+                prefetch_l2(gate_row(v) + (i64)I * hidden, row_bytes);
+            }
+        }
+    }
+    for (i64 u = first; u < units; u += step) {
+        if (lane == 0 && pf > 0) {
+            const i64 v = u + pf * step;
+            if (v < units) {
+                prefetch_l2(gate_row(v), row_bytes);
+                prefetch_l2(gate_row(v) + (i64)I * hidden, row_bytes);
+            }
+        }
+        const int li = (int)(u / I), i = (int)(u - (i64)li * I);
+        const T* grow = gate_row(u);
+        const T* urow = grow + (i64)I * hidden;
+        int q = plan.lead[li];
+        while (q >= 0) {  // uniform over the warp
+            int mq[MAXM];
+            q = take_members(plan, q, mq);
+            float ga[MAXM], ua[MAXM];
+#pragma unroll
+            for (int m = 0; m < MAXM; ++m) ga[m] = ua[m] = 0.0f;
+            for (int c0 = 0; c0 < nvec; c0 += 32 * UNR) {
+                uint4 wg[UNR], wu[UNR];
+#pragma unroll
+                for (int k = 0; k < UNR; ++k) {
+                    const int c = c0 + k * 32 + lane;
+                    if (c < nvec) {
+                        wg[k] = ld_stream(grow + (i64)c * N);
+                        wu[k] = ld_stream(urow + (i64)c * N);
+                    } else {
+                        wg[k] = wu[k] = make_uint4(0u, 0u, 0u, 0u);
+                    }
+                }
+#pragma unroll
+                for (int m = 0; m < MAXM; ++m) {
+                    if (mq[m] < 0) break;  // the chain ended (uniform)
+                    const T* xr = x + (i64)(mq[m] / top_k) * hidden;
+#pragma unroll
+                    for (int k = 0; k < UNR; ++k) {
+                        const int c = c0 + k * 32 + lane;
+                        if (c < nvec) {
+                            float xf[N], gf[N], uf[N];
+                            VecT<T>::unpack(ld_act(xr + (i64)c * N), xf);
+                            VecT<T>::unpack(wg[k], gf);
+                            VecT<T>::unpack(wu[k], uf);
+#pragma unroll
+                            for (int v = 0; v < N; ++v) {
+                                ga[m] = fmaf(gf[v], xf[v], ga[m]);
+                                ua[m] = fmaf(uf[v], xf[v], ua[m]);
+                            }
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < MAXM; ++m) {
+                if (mq[m] < 0) break;
+                const float g = warp_sum(ga[m]), up = warp_sum(ua[m]);
+                if (lane == 0) h[(i64)mq[m] * I + i] = (g / (1.0f + expf(-g))) * up;
+            }
+        }
+    }
+}
+
+#define ENTRY extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS)
+
+ENTRY moe_decode_gate_up_f32(const float* x, const int* ids, const float* gu, float* h, int n, int top_k, int E,
+                             int hidden, int I, int pf) {
+    gate_up_impl<float>(x, ids, gu, h, n, top_k, E, hidden, I, pf);
+}
+ENTRY moe_decode_gate_up_bf16(const bf16_t* x, const int* ids, const bf16_t* gu, float* h, int n, int top_k, int E,
+                              int hidden, int I, int pf) {
+    gate_up_impl<bf16_t>(x, ids, gu, h, n, top_k, E, hidden, I, pf);
+}
+
+// ---- kernel 2: down GEMV + weighted combine -----------------------------------------------------
+// Grid: any number of CTAs, each striding over slices of DN_ROWS output rows; blockDim.x a multiple
+// of 32. h: [n, I] f32 from kernel 1; w: [n] f32; shared (may be null) and out: [n / top_k, hidden].
+template <typename T>
+__device__ __forceinline__ void down_impl(const float* __restrict__ h, const int* __restrict__ ids,
+                                          const float* __restrict__ wts, const T* __restrict__ dn,
+                                          const T* __restrict__ shared, T* __restrict__ out, int n, int top_k,
+                                          int E, int hidden, int I, int pf) {
+    __shared__ Plan plan;
+    __shared__ float ys[MAX_PAIRS][DN_ROWS];
+    if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
+    make_plan(plan, ids, n, E);
+    constexpr int N = VecT<T>::N;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int nvec = I / N;  // 16-byte vectors per weight row (the host checks I % N == 0)
+    const int tokens = n / top_k;
+    const int slices = (hidden + DN_ROWS - 1) / DN_ROWS;
+    const unsigned row_bytes = (unsigned)I * sizeof(T);
+    for (int s = blockIdx.x; s < slices; s += gridDim.x) {
+        const int r0 = s * DN_ROWS;
+        const int rows = min(DN_ROWS, hidden - r0);
+        const int units = plan.n_lead * rows;  // unit v: leader v / rows, row r0 + v % rows
+        auto row_of = [&](int v) -> const T* {
+            const int li = v / rows, r = v - li * rows;
+            return dn + ((i64)plan.id[plan.lead[li]] * hidden + r0 + r) * I;
+        };
+        if (lane == 0) {
+            for (int k = 1; k < pf; ++k) {
+                const int v = warp + k * warps;
+                if (v < units) prefetch_l2(row_of(v), row_bytes);
+            }
+        }
+        for (int v = warp; v < units; v += warps) {
+            if (lane == 0 && pf > 0) {
+                const int vn = v + pf * warps;
+                if (vn < units) prefetch_l2(row_of(vn), row_bytes);
+            }
+            const int li = v / rows, r = v - li * rows;
+            const T* wrow = row_of(v);
+            int q = plan.lead[li];
+            while (q >= 0) {  // uniform over the warp
+                int mq[MAXM];
+                q = take_members(plan, q, mq);
+                float acc[MAXM];
+#pragma unroll
+                for (int m = 0; m < MAXM; ++m) acc[m] = 0.0f;
+                for (int c0 = 0; c0 < nvec; c0 += 32 * UNR) {
+                    uint4 wv[UNR];
+#pragma unroll
+                    for (int k = 0; k < UNR; ++k) {
+                        const int c = c0 + k * 32 + lane;
+                        wv[k] = c < nvec ? ld_stream(wrow + (i64)c * N) : make_uint4(0u, 0u, 0u, 0u);
+                    }
+#pragma unroll
+                    for (int m = 0; m < MAXM; ++m) {
+                        if (mq[m] < 0) break;  // uniform
+                        const float* hr = h + (i64)mq[m] * I;
+#pragma unroll
+                        for (int k = 0; k < UNR; ++k) {
+                            const int c = c0 + k * 32 + lane;
+                            if (c < nvec) {
+                                float wf[N], hf[N];
+                                VecT<T>::unpack(wv[k], wf);
+#pragma unroll
+                                for (int a = 0; a < N / 4; ++a) {
+                                    VecT<float>::unpack(ld_act(hr + (i64)c * N + 4 * a), hf + 4 * a);
+                                }
+#pragma unroll
+                                for (int e = 0; e < N; ++e) acc[m] = fmaf(wf[e], hf[e], acc[m]);
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int m = 0; m < MAXM; ++m) {
+                    if (mq[m] < 0) break;
+                    const float y = warp_sum(acc[m]);
+                    if (lane == 0) ys[mq[m]][r] = y;
+                }
+            }
+        }
+        __syncthreads();
+        // Every valid pair's ys entry was written by its leader's warps; invalid pairs are skipped.
+        for (int idx = threadIdx.x; idx < tokens * rows; idx += blockDim.x) {
+            const int t = idx / rows, r = idx - t * rows;
+            float acc = 0.0f;
+            for (int j = 0; j < top_k; ++j) {
+                const int q = t * top_k + j;
+                if (plan.id[q] >= 0) acc = fmaf(wts[q], ys[q][r], acc);
+            }
+            const i64 o = (i64)t * hidden + r0 + r;
+            if (shared) acc += ld(shared, o);
+            st(out, o, acc);
+        }
+        __syncthreads();  // ys is rewritten by the next slice
+    }
+}
+
+ENTRY moe_decode_down_f32(const float* h, const int* ids, const float* w, const float* dn, const float* shared,
+                          float* out, int n, int top_k, int E, int hidden, int I, int pf) {
+    down_impl<float>(h, ids, w, dn, shared, out, n, top_k, E, hidden, I, pf);
+}
+ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const bf16_t* dn, const bf16_t* shared,
+                           bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf) {
+    down_impl<bf16_t>(h, ids, w, dn, shared, out, n, top_k, E, hidden, I, pf);
+}
