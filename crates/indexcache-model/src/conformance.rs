@@ -30,18 +30,44 @@ pub struct Tolerance {
     pub incremental: f64,
     /// Two schedules in the dense regime (≤ index_topk visible) against each other.
     pub dense_regime: f64,
+    /// A bf16 mode: on the full sequences (where a rounding can flip a top-k choice) the logits
+    /// and top-k are held to transformers' own bf16 run (`reference-bf16.safetensors`, made by
+    /// `scripts/fixtures/bf16_reference.py`), and to `logits` where no choice can flip (the
+    /// first `index_topk` tokens).
+    pub bf16: bool,
 }
 
 impl Tolerance {
     /// The CPU backend (f32, deterministic gemm).
-    pub const CPU: Tolerance =
-        Tolerance { logits: 1e-4, topk_rows: 0.999, topk_entries: 0.999, incremental: 1e-5, dense_regime: 1e-6 };
+    pub const CPU: Tolerance = Tolerance {
+        logits: 1e-4,
+        topk_rows: 0.999,
+        topk_entries: 0.999,
+        incremental: 1e-5,
+        dense_regime: 1e-6,
+        bf16: false,
+    };
     /// A device in its exact f32 mode.
-    pub const F32: Tolerance =
-        Tolerance { logits: 1e-4, topk_rows: 0.999, topk_entries: 0.999, incremental: 1e-4, dense_regime: 1e-5 };
-    /// A device in its bf16 mode.
-    pub const BF16: Tolerance =
-        Tolerance { logits: 2e-2, topk_rows: 0.0, topk_entries: 0.99, incremental: 2e-2, dense_regime: 2e-2 };
+    pub const F32: Tolerance = Tolerance {
+        logits: 1e-4,
+        topk_rows: 0.999,
+        topk_entries: 0.999,
+        incremental: 1e-4,
+        dense_regime: 1e-5,
+        bf16: false,
+    };
+    /// A device in its bf16 mode. On these small random models one rounding that flips a top-k
+    /// choice moves the logits far (transformers' own bf16 run is 0.14–0.30 from its f32 run), so
+    /// decode/chunked prefill against the full pass are held to 0.1, and arithmetic precision is
+    /// checked where no choice can flip (the dense regime, 2e-2).
+    pub const BF16: Tolerance = Tolerance {
+        logits: 2e-2,
+        topk_rows: 0.0,
+        topk_entries: 0.99,
+        incremental: 0.1,
+        dense_regime: 2e-2,
+        bf16: true,
+    };
 }
 
 /// One measured check.
@@ -163,7 +189,10 @@ impl<B: Backend> Suite<'_, B> {
         out.extend(self.index_cache_off()?);
         out.extend(self.shared_layers()?);
         out.extend(self.short_context()?);
-        out.extend(self.fp8_indexer()?);
+        if !self.tol.bf16 {
+            // The bf16 FP8 path rounds the rotation to bf16 as the reference does; the CPU's is f32.
+            out.extend(self.fp8_indexer()?);
+        }
         Ok(out)
     }
 
@@ -196,8 +225,30 @@ impl<B: Backend> Suite<'_, B> {
             }
         }
         let full = model.schedule().num_full();
-        Ok(vec![
-            Check::at_most(format!("{name}: logits vs transformers"), err, self.tol.logits, String::new()),
+        let mut checks = Vec::new();
+        let (mut logits_bound, mut entries_bound, mut note) = (self.tol.logits, self.tol.topk_entries, String::new());
+        if self.tol.bf16 {
+            let (hf_err, hf_shared) = transformers_bf16(&self.fixtures.join(name), &r, &want)?;
+            logits_bound = logits_bound.max(1.25 * hf_err);
+            entries_bound = entries_bound.min(hf_shared);
+            note = format!("transformers bf16: {hf_err:.3e}, top-k shared {hf_shared:.4}");
+            // Where every row sees ≤ index_topk tokens no rounding can change a choice: pure
+            // arithmetic precision against the f32 reference.
+            let n = model.config().index_topk.min(t);
+            let mut cache = model.new_cache(n).map_err(|e| e.to_string())?;
+            let dense = model
+                .forward(&r.ids[..n], &mut cache, &ForwardOptions { logits: Logits::All, capture_topk: false })
+                .map_err(|e| e.to_string())?;
+            let v = model.config().vocab_size;
+            checks.push(Check::at_most(
+                format!("{name}: dense-regime logits vs transformers"),
+                rel_err(&dense.logits, &want[..n * v]),
+                self.tol.logits,
+                format!("first {n} tokens, no top-k choice"),
+            ));
+        }
+        checks.extend(vec![
+            Check::at_most(format!("{name}: logits vs transformers"), err, logits_bound, note),
             Check::holds(
                 format!("{name}: every Full layer compared"),
                 out.topk.len() == full,
@@ -212,10 +263,11 @@ impl<B: Backend> Suite<'_, B> {
             Check::at_least(
                 format!("{name}: top-k entries shared"),
                 shared as f64 / entries.max(1) as f64,
-                self.tol.topk_entries,
+                entries_bound,
                 format!("{shared}/{entries}"),
             ),
-        ])
+        ]);
+        Ok(checks)
     }
 
     /// Prefill T−8 then 8 one-token steps, and chunks of 7, against one full pass.
@@ -394,4 +446,30 @@ fn run_fp8<B: Backend>(
     m.set_fp8_indexer(true).map_err(e)?;
     let mut cache = m.new_cache(ids.len()).map_err(e)?;
     m.forward(ids, &mut cache, opts).map_err(e)
+}
+
+/// transformers' bf16 run of a fixture against its f32 reference: logits relative error and the
+/// fraction of top-k entries shared.
+fn transformers_bf16(dir: &Path, r: &Reference, want: &[f32]) -> R<(f64, f64)> {
+    let path = dir.join("reference-bf16.safetensors");
+    let store = WeightStore::open_files(&[path.clone()]).map_err(|e| format!("{}: {e}", path.display()))?;
+    let shape = store.info("logits").ok_or("reference-bf16: no logits")?.shape.clone();
+    let logits = store.load_f32("logits", &shape).map_err(|e| e.to_string())?;
+    let (mut n, mut s) = (0usize, 0usize);
+    for name in store.names() {
+        let Some(layer) = name.strip_prefix("topk.layer").and_then(|l| l.parse::<usize>().ok()) else { continue };
+        let (dtype, shape, bytes) = store.raw(&name).map_err(|e| e.to_string())?;
+        if dtype != DType::I32 {
+            return Err(format!("{name}: {dtype:?}"));
+        }
+        let got: Vec<i32> = bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let (want_k, k) = r.topk(layer).ok_or_else(|| format!("reference has no topk.layer{layer}"))?;
+        for row in 0..shape[0] {
+            let a = row_set(&got[row * shape[1]..(row + 1) * shape[1]]);
+            let b = row_set(&want_k[row * k..(row + 1) * k]);
+            n += b.len();
+            s += a.intersection(&b).count();
+        }
+    }
+    Ok((rel_err(&logits, want), s as f64 / n.max(1) as f64))
 }
