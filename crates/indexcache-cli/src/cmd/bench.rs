@@ -69,6 +69,7 @@ struct Row {
     prefill_tok_s: f64,
     /// Prefill + picking the first token.
     ttft_s: f64,
+    /// 1 / the median decode step (each step: one token through the model and its logits back).
     decode_tok_s: Option<f64>,
     decode_ms_per_token: Option<f64>,
     indexer_share_prefill: f64,
@@ -274,7 +275,7 @@ fn bench_row<B: Backend>(
     runs.sort_by(|x, y| x.prefill.total_cmp(&y.prefill));
     let (prefill, ttft, p_times) = (runs[mid].prefill, runs[mid].ttft, runs[mid].prefill_times);
     runs.sort_by(|x, y| x.decode.total_cmp(&y.decode));
-    let (decode, d_times) = (runs[mid].decode, runs[mid].decode_times);
+    let (decode, d_times, step) = (runs[mid].decode, runs[mid].decode_times, runs[mid].decode_step_median);
     let has_decode = a.decode > 0 && decode > 0.0;
     let cache_f32 = cache_bytes_per_token(model.config(), schedule).engine_f32 as u64;
     Ok(Row {
@@ -286,8 +287,9 @@ fn bench_row<B: Backend>(
         prefill_s: prefill,
         prefill_tok_s: ctx as f64 / prefill,
         ttft_s: ttft,
-        decode_tok_s: has_decode.then(|| a.decode as f64 / decode),
-        decode_ms_per_token: has_decode.then(|| 1e3 * decode / a.decode as f64),
+        // One token per step: 1 / the median step time.
+        decode_tok_s: has_decode.then(|| 1.0 / step),
+        decode_ms_per_token: has_decode.then(|| 1e3 * step),
         indexer_share_prefill: share(&p_times, prefill),
         indexer_share_decode: has_decode.then(|| share(&d_times, decode)),
         prefill_stages_s: stages(&p_times),
@@ -403,6 +405,8 @@ pub struct Measurement {
     pub ttft: f64,
     /// Seconds of all decode steps.
     pub decode: f64,
+    /// Median seconds of one decode step (robust to the odd slow step of a launch-bound loop).
+    pub decode_step_median: f64,
     pub prefill_times: StageTimes,
     pub decode_times: StageTimes,
 }
@@ -429,11 +433,23 @@ pub fn measure<B: Backend>(
     let ttft = t0.elapsed().as_secs_f64();
     let mut decode_times = StageTimes::default();
     let t1 = Instant::now();
+    let mut steps = Vec::with_capacity(decode);
     for _ in 0..decode {
+        let ts = Instant::now();
         let o = model.forward(&[next], cache, &ForwardOptions::default())?;
         decode_times.add(&o.times);
-        next = argmax(&o.logits);
+        next = argmax(&o.logits); // the logits download waits for the step
+        steps.push(ts.elapsed().as_secs_f64());
     }
     b.synchronize()?;
-    Ok(Measurement { prefill, ttft, decode: t1.elapsed().as_secs_f64(), prefill_times: out.times, decode_times })
+    steps.sort_by(f64::total_cmp);
+    let decode_step_median = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
+    Ok(Measurement {
+        prefill,
+        ttft,
+        decode: t1.elapsed().as_secs_f64(),
+        decode_step_median,
+        prefill_times: out.times,
+        decode_times,
+    })
 }
