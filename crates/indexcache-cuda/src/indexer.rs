@@ -14,15 +14,24 @@
 //!    * `BF16`: `mma.sync.m16n8k16` bf16→f32, `D = 128`, `HI ≤ 64`. A warp keeps one query row's
 //!      q (all its heads = the M dimension) in registers; 8 warps share 64-key tiles streamed through
 //!      a 3-stage `cp.async` ring and read with `ldmatrix`; ReLU/weight/head-sum are folded in
-//!      registers, so only the f32 score (4 bytes per visible pair) reaches memory.
+//!      registers, so only the f32 score (4 bytes per visible pair) reaches memory. [`ScorePath`]:
+//!      the tile multiplied and folded whole (one CTA per SM) or as two 32-key halves (two CTAs per
+//!      SM, overlapping one's epilogue with the other's MMAs); for decode (a few rows), one row per
+//!      CTA with the 8 warps splitting the keys. All three give bit-identical scores.
 //!
 //!    Useful work: `2·HI·D` FLOPs per visible `(t, s)` pair (`Σ_t (pos[t]+1)` pairs); causal tiles
 //!    past a CTA's last position are skipped, never loaded.
-//! 2. **Top-k** (`kernels/topk.cu`): exact radix select, one CTA per row, on a 50-bit composite key
-//!    (order-preserving score bits, then the inverted position), so the k largest keys *are* the
-//!    answer with ties already broken; the result is built as a position bitmap and emitted in
-//!    order, so it is deterministic bit for bit. Reads each row ~2 times (4 bytes per element); a
-//!    few long rows (decode) spread those passes over many CTAs (the segmented kernels).
+//! 2. **Top-k** (`kernels/topk.cu`), exact, on a 50-bit composite key (order-preserving score
+//!    bits, then the inverted position), so the k largest keys *are* the answer with ties already
+//!    broken; the result is built as a position bitmap and emitted in order, so it is deterministic
+//!    bit for bit, and the same on every path ([`TopkPath`]):
+//!    * `Stream` (default for `topk <= 4096`): one CTA per row reads the row **once** (4 bytes per
+//!      element); the elements above a threshold that only rises are kept as candidates in shared
+//!      memory, and a radix select over them raises the threshold whenever they fill up, then
+//!      makes the exact cut at the end. ~k·ln(n/8192) + 16K candidates and ~log2(n/8192) + 1 such
+//!      compactions per random row (shared memory only).
+//!    * `Rows`: one CTA per row, radix select straight over the row: ~2 reads of it.
+//!    * `Segmented`: a few long rows (decode): the passes over each row spread over many CTAs.
 //!
 //! **Workspace.** The scores of a chunk of rows, `[chunk, round_up(S, 4)]` f32, with `chunk` chosen
 //! so the workspace stays under `min(4 GiB, free/8)`: at 200K context that is ~5,000 rows per
@@ -80,8 +89,20 @@ const BF16_KEYS: usize = 64; // B_KEYS
 const BF16_SMEM: u32 = 3 * 16384 + 2 * (8 / 2) * 32 * 8; // B_SMEM_BYTES
 const TK_THREADS: u32 = 512;
 const TK_SMEM: u32 = 106_656; // sizeof(TkSmem); the kernels trap if given less
+const TS_SMEM: u32 = 106_720; // sizeof(TsSmem) (topk_stream); static_assert'ed in topk.cu
+/// Largest `topk` the streaming top-k takes (`TS_MAX_K` in topk.cu); larger ones run [`TopkPath::Rows`].
+pub const STREAM_MAX_K: usize = 4096;
 const TK_BINS: usize = 2048;
 const TK_BITMAP_WORDS: usize = MAX_KEYS / 32;
+
+/// Opt `f` into `smem` bytes of dynamic shared memory and hint the largest shared-memory carveout:
+/// the two-CTAs-per-SM kernels (top-k stream, scoring halves / key split) need ~210 KB and ~100 KB
+/// of an SM's shared memory, and use little L1.
+fn set_smem(dev: &Dev, f: &cudarc::driver::CudaFunction, smem: u32) -> OpResult<()> {
+    dev.set_max_smem(f, smem)?;
+    f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)
+        .map_err(|e| OpError::new(OP, format!("{smem} bytes"), format!("shared memory carveout: {e:?}")))
+}
 
 /// Floats per row of a scores buffer for `max_visible` keys (rows 16-byte aligned for vector loads).
 pub fn score_stride(max_visible: usize) -> usize {
@@ -188,9 +209,45 @@ pub fn indexer_topk_budget(dev: &Dev, a: &IndexerArgs, out: u64, budget: usize) 
     Ok(())
 }
 
+/// Which bf16 tensor-core scoring kernel runs; all give bit-identical scores (the same MMA chain
+/// per score, and the same order of the head sum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScorePath {
+    /// [`ScorePath::KeySplit`] for up to [`KEYSPLIT_MAX_ROWS`] rows of `≤ 32` heads (decode), else
+    /// [`ScorePath::Halves`].
+    Auto,
+    /// 64-key tiles multiplied and folded whole: ~209 registers, one CTA (8 warps) per SM.
+    Whole,
+    /// Each 64-key tile as two 32-key halves: <= 128 registers, two CTAs per SM, so one CTA's
+    /// ReLU/weight/head-sum epilogue and barrier overlap the other's MMAs.
+    Halves,
+    /// One query row per CTA, its 8 warps splitting each key tile (8 keys each): for decode, where
+    /// the row-per-warp kernels leave 7 of 8 warps idle. `≤ 32` heads. Every row streams all its
+    /// keys from memory, so this only pays for a handful of rows.
+    KeySplit,
+}
+
+/// An environment override of what `Auto` picks (`INDEXCACHE_TOPK=rows|segmented`,
+/// `INDEXCACHE_SCORE=whole|halves`), for A/B runs on a GPU; read once.
+fn auto_override(var: &'static str) -> Option<&'static str> {
+    use std::sync::OnceLock;
+    static TOPK: OnceLock<Option<String>> = OnceLock::new();
+    static SCORE: OnceLock<Option<String>> = OnceLock::new();
+    let cell = if var == "INDEXCACHE_TOPK" { &TOPK } else { &SCORE };
+    cell.get_or_init(|| std::env::var(var).ok()).as_deref()
+}
+
+/// Most rows for which [`ScorePath::Auto`] takes [`ScorePath::KeySplit`].
+pub const KEYSPLIT_MAX_ROWS: usize = 8;
+
 /// Scores only: row `t` of the `[rows, stride]` f32 buffer at `scores` gets `I[t, s]` for
 /// `s ≤ pos[t]` (the rest of the row is not written). `stride` a multiple of 4, `≥ max_visible`.
 pub fn indexer_scores(dev: &Dev, a: &IndexerArgs, scores: u64, stride: usize) -> OpResult<()> {
+    indexer_scores_path(dev, a, scores, stride, ScorePath::Auto)
+}
+
+/// [`indexer_scores`] with the bf16 tensor-core kernel chosen (other shapes ignore `path`).
+pub fn indexer_scores_path(dev: &Dev, a: &IndexerArgs, scores: u64, stride: usize, path: ScorePath) -> OpResult<()> {
     check(a)?;
     if !stride.is_multiple_of(4) || stride < a.max_visible {
         return Err(OpError::new(OP, shapes(a), format!("score stride {stride}")));
@@ -199,6 +256,11 @@ pub fn indexer_scores(dev: &Dev, a: &IndexerArgs, scores: u64, stride: usize) ->
         return Ok(());
     }
     let (rows, heads, stride_i) = (a.rows as i32, a.heads as i32, stride as i64);
+    let path = match (path, auto_override("INDEXCACHE_SCORE")) {
+        (ScorePath::Auto, Some("whole")) => ScorePath::Whole,
+        (ScorePath::Auto, Some("halves")) => ScorePath::Halves,
+        (p, _) => p,
+    };
     match a.dtype {
         DType::F32 | DType::BF16 if !tensor_core(a) => {
             let name = if a.dtype == DType::F32 { "indexer_scores_f32" } else { "indexer_scores_cc_bf16" };
@@ -214,16 +276,46 @@ pub fn indexer_scores(dev: &Dev, a: &IndexerArgs, scores: u64, stride: usize) ->
             b.arg(&rows).arg(&heads).arg(&d).arg(&stride_i).arg(&a.scale);
             dev.launch(b, cfg, OP, || shapes(a))
         }
+        _ if path == ScorePath::KeySplit
+            || (path == ScorePath::Auto && a.rows <= KEYSPLIT_MAX_ROWS && a.heads <= 32) =>
+        {
+            if a.heads > 32 {
+                return Err(OpError::new(OP, shapes(a), "the key-split scoring kernel takes <= 32 heads"));
+            }
+            let name =
+                if a.heads <= 16 { "indexer_scores_bf16_keysplit_m1" } else { "indexer_scores_bf16_keysplit_m2" };
+            let f = dev.function(&kernels::INDEXER, name)?;
+            set_smem(dev, &f, BF16_SMEM)?;
+            // ~2 CTAs per SM over all rows (the kernel fits two per SM), >= 4 tiles each.
+            let tiles = a.max_visible.div_ceil(BF16_KEYS);
+            let splits = (2 * dev.sm_count as usize).div_ceil(a.rows).clamp(1, tiles.div_ceil(4));
+            let split = tiles.div_ceil(splits) * BF16_KEYS;
+            let cfg = LaunchConfig {
+                grid_dim: (a.rows as u32, blocks(a.max_visible, split), 1),
+                block_dim: (32 * BF16_WARPS as u32, 1, 1),
+                shared_mem_bytes: BF16_SMEM,
+            };
+            let (groups, split) = (1i32, split as i32);
+            let mut b = dev.builder(&f);
+            b.arg(&a.q).arg(&a.head_w).arg(&a.keys).arg(&a.pos).arg(&scores);
+            b.arg(&rows).arg(&heads).arg(&groups).arg(&stride_i).arg(&split).arg(&a.scale);
+            dev.launch(b, cfg, OP, || shapes(a))
+        }
         _ => {
-            let (name, groups) = match a.heads {
-                0..=16 => ("indexer_scores_bf16_m1", 1),
-                17..=32 => ("indexer_scores_bf16_m2", 1),
-                _ => ("indexer_scores_bf16_m2", 2),
+            let halves = path != ScorePath::Whole;
+            let (name, groups) = match (a.heads, halves) {
+                (0..=16, false) => ("indexer_scores_bf16_m1", 1),
+                (0..=16, true) => ("indexer_scores_bf16_m1_halves", 1),
+                (17..=32, false) => ("indexer_scores_bf16_m2", 1),
+                (17..=32, true) => ("indexer_scores_bf16_m2_halves", 1),
+                (_, false) => ("indexer_scores_bf16_m2", 2),
+                (_, true) => ("indexer_scores_bf16_m2_halves", 2),
             };
             let f = dev.function(&kernels::INDEXER, name)?;
-            dev.set_max_smem(&f, BF16_SMEM)?;
+            set_smem(dev, &f, BF16_SMEM)?;
             let row_blocks = a.rows.div_ceil(BF16_WARPS / groups);
             // Split the keys so that ~4 CTAs per SM exist even for decode, but keep ≥ 8 tiles each.
+            // (4 per SM: two waves of the whole-tile kernel, one of the halves kernel at 2 per SM.)
             let tiles = a.max_visible.div_ceil(BF16_KEYS);
             let want = (4 * dev.sm_count as usize).div_ceil(row_blocks);
             let splits = want.clamp(1, tiles.div_ceil(8));
@@ -242,13 +334,17 @@ pub fn indexer_scores(dev: &Dev, a: &IndexerArgs, scores: u64, stride: usize) ->
     }
 }
 
-/// Which top-k kernels run.
+/// Which top-k kernels run. All of them give the same output, bit for bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopkPath {
-    /// [`TopkPath::Segmented`] for a few long rows (decode), else [`TopkPath::Rows`].
+    /// [`TopkPath::Segmented`] for a few long rows (decode), else [`TopkPath::Stream`] (or
+    /// [`TopkPath::Rows`] when `topk > STREAM_MAX_K`).
     Auto,
-    /// One CTA per row.
+    /// One CTA per row, radix select reading the row ~2 times (`topk_rows`).
     Rows,
+    /// One CTA per row, one read of the row: candidates above a rising threshold stay in shared
+    /// memory (`topk_stream`); `topk <= STREAM_MAX_K`.
+    Stream,
     /// Histogram and collection passes spread over segments of each row, then one CTA per row.
     Segmented,
 }
@@ -286,20 +382,31 @@ pub fn topk(dev: &Dev, a: &TopkArgs) -> OpResult<()> {
     if a.rows == 0 || k == 0 {
         return Ok(());
     }
-    let segmented = match a.path {
-        TopkPath::Auto => a.rows * 8 <= dev.sm_count as usize && a.max_visible >= 16384,
-        TopkPath::Rows => false,
-        TopkPath::Segmented => true,
+    let path = match (a.path, auto_override("INDEXCACHE_TOPK")) {
+        (TopkPath::Auto, Some("rows")) => TopkPath::Rows,
+        (TopkPath::Auto, Some("segmented")) => TopkPath::Segmented,
+        (p, _) => p,
+    };
+    let path = match path {
+        TopkPath::Auto if a.rows * 8 <= dev.sm_count as usize && a.max_visible >= 16384 => TopkPath::Segmented,
+        TopkPath::Auto | TopkPath::Stream if a.topk <= STREAM_MAX_K => TopkPath::Stream,
+        TopkPath::Auto => TopkPath::Rows,
+        TopkPath::Stream => {
+            return Err(OpError::new(TOP, topk_shapes(a), format!("the streaming path takes topk <= {STREAM_MAX_K}")));
+        }
+        p => p,
     };
     let (stride, k_i, topk_i) = (a.stride as i64, k as i32, a.topk as i32);
     let one_cta_per_row =
         |grid: u32| LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (TK_THREADS, 1, 1), shared_mem_bytes: TK_SMEM };
-    if !segmented {
-        let f = dev.function(&kernels::TOPK, "topk_rows")?;
-        dev.set_max_smem(&f, TK_SMEM)?;
+    if path != TopkPath::Segmented {
+        let (name, smem) = if path == TopkPath::Stream { ("topk_stream", TS_SMEM) } else { ("topk_rows", TK_SMEM) };
+        let f = dev.function(&kernels::TOPK, name)?;
+        set_smem(dev, &f, smem)?;
         let mut b = dev.builder(&f);
         b.arg(&a.scores).arg(&stride).arg(&a.pos).arg(&a.out).arg(&k_i).arg(&topk_i);
-        return dev.launch(b, one_cta_per_row(a.rows as u32), TOP, || topk_shapes(a));
+        let cfg = LaunchConfig { shared_mem_bytes: smem, ..one_cta_per_row(a.rows as u32) };
+        return dev.launch(b, cfg, TOP, || topk_shapes(a));
     }
     if a.rows > 65535 {
         return Err(OpError::new(TOP, topk_shapes(a), "the segmented path takes at most 65535 rows"));
@@ -371,7 +478,9 @@ fn random_bf16(seed: u64, n: usize) -> Vec<u16> {
 }
 
 /// bf16 scoring (32 heads × 128, 4096 causal rows at the end of 32K and 128K contexts), top-k alone
-/// on `[4096, 131072]` f32 rows, f32 scoring (the conformance path), and one decode row at 200K.
+/// on `[4096, 131072]` f32 rows and on 4096 causal rows of up to 131072 (both top-k paths, `Rows`
+/// and `Stream`, for A/B), f32 scoring (the conformance path), and one decode row at 200K (every
+/// top-k path). Top-k GB/s count each visible score read once and the selection written once.
 pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
     const REPEATS: usize = 7;
     let (heads, d, top, rows) = (32usize, 128usize, 2048usize, 4096usize);
@@ -402,43 +511,59 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
         let pos: Vec<i32> = (s - rows..s).map(|p| p as i32).collect();
         let pos_d = dev.upload("bench", &pos)?;
         let a = args(pos_d.ptr(), rows, s, DType::BF16, q.ptr(), w.ptr(), keys.ptr());
-        let ms = time_ms(dev, REPEATS, |_| indexer_scores(dev, &a, scores.ptr(), stride))?;
         let pairs: f64 = pos.iter().map(|&p| p as f64 + 1.0).sum();
-        let tflops = pairs * flops_per_pair / (ms * 1e-3) / 1e12;
-        out.push(KernelBench {
-            kernel: "indexer scores bf16 (mma.sync)".into(),
-            shape: format!("{heads}x{d}, {rows} rows at pos {}..{s}, causal", s - rows),
-            ms,
-            tflops,
-            gbps: 0.0,
-            of_ceiling: tflops / CEILING_BF16_TFLOPS,
-        });
+        for (path, name) in [
+            (ScorePath::Whole, "indexer scores bf16 (mma.sync)"),
+            (ScorePath::Halves, "indexer scores bf16 (mma.sync, halves)"),
+        ] {
+            let ms = time_ms(dev, REPEATS, |_| indexer_scores_path(dev, &a, scores.ptr(), stride, path))?;
+            let tflops = pairs * flops_per_pair / (ms * 1e-3) / 1e12;
+            out.push(KernelBench {
+                kernel: name.into(),
+                shape: format!("{heads}x{d}, {rows} rows at pos {}..{s}, causal", s - rows),
+                ms,
+                tflops,
+                gbps: 0.0,
+                of_ceiling: tflops / CEILING_BF16_TFLOPS,
+            });
+        }
     }
 
     // Top-k alone on full rows of real scores (filled once by the bf16 kernel, every row seeing all keys).
     let full = dev.upload("bench", &vec![(s_max - 1) as i32; rows])?;
     let a = args(full.ptr(), rows, s_max, DType::BF16, q.ptr(), w.ptr(), keys.ptr());
     indexer_scores(dev, &a, scores.ptr(), stride)?;
-    let t = TopkArgs {
-        scores: scores.ptr(),
-        stride,
-        pos: full.ptr(),
-        rows,
-        max_visible: s_max,
-        topk: top,
-        out: sel.ptr(),
-        path: TopkPath::Rows,
-    };
-    let ms = time_ms(dev, REPEATS, |_| topk(dev, &t))?;
-    let gbps = ((rows * s_max * 4 + rows * top * 4) as f64) / (ms * 1e-3) / 1e9;
-    out.push(KernelBench {
-        kernel: "topk rows (radix select)".into(),
-        shape: format!("[{rows}, {s_max}] f32, k {top}"),
-        ms,
-        tflops: 0.0,
-        gbps,
-        of_ceiling: gbps / CEILING_GBPS,
-    });
+    // Then causal rows over the same scores: row t sees (t+1)*S/rows of them (mean ~S/2).
+    let causal: Vec<i32> = (0..rows).map(|t| ((t + 1) * s_max / rows - 1) as i32).collect();
+    let causal_d = dev.upload("bench", &causal)?;
+    let causal_elems: usize = causal.iter().map(|&p| p as usize + 1).sum();
+    for (pos, elems, what) in [
+        (full.ptr(), rows * s_max, format!("[{rows}, {s_max}] f32")),
+        (causal_d.ptr(), causal_elems, format!("{rows} causal rows of <= {s_max} f32")),
+    ] {
+        for (path, name) in [(TopkPath::Rows, "topk rows (radix select)"), (TopkPath::Stream, "topk rows (stream)")] {
+            let t = TopkArgs {
+                scores: scores.ptr(),
+                stride,
+                pos,
+                rows,
+                max_visible: s_max,
+                topk: top,
+                out: sel.ptr(),
+                path,
+            };
+            let ms = time_ms(dev, REPEATS, |_| topk(dev, &t))?;
+            let gbps = ((elems * 4 + rows * top * 4) as f64) / (ms * 1e-3) / 1e9;
+            out.push(KernelBench {
+                kernel: name.into(),
+                shape: format!("{what}, k {top}"),
+                ms,
+                tflops: 0.0,
+                gbps,
+                of_ceiling: gbps / CEILING_GBPS,
+            });
+        }
+    }
 
     // f32 scoring (conformance path), 1024 causal rows at the end of 16K.
     {
@@ -471,17 +596,23 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
     let dec_stride = score_stride(s_dec);
     let dec = |i: usize| args(dec_pos.ptr(), 1, s_dec, DType::BF16, q.ptr(), w.ptr(), dec_keys[i % 3].ptr());
     let key_bytes = (s_dec * d * 2) as f64;
-    let ms = time_ms(dev, REPEATS, |i| indexer_scores(dev, &dec(i), scores.ptr(), dec_stride))?;
-    let gbps = key_bytes / (ms * 1e-3) / 1e9;
-    out.push(KernelBench {
-        kernel: "indexer scores bf16 decode".into(),
-        shape: format!("1 row, {s_dec} keys, {heads}x{d}"),
-        ms,
-        tflops: s_dec as f64 * flops_per_pair / (ms * 1e-3) / 1e12,
-        gbps,
-        of_ceiling: gbps / CEILING_GBPS,
-    });
-    for path in [TopkPath::Segmented, TopkPath::Rows] {
+    for (path, name) in [
+        (ScorePath::Whole, "indexer scores bf16 decode"),
+        (ScorePath::Halves, "indexer scores bf16 decode (halves)"),
+        (ScorePath::KeySplit, "indexer scores bf16 decode (key split)"),
+    ] {
+        let ms = time_ms(dev, REPEATS, |i| indexer_scores_path(dev, &dec(i), scores.ptr(), dec_stride, path))?;
+        let gbps = key_bytes / (ms * 1e-3) / 1e9;
+        out.push(KernelBench {
+            kernel: name.into(),
+            shape: format!("1 row, {s_dec} keys, {heads}x{d}"),
+            ms,
+            tflops: s_dec as f64 * flops_per_pair / (ms * 1e-3) / 1e12,
+            gbps,
+            of_ceiling: gbps / CEILING_GBPS,
+        });
+    }
+    for path in [TopkPath::Segmented, TopkPath::Rows, TopkPath::Stream] {
         let t = TopkArgs {
             scores: scores.ptr(),
             stride: dec_stride,

@@ -452,13 +452,13 @@ fn run_fp8<B: Backend>(
 /// fraction of top-k entries shared.
 fn transformers_bf16(dir: &Path, r: &Reference, want: &[f32]) -> R<(f64, f64)> {
     let path = dir.join("reference-bf16.safetensors");
-    let store = WeightStore::open_files(&[path.clone()]).map_err(|e| format!("{}: {e}", path.display()))?;
+    let store = WeightStore::open_files(std::slice::from_ref(&path)).map_err(|e| format!("{}: {e}", path.display()))?;
     let shape = store.info("logits").ok_or("reference-bf16: no logits")?.shape.clone();
     let logits = store.load_f32("logits", &shape).map_err(|e| e.to_string())?;
     let (mut n, mut s) = (0usize, 0usize);
     for name in store.names() {
         let Some(layer) = name.strip_prefix("topk.layer").and_then(|l| l.parse::<usize>().ok()) else { continue };
-        let (dtype, shape, bytes) = store.raw(&name).map_err(|e| e.to_string())?;
+        let (dtype, shape, bytes) = store.raw(name).map_err(|e| e.to_string())?;
         if dtype != DType::I32 {
             return Err(format!("{name}: {dtype:?}"));
         }

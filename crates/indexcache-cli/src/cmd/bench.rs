@@ -289,7 +289,7 @@ fn bench_row<B: Backend>(
         ttft_s: ttft,
         // One token per step: 1 / the median step time.
         decode_tok_s: has_decode.then(|| 1.0 / step),
-        decode_ms_per_token: has_decode.then(|| 1e3 * step),
+        decode_ms_per_token: has_decode.then_some(1e3 * step),
         indexer_share_prefill: share(&p_times, prefill),
         indexer_share_decode: has_decode.then(|| share(&d_times, decode)),
         prefill_stages_s: stages(&p_times),

@@ -5,7 +5,7 @@
 // written (the rest of the row is never read by the top-k). Every sum starts from +0, so no score
 // is ever -0 (the top-k orders -0 below +0, as the CPU's total order does).
 //
-// Two kernels:
+// Kernels:
 // * indexer_scores_f32: exact CUDA-core path (f32 FMAs), any heads, d <= 256. A CTA scores a
 //   64-query x 64-key tile: per head, the d dimensions stream through shared memory in chunks of
 //   16; each thread owns a 4x4 block of dot products, folds them into its 4x4 scores after the
@@ -21,6 +21,12 @@
 //   2*lane+1) for one coalesced float2 store. blockIdx.y splits the keys, so decode (a handful of
 //   rows) still fills the GPU; keys past the CTA's last visible position are never loaded.
 //   Useful FLOPs: 2 * heads * 128 per visible (t, s) pair.
+// * indexer_scores_bf16_m{1,2}_halves: the same with each tile multiplied and folded as two 32-key
+//   halves: <= 128 registers, so two CTAs share an SM and one's epilogue overlaps the other's MMAs.
+// * indexer_scores_bf16_keysplit_m{1,2}: decode layout, one query row per CTA, the 8 warps
+//   splitting each tile's keys (8 each), heads <= 32.
+//   All bf16 variants compute each score with the same MMA chain and the same head-sum order, so
+//   they agree bit for bit (tests/indexer.rs checks it).
 
 #define FULL 0xffffffffu
 
@@ -223,9 +229,54 @@ __device__ __forceinline__ float2 fold_heads(const float (&acc)[MT][8][4], const
     return make_float2(out[0], out[1]);
 }
 
+// fold_heads for half a tile: acc[MT][4][4] holds n-tiles 0..3 (32 keys) of the half. Returns the
+// head-summed score of key 8*(b3 + 2*b4) + 2*(lane%4) + b2 of the half (b_i = lane bit i). Each key's
+// sum is formed exactly as in fold_heads (the same per-lane partials, then pairs of lanes ^16, ^8,
+// ^4 in that order), so the two give bit-identical scores.
+template <int MT>
+__device__ __forceinline__ float fold_heads_half(const float (&acc)[MT][4][4], const float (&ws)[MT][2], int lane) {
+    float p[4][2];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            float x = 0.f;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                x = fmaf(ws[mt][0], fmaxf(acc[mt][nt][c], 0.f), x);
+                x = fmaf(ws[mt][1], fmaxf(acc[mt][nt][2 + c], 0.f), x);
+            }
+            p[nt][c] = x;
+        }
+    const bool b4 = (lane & 16) != 0, b3 = (lane & 8) != 0, b2 = (lane & 4) != 0;
+    float p2[2][2];  // n-tiles j + 2*b4
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const float send = b4 ? p[j][c] : p[j + 2][c];
+            const float keep = b4 ? p[j + 2][c] : p[j][c];
+            p2[j][c] = keep + __shfl_xor_sync(FULL, send, 16);
+        }
+    float p1[2];  // n-tile b3 + 2*b4
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        const float send = b3 ? p2[0][c] : p2[1][c];
+        const float keep = b3 ? p2[1][c] : p2[0][c];
+        p1[c] = keep + __shfl_xor_sync(FULL, send, 8);
+    }
+    const float send = b2 ? p1[0] : p1[1];  // column b2
+    const float keep = b2 ? p1[1] : p1[0];
+    return keep + __shfl_xor_sync(FULL, send, 4);
+}
+
 // groups = head groups of 16*MT heads (1, or 2 when MT = 2 and heads > 32); split = keys per blockIdx.y
 // (a multiple of B_KEYS). The grid's x runs over row blocks, heaviest (latest rows) first.
-template <int MT>
+// HALVES: each 64-key tile is multiplied and folded as two 32-key halves (half the accumulator
+// registers, so the kernel fits 128 registers and two CTAs share an SM, one folding while the other
+// multiplies); bit-identical to whole tiles. A lane then stores keys k and k + 32 of the tile with
+// k = 8*(b3 + 2*b4) + 2*(lane%4) + b2 (see fold_heads_half) instead of 2*lane and 2*lane + 1.
+template <int MT, bool HALVES>
 __device__ __forceinline__ void scores_bf16_body(const unsigned short* __restrict__ q,
                                                  const unsigned short* __restrict__ w,
                                                  const unsigned short* __restrict__ keys,
@@ -303,7 +354,36 @@ __device__ __forceinline__ void scores_bf16_body(const unsigned short* __restric
         const long long s0 = kb + (long long)i * B_KEYS;
         const bool live = s0 <= my_pos;  // warp-uniform: this row sees part of the tile
         float2 v = make_float2(0.f, 0.f);
-        if (live) {
+        if (live && HALVES) {
+            const unsigned st = sbase + (unsigned)((i % B_STAGES) * B_TILE_BYTES) + lane_off;
+            float vh[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float acc[MT][4][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+#pragma unroll
+                for (int ks = 0; ks < 8; ++ks) {
+                    const unsigned koff = (unsigned)(((ks * 2 + (mi & 1)) ^ rr8) << 4);
+#pragma unroll
+                    for (int np = 0; np < 2; ++np) {
+                        unsigned b0, b1, b2, b3;
+                        ldsm_x4(st + (2 * h + np) * 16 * B_ROWB + koff, b0, b1, b2, b3);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_bf16(acc[mt][2 * np], a[mt][ks], b0, b1);
+                            mma_bf16(acc[mt][2 * np + 1], a[mt][ks], b2, b3);
+                        }
+                    }
+                }
+                vh[h] = fold_heads_half<MT>(acc, ws, lane);
+            }
+            v = make_float2(vh[0], vh[1]);
+        } else if (live) {
             const unsigned st = sbase + (unsigned)((i % B_STAGES) * B_TILE_BYTES) + lane_off;
             float acc[MT][8][4];
 #pragma unroll
@@ -339,6 +419,13 @@ __device__ __forceinline__ void scores_bf16_body(const unsigned short* __restric
         } else if (!live) {
             continue;
         }
+        if (HALVES) {
+            const long long s = s0 + 8 * ((lane >> 3) & 3) + 2 * (lane & 3) + ((lane >> 2) & 1);
+            float* dst = scores + (long long)t * stride + s;
+            if (s <= my_pos) dst[0] = v.x;
+            if (s + 32 <= my_pos) dst[32] = v.y;
+            continue;
+        }
         const long long s = s0 + 2 * lane;
         float* dst = scores + (long long)t * stride + s;
         if (s + 1 <= my_pos) {
@@ -349,12 +436,118 @@ __device__ __forceinline__ void scores_bf16_body(const unsigned short* __restric
     }
 }
 
+// Decode layout: one query row per CTA (blockIdx.x = row, blockIdx.y = key range of `split` keys),
+// the 8 warps splitting each 64-key tile by n-tile (warp w: keys 8w..8w+7). A tile costs a warp 4
+// ldmatrix.x4 + 8*MT MMAs, so one row streams keys at memory speed instead of one warp doing every
+// MMA while seven wait. Every warp holds the row's q fragments. Each score is the same MMA chain
+// (k-steps 0..7 in order) and the same head sum (lane partials, then lanes ^16, ^8, ^4) as in
+// fold_heads: bit-identical to the kernels above. heads <= 32 (one head group).
+template <int MT>
+__device__ __forceinline__ void scores_bf16_keysplit_body(const unsigned short* __restrict__ q,
+                                                          const unsigned short* __restrict__ w,
+                                                          const unsigned short* __restrict__ keys,
+                                                          const int* __restrict__ pos, float* __restrict__ scores,
+                                                          int heads, long long stride, int split, float scale) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int t = blockIdx.x;
+    const int my_pos = pos[t];
+    const long long kb = (long long)blockIdx.y * split;
+    const long long ke = min(kb + (long long)split, (long long)my_pos + 1);  // keys [kb, ke)
+    if (ke <= kb) return;  // uniform over the CTA
+    const int ntiles = (int)((ke - kb + B_KEYS - 1) / B_KEYS);
+
+    // q fragments and weights exactly as in scores_bf16_body (one head group).
+    const int g = lane >> 2, qd = lane & 3;
+    const unsigned flip = scale < 0.f ? 0x80008000u : 0u;
+    const float sabs = fabsf(scale);
+    unsigned a[MT][8][4];
+    float ws[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int h = mt * 16 + g + 8 * hf;
+            const bool ok = h < heads;
+            ws[mt][hf] = ok ? bf16_to_f32(w[(long long)t * heads + h]) * sabs : 0.f;
+            const unsigned* qrow = reinterpret_cast<const unsigned*>(q + ((long long)t * heads + h) * B_D);
+#pragma unroll
+            for (int ks = 0; ks < 8; ++ks) {
+                a[mt][ks][hf] = ok ? (qrow[ks * 8 + qd] ^ flip) : 0u;
+                a[mt][ks][2 + hf] = ok ? (qrow[ks * 8 + 4 + qd] ^ flip) : 0u;
+            }
+        }
+
+    const unsigned sbase = smem_u32(smem);
+    auto load_tile = [&](int i) {  // as in scores_bf16_body
+        const long long s0 = kb + (long long)i * B_KEYS;
+        const unsigned st = sbase + (unsigned)((i % B_STAGES) * B_TILE_BYTES);
+#pragma unroll
+        for (int l = 0; l < (B_KEYS * 16) / B_THREADS; ++l) {
+            const int e = tid + l * B_THREADS, rr = e >> 4, c = e & 15;
+            const long long s = s0 + rr;
+            const bool ok = s < ke;
+            cp_async16(st + rr * B_ROWB + ((c ^ (rr & 7)) << 4), keys + (ok ? s * B_D + c * 8 : 0), ok ? 16u : 0u);
+        }
+    };
+    load_tile(0);
+    cp_async_commit();
+    if (ntiles > 1) load_tile(1);
+    cp_async_commit();
+
+    // ldmatrix.x4 lanes: matrix mi = lane/8 is k-step 2*kp + mi/2, dims half mi%2, of this warp's
+    // n-tile (16-byte chunk 4*kp + mi of key row 8*warp + rr8); row rr8 = lane%8.
+    const int mi = lane >> 3, rr8 = lane & 7;
+    const unsigned lane_off = (unsigned)((warp * 8 + rr8) * B_ROWB);
+    for (int i = 0; i < ntiles; ++i) {
+        cp_async_wait_1();  // tile i has landed (only tile i+1 may still be in flight)
+        __syncthreads();    // ... for every thread; and everyone is done with tile i-1's stage
+        if (i + 2 < ntiles) load_tile(i + 2);
+        cp_async_commit();
+
+        const long long s0 = kb + (long long)i * B_KEYS + warp * 8;  // this warp's first key
+        if (s0 > my_pos) continue;                                    // warp-uniform
+        const unsigned st = sbase + (unsigned)((i % B_STAGES) * B_TILE_BYTES) + lane_off;
+        float acc[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+#pragma unroll
+        for (int kp = 0; kp < 4; ++kp) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4(st + (unsigned)(((4 * kp + mi) ^ rr8) << 4), b0, b1, b2, b3);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma_bf16(acc[mt], a[mt][2 * kp], b0, b1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma_bf16(acc[mt], a[mt][2 * kp + 1], b2, b3);
+        }
+        float p[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            float x = 0.f;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                x = fmaf(ws[mt][0], fmaxf(acc[mt][c], 0.f), x);
+                x = fmaf(ws[mt][1], fmaxf(acc[mt][2 + c], 0.f), x);
+            }
+            p[c] = x;
+        }
+        const bool b4 = (lane & 16) != 0;
+        float v = (b4 ? p[1] : p[0]) + __shfl_xor_sync(FULL, b4 ? p[0] : p[1], 16);  // column b4
+        v = v + __shfl_xor_sync(FULL, v, 8);
+        v = v + __shfl_xor_sync(FULL, v, 4);
+        const long long s = s0 + 2 * qd + (b4 ? 1 : 0);  // lanes 0-3 and 16-19 store the 8 keys
+        if ((lane & 12) == 0 && s <= my_pos) scores[(long long)t * stride + s] = v;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
     indexer_scores_bf16_m1(const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
                            const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                            float* __restrict__ scores, int rows, int heads, int groups, long long stride, int split,
                            float scale) {
-    scores_bf16_body<1>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
+    scores_bf16_body<1, false>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
@@ -362,5 +555,39 @@ extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
                            const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                            float* __restrict__ scores, int rows, int heads, int groups, long long stride, int split,
                            float scale) {
-    scores_bf16_body<2>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
+    scores_bf16_body<2, false>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
+}
+
+// The same in 32-key halves, two CTAs per SM (see scores_bf16_body): bit-identical results.
+extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
+    indexer_scores_bf16_m1_halves(const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
+                                  const unsigned short* __restrict__ keys, const int* __restrict__ pos,
+                                  float* __restrict__ scores, int rows, int heads, int groups, long long stride,
+                                  int split, float scale) {
+    scores_bf16_body<1, true>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
+    indexer_scores_bf16_m2_halves(const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
+                                  const unsigned short* __restrict__ keys, const int* __restrict__ pos,
+                                  float* __restrict__ scores, int rows, int heads, int groups, long long stride,
+                                  int split, float scale) {
+    scores_bf16_body<2, true>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
+}
+
+// One query row per CTA, warps splitting the keys (decode; see scores_bf16_keysplit_body).
+extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
+    indexer_scores_bf16_keysplit_m1(const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
+                                    const unsigned short* __restrict__ keys, const int* __restrict__ pos,
+                                    float* __restrict__ scores, int rows, int heads, int groups, long long stride,
+                                    int split, float scale) {
+    scores_bf16_keysplit_body<1>(q, w, keys, pos, scores, heads, stride, split, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
+    indexer_scores_bf16_keysplit_m2(const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
+                                    const unsigned short* __restrict__ keys, const int* __restrict__ pos,
+                                    float* __restrict__ scores, int rows, int heads, int groups, long long stride,
+                                    int split, float scale) {
+    scores_bf16_keysplit_body<2>(q, w, keys, pos, scores, heads, stride, split, scale);
 }
