@@ -228,23 +228,24 @@ impl<B: Backend> Suite<'_, B> {
         let mut checks = Vec::new();
         let (mut logits_bound, mut entries_bound, mut note) = (self.tol.logits, self.tol.topk_entries, String::new());
         if self.tol.bf16 {
-            let (hf_err, hf_shared) = transformers_bf16(&self.fixtures.join(name), &r, &want)?;
-            logits_bound = logits_bound.max(1.25 * hf_err);
-            entries_bound = entries_bound.min(hf_shared);
-            note = format!("transformers bf16: {hf_err:.3e}, top-k shared {hf_shared:.4}");
-            // Where every row sees ≤ index_topk tokens no rounding can change a choice: pure
-            // arithmetic precision against the f32 reference.
+            let hf = transformers_bf16(&self.fixtures.join(name), &r, &want)?;
+            logits_bound = logits_bound.max(1.25 * hf.err);
+            entries_bound = entries_bound.min(hf.shared);
+            note = format!("transformers bf16: {:.3e}, top-k shared {:.4}", hf.err, hf.shared);
+            // Where every row sees ≤ index_topk tokens no top-k choice can flip (MoE routing still
+            // can): held to 2e-2, or to transformers' own bf16 run on those rows if that is worse.
             let n = model.config().index_topk.min(t);
             let mut cache = model.new_cache(n).map_err(|e| e.to_string())?;
             let dense = model
                 .forward(&r.ids[..n], &mut cache, &ForwardOptions { logits: Logits::All, capture_topk: false })
                 .map_err(|e| e.to_string())?;
             let v = model.config().vocab_size;
+            let hf_dense = rel_err(&hf.logits[..n * v], &want[..n * v]);
             checks.push(Check::at_most(
                 format!("{name}: dense-regime logits vs transformers"),
                 rel_err(&dense.logits, &want[..n * v]),
-                self.tol.logits,
-                format!("first {n} tokens, no top-k choice"),
+                self.tol.logits.max(1.25 * hf_dense),
+                format!("first {n} tokens (no top-k choice); transformers bf16: {hf_dense:.3e}"),
             ));
         }
         checks.extend(vec![
@@ -448,9 +449,16 @@ fn run_fp8<B: Backend>(
     m.forward(ids, &mut cache, opts).map_err(e)
 }
 
-/// transformers' bf16 run of a fixture against its f32 reference: logits relative error and the
-/// fraction of top-k entries shared.
-fn transformers_bf16(dir: &Path, r: &Reference, want: &[f32]) -> R<(f64, f64)> {
+/// transformers' bf16 run of a fixture (`reference-bf16.safetensors`) against its f32 reference.
+struct TransformersBf16 {
+    logits: Vec<f32>,
+    /// Logits relative error over the whole sequence.
+    err: f64,
+    /// Fraction of the f32 run's top-k entries its bf16 run also selects.
+    shared: f64,
+}
+
+fn transformers_bf16(dir: &Path, r: &Reference, want: &[f32]) -> R<TransformersBf16> {
     let path = dir.join("reference-bf16.safetensors");
     let store = WeightStore::open_files(std::slice::from_ref(&path)).map_err(|e| format!("{}: {e}", path.display()))?;
     let shape = store.info("logits").ok_or("reference-bf16: no logits")?.shape.clone();
@@ -471,5 +479,6 @@ fn transformers_bf16(dir: &Path, r: &Reference, want: &[f32]) -> R<(f64, f64)> {
             s += a.intersection(&b).count();
         }
     }
-    Ok((rel_err(&logits, want), s as f64 / n.max(1) as f64))
+    let err = rel_err(&logits, want);
+    Ok(TransformersBf16 { logits, err, shared: s as f64 / n.max(1) as f64 })
 }

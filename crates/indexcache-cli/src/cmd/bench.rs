@@ -191,7 +191,9 @@ fn run_with<B: Backend>((model, label): (DsaModel<B>, String), a: &Args, context
     // Warm-up (kernel compilation, first-touch page faults, thread-pool start-up stay out of the
     // numbers), on a cache of its own, dropped before the first row.
     {
-        let warm: Vec<u32> = synthetic_prompt(contexts[0].min(256), cfg.vocab_size, a.seed ^ 1);
+        // As long as the first row (up to 8K), so every kernel variant that row takes (chosen by
+        // length) is compiled and loaded before it is timed.
+        let warm: Vec<u32> = synthetic_prompt(contexts[0].min(8192), cfg.vocab_size, a.seed ^ 1);
         let mut cache = model.new_cache_with(patterns[0].1.clone(), warm.len() + 2)?;
         measure(&model, &mut cache, &warm, a.decode.min(2), chunk)?;
     }
