@@ -53,6 +53,25 @@ pub struct ExecArgs {
     /// activations and the indexer's [chunk, context] scores (default: the device's, 2048 on cpu).
     #[arg(long, value_name = "TOKENS", value_parser = positive)]
     pub chunk: Option<usize>,
+    /// Lightning-indexer numerics: exact (f32/bf16 scores, as transformers), or fp8 (DeepSeek's
+    /// reference: Hadamard rotation + UE8M0-scaled e4m3 q and k, as production engines select).
+    #[arg(long, value_enum, default_value = "exact")]
+    pub indexer_numerics: IndexerNumerics,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexerNumerics {
+    #[default]
+    Exact,
+    Fp8,
+}
+
+impl ExecArgs {
+    /// Apply the model-level options (indexer numerics) to a loaded model.
+    pub fn configure<B: Backend>(&self, model: &mut DsaModel<B>) -> Result<()> {
+        model.set_fp8_indexer(self.indexer_numerics == IndexerNumerics::Fp8).context("--indexer-numerics fp8")?;
+        Ok(())
+    }
 }
 
 /// `--chunk` and the like: an integer ≥ 1.
@@ -156,6 +175,7 @@ pub fn load_model<B: Backend>(
     backend: B,
     schedule: Option<ScheduleOverride>,
     indexers: IndexerSelection,
+    exec: &ExecArgs,
 ) -> Result<DsaModel<B>> {
     let t0 = Instant::now();
     let bar = progress_bar("loading weights", "{wide_msg}", 0);
@@ -167,7 +187,8 @@ pub fn load_model<B: Backend>(
     };
     let loaded = DsaModel::load(dir, backend, &opts, &mut on_tensor);
     bar.finish_and_clear();
-    let (model, report) = loaded.with_context(|| format!("loading model from {}", dir.display()))?;
+    let (mut model, report) = loaded.with_context(|| format!("loading model from {}", dir.display()))?;
+    exec.configure(&mut model)?;
     if !report.skipped_mtp.is_empty() {
         tracing::info!(
             "skipped {} tensors of the multi-token-prediction layer (model.layers.{}), as transformers does",

@@ -386,6 +386,9 @@ fn device_dtype_and_chunk_errors_are_clear() {
     assert!(err.contains("possible values: cpu, cuda"), "{err}");
     // The explicit cpu device and f32 work everywhere.
     ok(&args(&ppl(&["--device", "cpu", "--dtype", "f32"])));
+    // The FP8 indexer needs power-of-two indexer heads: the fixture's are 24 wide.
+    let err = fails(&args(&ppl(&["--indexer-numerics", "fp8"])));
+    assert!(err.contains("--indexer-numerics fp8") && err.contains("power-of-two"), "{err}");
     if !cfg!(feature = "cuda") {
         let err = fails(&args(&ppl(&["--device", "cuda"])));
         assert!(err.contains("built without CUDA support") && err.contains("--features cuda"), "{err}");
@@ -639,4 +642,33 @@ fn cuda_device_end_to_end() {
     }
     assert!(b["weights_bytes"].as_u64().unwrap() > 0);
     assert_eq!(b["dtype"], "bf16");
+}
+
+/// `--indexer-numerics fp8` runs (the shipped model's indexer heads are 64 wide) and changes the
+/// perplexity a little, not a lot.
+#[test]
+fn fp8_indexer_numerics_run_and_stay_close() {
+    let m = root().join("models/tiny-dsa").display().to_string();
+    let data = root().join("README.md").display().to_string();
+    let ppl = |numerics: &str| -> f64 {
+        let out = ok(&[
+            "ppl",
+            "-m",
+            &m,
+            "--data",
+            &data,
+            "--ctx",
+            "512",
+            "--max-windows",
+            "2",
+            "--json",
+            "--indexer-numerics",
+            numerics,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v["mean_nll"].as_f64().expect("mean_nll")
+    };
+    let (exact, fp8) = (ppl("exact"), ppl("fp8"));
+    assert!(exact.is_finite() && fp8.is_finite());
+    assert!((exact - fp8).abs() / exact < 0.05, "exact {exact} vs fp8 {fp8}");
 }

@@ -144,13 +144,16 @@ fn load<B: Backend>(a: &Args, backend: B) -> Result<(DsaModel<B>, String)> {
             check_weights_fit(&cfg, &backend, cfg_path)?;
             let t0 = Instant::now();
             let schedule = cfg.schedule.clone();
-            let model = DsaModel::random(cfg, backend, schedule, a.seed)
+            let mut model = DsaModel::random(cfg, backend, schedule, a.seed)
                 .with_context(|| format!("random weights for {}", cfg_path.display()))?;
+            a.exec.configure(&mut model)?;
             model.backend().synchronize()?;
             tracing::info!("random weights in {:.2}s on {}", t0.elapsed().as_secs_f64(), model.backend().name());
             Ok((model, format!("random weights, {}", cfg_path.display())))
         }
-        (None, Some(dir)) => Ok((load_model(dir, backend, None, IndexerSelection::All)?, dir.display().to_string())),
+        (None, Some(dir)) => {
+            Ok((load_model(dir, backend, None, IndexerSelection::All, &a.exec)?, dir.display().to_string()))
+        }
         (None, None) => bail!("give --model DIR or --random-weights CONFIG.json"),
     }
 }

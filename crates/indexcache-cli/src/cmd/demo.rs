@@ -36,7 +36,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let dir = a.model.clone().unwrap_or_else(default_model_dir);
     println!("== model: {}", dir.display());
-    with_backend!(a.exec.backend()?, |b| run_with(load_model(&dir, b, None, IndexerSelection::All)?, &a, &dir))
+    with_backend!(a.exec.backend()?, |b| run_with(load_model(&dir, b, None, IndexerSelection::All, &a.exec)?, &a, &dir))
 }
 
 fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {

@@ -60,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
     let tok = load_tokenizer(&a.tokenizer.clone().unwrap_or_else(|| a.model.model.join("tokenizer.json")))?;
     let schedule = a.schedule.to_override()?;
     with_backend!(a.exec.backend()?, |b| {
-        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full)?, &a, &cfg, &tok)
+        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full, &a.exec)?, &a, &cfg, &tok)
     })
 }
 

@@ -46,7 +46,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let schedule = a.schedule.to_override()?;
     with_backend!(a.exec.backend()?, |b| {
-        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full)?, &a, &ids)
+        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full, &a.exec)?, &a, &ids)
     })
 }
 

@@ -91,7 +91,7 @@ pub fn run(a: Args) -> Result<()> {
     a.sampling.params()?;
     let schedule = a.schedule.to_override()?;
     with_backend!(a.exec.backend()?, |b| {
-        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full)?, &a, &tokenizer)
+        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full, &a.exec)?, &a, &tokenizer)
     })
 }
 

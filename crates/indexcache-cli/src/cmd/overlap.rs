@@ -29,7 +29,11 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let windows = a.data.windows(&a.model.model)?;
     with_backend!(a.exec.backend()?, |b| {
-        run_with(load_model(&a.model.model, b, Some(ScheduleOverride::Off), IndexerSelection::All)?, &a, &windows)
+        run_with(
+            load_model(&a.model.model, b, Some(ScheduleOverride::Off), IndexerSelection::All, &a.exec)?,
+            &a,
+            &windows,
+        )
     })
 }
 

@@ -41,7 +41,7 @@ pub fn run(a: Args) -> Result<()> {
     let schedule = a.schedule.to_override()?;
     let windows = a.data.windows(&a.model.model)?;
     with_backend!(a.exec.backend()?, |b| {
-        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full)?, &a, &windows)
+        run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full, &a.exec)?, &a, &windows)
     })
 }
 

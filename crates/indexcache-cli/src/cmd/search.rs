@@ -97,7 +97,7 @@ pub fn run(a: Args) -> Result<()> {
         None
     };
     with_backend!(a.exec.backend()?, |b| {
-        let model = load_model(&a.model.model, b, Some(ScheduleOverride::Off), IndexerSelection::All)?;
+        let model = load_model(&a.model.model, b, Some(ScheduleOverride::Off), IndexerSelection::All, &a.exec)?;
         let backend = model.backend();
         let memo_budget_bytes = memo_budget.unwrap_or_else(|| default_memo_budget(backend));
         let opts = SearchOptions { target, blocks: a.blocks, chunk: Some(a.exec.chunk(backend)), memo_budget_bytes };
