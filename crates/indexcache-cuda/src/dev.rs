@@ -146,6 +146,18 @@ fn keep_pool_memory(ctx: &CudaContext) -> OpResult<()> {
     Ok(())
 }
 
+/// GPU 0, or `None` with a "skipped: no GPU (why)" line on stderr — for tests and benchmarks that
+/// run wherever a GPU is present and skip themselves elsewhere.
+pub fn gpu_or_skip() -> Option<Dev> {
+    match Dev::open(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no GPU ({e})");
+            None
+        }
+    }
+}
+
 impl Dev {
     /// Open GPU `ordinal`. Fails cleanly (no panic) where no driver or GPU exists.
     pub fn open(ordinal: usize) -> OpResult<Self> {

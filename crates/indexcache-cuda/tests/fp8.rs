@@ -15,13 +15,7 @@ use indexcache_ops::cpu::fp8_indexer as cpu;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn gpu() -> Option<Dev> {
-    match Dev::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-    }
+    indexcache_cuda::dev::gpu_or_skip()
 }
 
 /// Poisoned elements before and after the tensor (keeps every vector alignment).

@@ -24,13 +24,7 @@ use indexcache_ops::{DType, select_topk};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn gpu() -> Option<Dev> {
-    match Dev::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-    }
+    indexcache_cuda::dev::gpu_or_skip()
 }
 
 /// A device buffer of `bytes` bytes, every byte `fill`.

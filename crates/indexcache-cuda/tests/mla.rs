@@ -14,13 +14,7 @@ use indexcache_ops::{Backend, DType, TopK};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn gpu() -> Option<Dev> {
-    match Dev::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-    }
+    indexcache_cuda::dev::gpu_or_skip()
 }
 
 #[derive(Debug, Clone, Copy)]

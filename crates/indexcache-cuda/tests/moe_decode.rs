@@ -30,13 +30,7 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use std::collections::BTreeMap;
 
 fn gpu() -> Option<Dev> {
-    match Dev::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-    }
+    indexcache_cuda::dev::gpu_or_skip()
 }
 
 const F32_TOL: f64 = 1e-5;

@@ -13,30 +13,7 @@
 //
 // Index arithmetic is 64-bit wherever a product of two dimensions can exceed 2^31.
 
-typedef unsigned short bf16_t;
-typedef unsigned long long u64;
-typedef long long i64;
-
-#define FULL_MASK 0xffffffffu
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-// ---- bf16 <-> f32 -------------------------------------------------------------------------------
-
-__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
-
-// Round to nearest, ties to even; NaN stays a quiet NaN (same bits as half::bf16::from_f32).
-__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
-
-__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, i64 i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
+// Element types, FULL_MASK, neg_inf, bf16 <-> f32 and ld/st: common.cuh (prepended).
 
 // ---- reductions ---------------------------------------------------------------------------------
 

@@ -13,23 +13,7 @@
 // Everything is deterministic: no atomics decide an order (the counts are order-free sums).
 // No headers are included (NVRTC only); bf16 is unsigned short bits, as in elementwise.cu.
 
-typedef unsigned short bf16_t;
-typedef long long i64;
-
-#define FULL_MASK 0xffffffffu
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
-__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
-__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, i64 i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
+// Element types, FULL_MASK, neg_inf, bf16 <-> f32 and ld/st: common.cuh (prepended).
 
 // Index of the largest v[i] over i < n with flag[i] == 0, ties to the lower index; -1 if none.
 // Called by all 32 lanes of a warp; every lane returns the same index (the order is total).

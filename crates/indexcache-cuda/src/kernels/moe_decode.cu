@@ -32,10 +32,8 @@
 //
 // No headers are included (NVRTC only); bf16 is unsigned short bits, as in elementwise.cu.
 
-typedef unsigned short bf16_t;
-typedef long long i64;
+// Element types, FULL_MASK, bf16 <-> f32 and ld/st: common.cuh (prepended).
 
-#define FULL_MASK 0xffffffffu
 #define MAX_PAIRS 256  // most (token, pick) pairs per call; moe_decode.rs MAX_PAIRS
 #define DN_ROWS 4      // output rows per slice of the down kernel; moe_decode.rs DN_ROWS
 #define UNR 8          // 16-byte vectors per lane per step
@@ -43,17 +41,6 @@ typedef long long i64;
 #define THREADS 128    // threads per CTA of both kernels; moe_decode.rs THREADS
 #define MIN_CTAS 4     // resident CTAs per SM the register budget is sized for (<= 128 registers)
 
-__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
-__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
-__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, i64 i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, i64 i, float v) { p[i] = f32_to_bf16(v); }
 
 // Elements per 16-byte vector and their unpacking to f32 (element 0 = lowest address).
 template <typename T>
