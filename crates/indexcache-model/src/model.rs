@@ -153,6 +153,15 @@ pub struct ForwardOutput {
     pub times: StageTimes,
 }
 
+/// What the layers of a pass leave before the LM head.
+struct Hidden<B: Backend> {
+    /// Final hidden states `[T, hidden]`.
+    x: B::Tensor,
+    /// Top-k captured so far (logits and times are filled in by the caller).
+    out: ForwardOutput,
+    state: StepState<B>,
+}
+
 pub struct DsaModel<B: Backend> {
     backend: B,
     cfg: ModelConfig,
@@ -301,8 +310,7 @@ impl<B: Backend> DsaModel<B> {
         cache: &mut Cache<B>,
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput, ModelError> {
-        let (x, state) = self.forward_hidden(ids, cache, opts.capture_topk)?;
-        let (x, mut out) = x;
+        let Hidden { x, mut out, state } = self.forward_hidden(ids, cache, opts.capture_topk)?;
         let b = &self.backend;
         let x = match opts.logits {
             Logits::None => {
@@ -372,8 +380,8 @@ impl<B: Backend> DsaModel<B> {
         if targets.len() != ids.len() {
             return Err(ModelError::Invalid(format!("{} targets for {} tokens", targets.len(), ids.len())));
         }
-        let ((x, _), _) = self.forward_hidden(ids, cache, false)?;
-        self.nll_rows(&x, targets)
+        let hidden = self.forward_hidden(ids, cache, false)?;
+        self.nll_rows(&hidden.x, targets)
     }
 
     /// Per-row NLL of `targets` from final hidden states `x` (`None` rows are skipped).
@@ -398,14 +406,8 @@ impl<B: Backend> DsaModel<B> {
         Ok(out)
     }
 
-    /// The layers of a forward pass without the LM head: final hidden states `[T, hidden]`.
-    #[allow(clippy::type_complexity)]
-    fn forward_hidden(
-        &self,
-        ids: &[u32],
-        cache: &mut Cache<B>,
-        capture_topk: bool,
-    ) -> Result<((B::Tensor, ForwardOutput), StepState<B>), ModelError> {
+    /// The layers of a forward pass without the LM head.
+    fn forward_hidden(&self, ids: &[u32], cache: &mut Cache<B>, capture_topk: bool) -> Result<Hidden<B>, ModelError> {
         let (mut x, positions) = self.begin(ids, cache)?;
         let mut out = ForwardOutput::default();
         let mut state = StepState::default();
@@ -419,7 +421,7 @@ impl<B: Backend> DsaModel<B> {
             }
         }
         cache.advance(ids.len());
-        Ok(((x, out), state))
+        Ok(Hidden { x, out, state })
     }
 
     /// Validate `ids` against the vocabulary and the cache, embed them, and return their
