@@ -171,6 +171,9 @@ pub struct DsaModel<B: Backend> {
     /// Score with the reference's FP8 numerics (Hadamard + UE8M0 e4m3 fake quantisation of the
     /// indexer q and k) instead of exact arithmetic.
     indexer_fp8: bool,
+    /// Record stage marks (device events) around every layer's stages; off, a pass issues no
+    /// events and reports zero stage times (the launch-bound decode loop then runs lighter).
+    stage_timing: std::sync::atomic::AtomicBool,
 }
 
 impl<B: Backend> DsaModel<B> {
@@ -232,7 +235,15 @@ impl<B: Backend> DsaModel<B> {
         let full: Vec<bool> = (0..cfg.num_hidden_layers).map(|l| schedule.is_full(l)).collect();
         let weights = load_weights(&backend, &cfg, src, &full, indexers)?;
         let indexer_layout = if cfg.indexer_rope_interleave { RopeLayout::Interleaved } else { RopeLayout::HalfSplit };
-        Ok(Self { backend, cfg, schedule, weights, indexer_layout, indexer_fp8: false })
+        Ok(Self {
+            backend,
+            cfg,
+            schedule,
+            weights,
+            indexer_layout,
+            indexer_fp8: false,
+            stage_timing: std::sync::atomic::AtomicBool::new(true),
+        })
     }
 
     /// Seeded random weights at the config's shapes, with an indexer on every layer.
@@ -252,6 +263,18 @@ impl<B: Backend> DsaModel<B> {
         }
         self.indexer_fp8 = on;
         Ok(())
+    }
+
+    /// Turn the per-stage marks on or off (on by default). Off, [`ForwardOutput::times`] is zero.
+    pub fn set_stage_timing(&self, on: bool) {
+        self.stage_timing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn mark(&self) -> Result<Option<B::Mark>, ModelError> {
+        match self.stage_timing.load(std::sync::atomic::Ordering::Relaxed) {
+            true => Ok(Some(self.backend.mark()?)),
+            false => Ok(None),
+        }
     }
 
     pub fn fp8_indexer(&self) -> bool {
@@ -456,19 +479,20 @@ impl<B: Backend> DsaModel<B> {
         let b = &self.backend;
         let lw = &self.weights.layers[l];
         let eps = self.cfg.rms_norm_eps;
-        let start = b.mark()?;
+        let start = self.mark()?;
         let h = b.rms_norm(x, &lw.input_norm, eps)?;
         let (attn, indexer) = self.attention(l, &h, cache, positions, &mut state.shared)?;
         b.add_inplace(x, &attn)?;
-        let attention_end = b.mark()?;
+        let attention_end = self.mark()?;
         let h = b.rms_norm(x, &lw.post_attn_norm, eps)?;
         let ffn = match &lw.ffn {
             FfnWeights::Dense(m) => b.mlp(&h, m)?,
             FfnWeights::Moe(m) => b.moe(&h, m)?,
         };
         b.add_inplace(x, &ffn)?;
-        let ffn_end = b.mark()?;
-        state.marks.push(LayerMarks { start, indexer, attention_end, ffn_end });
+        if let (Some(start), Some(attention_end), Some(ffn_end)) = (start, attention_end, self.mark()?) {
+            state.marks.push(LayerMarks { start, indexer, attention_end, ffn_end });
+        }
         Ok(())
     }
 
@@ -519,7 +543,7 @@ impl<B: Backend> DsaModel<B> {
             let (Some(ix), Some(keys)) = (&w.indexer, lc.index_keys.as_mut()) else {
                 return Err(ModelError::Invalid(format!("layer {l} is Full but has no indexer loaded")));
             };
-            let m0 = b.mark()?;
+            let m0 = self.mark()?;
             let (hi, d) = (c.index_n_heads, c.index_head_dim);
             let mut qi = b.matmul_t(&qr, &ix.wq_b)?; // [T, HI*D]
             b.rope_inplace(&mut qi, d, p, self.indexer_layout, positions, rope)?;
@@ -534,7 +558,7 @@ impl<B: Backend> DsaModel<B> {
             b.scale_inplace(&mut head_w, (hi as f32).powf(-0.5))?;
             let sel = b.indexer_topk(&qi, &head_w, keys, positions, c.index_topk, (d as f32).powf(-0.5))?;
             *shared = Some(Arc::new(sel));
-            indexer_marks = Some((m0, b.mark()?));
+            indexer_marks = m0.zip(self.mark()?);
         }
         let sel = shared
             .as_ref()

@@ -74,9 +74,14 @@ struct Row {
     decode_ms_per_token: Option<f64>,
     indexer_share_prefill: f64,
     indexer_share_decode: Option<f64>,
+    /// Per decode step issued back to back: host ms to issue it, and ms until the device is done
+    /// (issue ≈ done: the loop is bound by launching, not by the GPU).
+    decode_issue_ms: Option<f64>,
+    decode_done_ms: Option<f64>,
     /// Prefill seconds in the indexer / the rest of attention / the FFN (device time).
     prefill_stages_s: [f64; 3],
-    /// Decode seconds (all steps) in the indexer / the rest of attention / the FFN.
+    /// Decode seconds in the indexer / the rest of attention / the FFN, over the steps timed with
+    /// stage marks (up to 8).
     decode_stages_s: [f64; 3],
     /// Cache bytes allocated for this row (`context + decode` tokens).
     cache_bytes: u64,
@@ -214,13 +219,14 @@ fn run_with<B: Backend>((model, label): (DsaModel<B>, String), a: &Args, context
             if row.error.is_none() {
                 // One line per finished row, so a run cut short still reports what it measured.
                 bar.println(format!(
-                    "context {ctx}, {spec}: prefill {:.3} s (indexer {:.0}%, stages {:.2}/{:.2}/{:.2} s), decode {} tok/s, peak {:.1} GiB",
+                    "context {ctx}, {spec}: prefill {:.3} s (indexer {:.0}%, stages {:.2}/{:.2}/{:.2} s), decode {} tok/s (issue/done ms per step {}), peak {:.1} GiB",
                     row.prefill_s,
                     row.indexer_share_prefill * 100.0,
                     row.prefill_stages_s[0],
                     row.prefill_stages_s[1],
                     row.prefill_stages_s[2],
                     row.decode_tok_s.map_or("-".into(), |v| format!("{v:.1}")),
+                    row.decode_issue_ms.zip(row.decode_done_ms).map_or("-".into(), |(i, d)| format!("{i:.2}/{d:.2}")),
                     row.peak_memory_bytes.unwrap_or(0) as f64 / (1u64 << 30) as f64,
                 ));
             }
@@ -279,9 +285,10 @@ fn bench_row<B: Backend>(
     let mid = runs.len() / 2;
     runs.sort_by(|x, y| x.prefill.total_cmp(&y.prefill));
     let (prefill, ttft, p_times) = (runs[mid].prefill, runs[mid].ttft, runs[mid].prefill_times);
-    runs.sort_by(|x, y| x.decode.total_cmp(&y.decode));
-    let (decode, d_times, step) = (runs[mid].decode, runs[mid].decode_times, runs[mid].decode_step_median);
-    let has_decode = a.decode > 0 && decode > 0.0;
+    runs.sort_by(|x, y| x.decode_step_median.total_cmp(&y.decode_step_median));
+    let m = &runs[mid];
+    let (step, d_times, timed) = (m.decode_step_median, m.decode_times, m.decode_timed);
+    let has_decode = a.decode > 0 && step > 0.0;
     let cache_f32 = cache_bytes_per_token(model.config(), schedule).engine_f32 as u64;
     Ok(Row {
         context: ctx,
@@ -296,7 +303,9 @@ fn bench_row<B: Backend>(
         decode_tok_s: has_decode.then(|| 1.0 / step),
         decode_ms_per_token: has_decode.then_some(1e3 * step),
         indexer_share_prefill: share(&p_times, prefill),
-        indexer_share_decode: has_decode.then(|| share(&d_times, decode)),
+        indexer_share_decode: (has_decode && timed > 0.0).then(|| share(&d_times, timed)),
+        decode_issue_ms: m.decode_issue.map(|(i, _)| 1e3 * i),
+        decode_done_ms: m.decode_issue.map(|(_, d)| 1e3 * d),
         prefill_stages_s: stages(&p_times),
         decode_stages_s: stages(&d_times),
         cache_bytes: cache_f32 / 4 * b.dtype().size() as u64 * (ctx + a.decode) as u64,
@@ -320,6 +329,8 @@ fn failed_row(ctx: usize, schedule: &IndexSchedule, error: String) -> Row {
         decode_ms_per_token: None,
         indexer_share_prefill: f64::NAN,
         indexer_share_decode: None,
+        decode_issue_ms: None,
+        decode_done_ms: None,
         prefill_stages_s: [f64::NAN; 3],
         decode_stages_s: [f64::NAN; 3],
         cache_bytes: 0,
@@ -408,16 +419,28 @@ pub struct Measurement {
     pub prefill: f64,
     /// Seconds to the first token (prefill + sampling it).
     pub ttft: f64,
-    /// Seconds of all decode steps.
-    pub decode: f64,
-    /// Median seconds of one decode step (robust to the odd slow step of a launch-bound loop).
+    /// Median seconds of one of those steps (robust to the odd slow step of a launch-bound loop).
     pub decode_step_median: f64,
     pub prefill_times: StageTimes,
+    /// Stage times of the few steps run with stage marks on, and their wall seconds.
     pub decode_times: StageTimes,
+    pub decode_timed: f64,
+    /// Per step, seconds for the host to issue a step without waiting for it, and seconds until the
+    /// device finished (a few steps with no logits read back): issue ≈ done means launch-bound.
+    pub decode_issue: Option<(f64, f64)>,
+}
+
+impl Measurement {
+    /// Decode tokens per second: one token per step, 1 / the median step.
+    pub fn decode_tok_s(&self) -> f64 {
+        if self.decode_step_median > 0.0 { 1.0 / self.decode_step_median } else { 0.0 }
+    }
 }
 
 /// Prefill `prompt` into `cache` (cleared first; capacity ≥ prompt + decode) in chunks of
-/// `chunk` tokens, then `decode` greedy one-token steps. Host clocks are read after
+/// `chunk` tokens, then `decode` greedy one-token steps: most of them with stage marks off (the
+/// tok/s), up to 8 with marks on (the stage shares) and up to 4 issued back to back without
+/// reading logits (host issue time against device time). Host clocks are read after
 /// [`Backend::synchronize`], so queued device work is counted.
 pub fn measure<B: Backend>(
     model: &DsaModel<B>,
@@ -436,25 +459,62 @@ pub fn measure<B: Backend>(
     let prefill = t0.elapsed().as_secs_f64();
     let mut next = argmax(&out.logits);
     let ttft = t0.elapsed().as_secs_f64();
-    let mut decode_times = StageTimes::default();
-    let t1 = Instant::now();
-    let mut steps = Vec::with_capacity(decode);
-    for _ in 0..decode {
-        let ts = Instant::now();
-        let o = model.forward(&[next], cache, &ForwardOptions::default())?;
-        decode_times.add(&o.times);
-        next = argmax(&o.logits); // the logits download waits for the step
-        steps.push(ts.elapsed().as_secs_f64());
-    }
-    b.synchronize()?;
+    let (n_issue, n_timed) = ((decode / 8).min(4), (decode / 4).min(8));
+    let n_speed = decode - n_issue - n_timed;
+
+    // Speed: no stage marks (every event is host work in a launch-bound loop).
+    model.set_stage_timing(false);
+    let mut steps = Vec::with_capacity(n_speed);
+    let speed = (|| -> Result<()> {
+        for _ in 0..n_speed {
+            let ts = Instant::now();
+            let o = model.forward(&[next], cache, &ForwardOptions::default())?;
+            next = argmax(&o.logits); // the logits download waits for the step
+            steps.push(ts.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })();
+    model.set_stage_timing(true);
+    speed?;
     steps.sort_by(f64::total_cmp);
     let decode_step_median = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
+
+    // Stage shares: a few steps with marks on.
+    let mut decode_times = StageTimes::default();
+    let t2 = Instant::now();
+    for _ in 0..n_timed {
+        let o = model.forward(&[next], cache, &ForwardOptions::default())?;
+        decode_times.add(&o.times);
+        next = argmax(&o.logits);
+    }
+    let decode_timed = t2.elapsed().as_secs_f64();
+
+    // Launch-bound or device-bound: issue steps back to back without reading anything back.
+    let mut decode_issue = None;
+    if n_issue > 0 {
+        model.set_stage_timing(false);
+        b.synchronize()?;
+        let t3 = Instant::now();
+        let issued = (|| -> Result<f64> {
+            for _ in 0..n_issue {
+                model.forward(&[next], cache, &ForwardOptions { logits: Logits::None, capture_topk: false })?;
+            }
+            Ok(t3.elapsed().as_secs_f64())
+        })();
+        model.set_stage_timing(true);
+        let issued = issued?;
+        b.synchronize()?;
+        let done = t3.elapsed().as_secs_f64();
+        decode_issue = Some((issued / n_issue as f64, done / n_issue as f64));
+    }
+    b.synchronize()?;
     Ok(Measurement {
         prefill,
         ttft,
-        decode: t1.elapsed().as_secs_f64(),
         decode_step_median,
         prefill_times: out.times,
         decode_times,
+        decode_timed,
+        decode_issue,
     })
 }

@@ -95,7 +95,7 @@ fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {
         let schedule = o.apply(cfg.num_hidden_layers)?;
         let mut cache = base.new_cache_with(schedule.clone(), context + a.decode)?;
         let m = measure(&base, &mut cache, &long, a.decode, chunk)?;
-        rows.push((label, schedule.to_pattern(), m.prefill, a.decode as f64 / m.decode));
+        rows.push((label, schedule.to_pattern(), m.prefill, m.decode_tok_s()));
     }
     println!("{:<16} {:<10} {:>12} {:>14}", "schedule", "pattern", "prefill s", "decode tok/s");
     for (label, pattern, prefill, dec) in &rows {
