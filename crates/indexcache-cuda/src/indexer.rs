@@ -15,9 +15,8 @@
 //!      q (all its heads = the M dimension) in registers; 8 warps share 64-key tiles streamed through
 //!      a 3-stage `cp.async` ring and read with `ldmatrix`; ReLU/weight/head-sum are folded in
 //!      registers, so only the f32 score (4 bytes per visible pair) reaches memory. [`ScorePath`]:
-//!      the tile multiplied and folded whole (one CTA per SM) or as two 32-key halves (two CTAs per
-//!      SM, overlapping one's epilogue with the other's MMAs); for decode (a few rows), one row per
-//!      CTA with the 8 warps splitting the keys. All three give bit-identical scores.
+//!      a warp per query row, or for decode (a few rows) one row per CTA with the 8 warps
+//!      splitting the keys. Both give bit-identical scores.
 //!
 //!    Useful work: `2·HI·D` FLOPs per visible `(t, s)` pair (`Σ_t (pos[t]+1)` pairs); causal tiles
 //!    past a CTA's last position are skipped, never loaded.
@@ -96,7 +95,7 @@ const TK_BINS: usize = 2048;
 const TK_BITMAP_WORDS: usize = MAX_KEYS / 32;
 
 /// Opt `f` into `smem` bytes of dynamic shared memory and hint the largest shared-memory carveout:
-/// the two-CTAs-per-SM kernels (top-k stream, scoring halves / key split) need ~210 KB and ~100 KB
+/// the two-CTAs-per-SM kernels (top-k stream, scoring key split) need ~210 KB and ~100 KB
 /// of an SM's shared memory, and use little L1.
 fn set_smem(dev: &Dev, f: &cudarc::driver::CudaFunction, smem: u32) -> OpResult<()> {
     dev.set_max_smem(f, smem)?;
@@ -214,13 +213,11 @@ pub fn indexer_topk_budget(dev: &Dev, a: &IndexerArgs, out: u64, budget: usize) 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScorePath {
     /// [`ScorePath::KeySplit`] for up to [`KEYSPLIT_MAX_ROWS`] rows of `≤ 32` heads (decode), else
-    /// [`ScorePath::Halves`].
+    /// [`ScorePath::Whole`].
     Auto,
-    /// 64-key tiles multiplied and folded whole: ~209 registers, one CTA (8 warps) per SM.
+    /// A warp per query row, 64-key tiles multiplied and folded whole: ~209 registers, one CTA
+    /// (8 warps) per SM.
     Whole,
-    /// Each 64-key tile as two 32-key halves: <= 128 registers, two CTAs per SM, so one CTA's
-    /// ReLU/weight/head-sum epilogue and barrier overlap the other's MMAs.
-    Halves,
     /// One query row per CTA, its 8 warps splitting each key tile (8 keys each): for decode, where
     /// the row-per-warp kernels leave 7 of 8 warps idle. `≤ 32` heads. Every row streams all its
     /// keys from memory, so this only pays for a handful of rows.
@@ -228,7 +225,7 @@ pub enum ScorePath {
 }
 
 /// An environment override of what `Auto` picks (`INDEXCACHE_TOPK=rows|segmented`,
-/// `INDEXCACHE_SCORE=whole|halves`), for A/B runs on a GPU; read once.
+/// `INDEXCACHE_SCORE=whole`), for A/B runs on a GPU; read once.
 fn auto_override(var: &'static str) -> Option<&'static str> {
     use std::sync::OnceLock;
     static TOPK: OnceLock<Option<String>> = OnceLock::new();
@@ -258,7 +255,6 @@ pub fn indexer_scores_path(dev: &Dev, a: &IndexerArgs, scores: u64, stride: usiz
     let (rows, heads, stride_i) = (a.rows as i32, a.heads as i32, stride as i64);
     let path = match (path, auto_override("INDEXCACHE_SCORE")) {
         (ScorePath::Auto, Some("whole")) => ScorePath::Whole,
-        (ScorePath::Auto, Some("halves")) => ScorePath::Halves,
         (p, _) => p,
     };
     match a.dtype {
@@ -302,20 +298,15 @@ pub fn indexer_scores_path(dev: &Dev, a: &IndexerArgs, scores: u64, stride: usiz
             dev.launch(b, cfg, OP, || shapes(a))
         }
         _ => {
-            let halves = path != ScorePath::Whole;
-            let (name, groups) = match (a.heads, halves) {
-                (0..=16, false) => ("indexer_scores_bf16_m1", 1),
-                (0..=16, true) => ("indexer_scores_bf16_m1_halves", 1),
-                (17..=32, false) => ("indexer_scores_bf16_m2", 1),
-                (17..=32, true) => ("indexer_scores_bf16_m2_halves", 1),
-                (_, false) => ("indexer_scores_bf16_m2", 2),
-                (_, true) => ("indexer_scores_bf16_m2_halves", 2),
+            let (name, groups) = match a.heads {
+                0..=16 => ("indexer_scores_bf16_m1", 1),
+                17..=32 => ("indexer_scores_bf16_m2", 1),
+                _ => ("indexer_scores_bf16_m2", 2),
             };
             let f = dev.function(&kernels::INDEXER, name)?;
             set_smem(dev, &f, BF16_SMEM)?;
             let row_blocks = a.rows.div_ceil(BF16_WARPS / groups);
             // Split the keys so that ~4 CTAs per SM exist even for decode, but keep ≥ 8 tiles each.
-            // (4 per SM: two waves of the whole-tile kernel, one of the halves kernel at 2 per SM.)
             let tiles = a.max_visible.div_ceil(BF16_KEYS);
             let want = (4 * dev.sm_count as usize).div_ceil(row_blocks);
             let splits = want.clamp(1, tiles.div_ceil(8));
@@ -512,21 +503,16 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
         let pos_d = dev.upload("bench", &pos)?;
         let a = args(pos_d.ptr(), rows, s, DType::BF16, q.ptr(), w.ptr(), keys.ptr());
         let pairs: f64 = pos.iter().map(|&p| p as f64 + 1.0).sum();
-        for (path, name) in [
-            (ScorePath::Whole, "indexer scores bf16 (mma.sync)"),
-            (ScorePath::Halves, "indexer scores bf16 (mma.sync, halves)"),
-        ] {
-            let ms = time_ms(dev, REPEATS, |_| indexer_scores_path(dev, &a, scores.ptr(), stride, path))?;
-            let tflops = pairs * flops_per_pair / (ms * 1e-3) / 1e12;
-            out.push(KernelBench {
-                kernel: name.into(),
-                shape: format!("{heads}x{d}, {rows} rows at pos {}..{s}, causal", s - rows),
-                ms,
-                tflops,
-                gbps: 0.0,
-                of_ceiling: tflops / CEILING_BF16_TFLOPS,
-            });
-        }
+        let ms = time_ms(dev, REPEATS, |_| indexer_scores_path(dev, &a, scores.ptr(), stride, ScorePath::Whole))?;
+        let tflops = pairs * flops_per_pair / (ms * 1e-3) / 1e12;
+        out.push(KernelBench {
+            kernel: "indexer scores bf16 (mma.sync)".into(),
+            shape: format!("{heads}x{d}, {rows} rows at pos {}..{s}, causal", s - rows),
+            ms,
+            tflops,
+            gbps: 0.0,
+            of_ceiling: tflops / CEILING_BF16_TFLOPS,
+        });
     }
 
     // Top-k alone on full rows of real scores (filled once by the bf16 kernel, every row seeing all keys).
@@ -598,7 +584,6 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
     let key_bytes = (s_dec * d * 2) as f64;
     for (path, name) in [
         (ScorePath::Whole, "indexer scores bf16 decode"),
-        (ScorePath::Halves, "indexer scores bf16 decode (halves)"),
         (ScorePath::KeySplit, "indexer scores bf16 decode (key split)"),
     ] {
         let ms = time_ms(dev, REPEATS, |i| indexer_scores_path(dev, &dec(i), scores.ptr(), dec_stride, path))?;

@@ -21,8 +21,6 @@
 //   2*lane+1) for one coalesced float2 store. blockIdx.y splits the keys, so decode (a handful of
 //   rows) still fills the GPU; keys past the CTA's last visible position are never loaded.
 //   Useful FLOPs: 2 * heads * 128 per visible (t, s) pair.
-// * indexer_scores_bf16_m{1,2}_halves: the same with each tile multiplied and folded as two 32-key
-//   halves: <= 128 registers, so two CTAs share an SM and one's epilogue overlaps the other's MMAs.
 // * indexer_scores_bf16_keysplit_m{1,2}: decode layout, one query row per CTA, the 8 warps
 //   splitting each tile's keys (8 each), heads <= 32.
 //   All bf16 variants compute each score with the same MMA chain and the same head-sum order, so
@@ -229,54 +227,11 @@ __device__ __forceinline__ float2 fold_heads(const float (&acc)[MT][8][4], const
     return make_float2(out[0], out[1]);
 }
 
-// fold_heads for half a tile: acc[MT][4][4] holds n-tiles 0..3 (32 keys) of the half. Returns the
-// head-summed score of key 8*(b3 + 2*b4) + 2*(lane%4) + b2 of the half (b_i = lane bit i). Each key's
-// sum is formed exactly as in fold_heads (the same per-lane partials, then pairs of lanes ^16, ^8,
-// ^4 in that order), so the two give bit-identical scores.
-template <int MT>
-__device__ __forceinline__ float fold_heads_half(const float (&acc)[MT][4][4], const float (&ws)[MT][2], int lane) {
-    float p[4][2];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            float x = 0.f;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                x = fmaf(ws[mt][0], fmaxf(acc[mt][nt][c], 0.f), x);
-                x = fmaf(ws[mt][1], fmaxf(acc[mt][nt][2 + c], 0.f), x);
-            }
-            p[nt][c] = x;
-        }
-    const bool b4 = (lane & 16) != 0, b3 = (lane & 8) != 0, b2 = (lane & 4) != 0;
-    float p2[2][2];  // n-tiles j + 2*b4
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const float send = b4 ? p[j][c] : p[j + 2][c];
-            const float keep = b4 ? p[j + 2][c] : p[j][c];
-            p2[j][c] = keep + __shfl_xor_sync(FULL, send, 16);
-        }
-    float p1[2];  // n-tile b3 + 2*b4
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-        const float send = b3 ? p2[0][c] : p2[1][c];
-        const float keep = b3 ? p2[1][c] : p2[0][c];
-        p1[c] = keep + __shfl_xor_sync(FULL, send, 8);
-    }
-    const float send = b2 ? p1[0] : p1[1];  // column b2
-    const float keep = b2 ? p1[1] : p1[0];
-    return keep + __shfl_xor_sync(FULL, send, 4);
-}
-
 // groups = head groups of 16*MT heads (1, or 2 when MT = 2 and heads > 32); split = keys per blockIdx.y
 // (a multiple of B_KEYS). The grid's x runs over row blocks, heaviest (latest rows) first.
-// HALVES: each 64-key tile is multiplied and folded as two 32-key halves (half the accumulator
-// registers, so the kernel fits 128 registers and two CTAs share an SM, one folding while the other
-// multiplies); bit-identical to whole tiles. A lane then stores keys k and k + 32 of the tile with
-// k = 8*(b3 + 2*b4) + 2*(lane%4) + b2 (see fold_heads_half) instead of 2*lane and 2*lane + 1.
-template <int MT, bool HALVES>
+// (A variant folding each tile as two 32-key halves at two CTAs per SM measured no faster on the
+// H200 — 360 against 362 TFLOP/s — and was removed.)
+template <int MT>
 __device__ __forceinline__ void scores_bf16_body(const unsigned short* __restrict__ q,
                                                  const unsigned short* __restrict__ w,
                                                  const unsigned short* __restrict__ keys,
@@ -354,36 +309,7 @@ __device__ __forceinline__ void scores_bf16_body(const unsigned short* __restric
         const long long s0 = kb + (long long)i * B_KEYS;
         const bool live = s0 <= my_pos;  // warp-uniform: this row sees part of the tile
         float2 v = make_float2(0.f, 0.f);
-        if (live && HALVES) {
-            const unsigned st = sbase + (unsigned)((i % B_STAGES) * B_TILE_BYTES) + lane_off;
-            float vh[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float acc[MT][4][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
-#pragma unroll
-                for (int ks = 0; ks < 8; ++ks) {
-                    const unsigned koff = (unsigned)(((ks * 2 + (mi & 1)) ^ rr8) << 4);
-#pragma unroll
-                    for (int np = 0; np < 2; ++np) {
-                        unsigned b0, b1, b2, b3;
-                        ldsm_x4(st + (2 * h + np) * 16 * B_ROWB + koff, b0, b1, b2, b3);
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            mma_bf16(acc[mt][2 * np], a[mt][ks], b0, b1);
-                            mma_bf16(acc[mt][2 * np + 1], a[mt][ks], b2, b3);
-                        }
-                    }
-                }
-                vh[h] = fold_heads_half<MT>(acc, ws, lane);
-            }
-            v = make_float2(vh[0], vh[1]);
-        } else if (live) {
+        if (live) {
             const unsigned st = sbase + (unsigned)((i % B_STAGES) * B_TILE_BYTES) + lane_off;
             float acc[MT][8][4];
 #pragma unroll
@@ -417,13 +343,6 @@ __device__ __forceinline__ void scores_bf16_body(const unsigned short* __restric
             v.x += o.x;
             v.y += o.y;
         } else if (!live) {
-            continue;
-        }
-        if (HALVES) {
-            const long long s = s0 + 8 * ((lane >> 3) & 3) + 2 * (lane & 3) + ((lane >> 2) & 1);
-            float* dst = scores + (long long)t * stride + s;
-            if (s <= my_pos) dst[0] = v.x;
-            if (s + 32 <= my_pos) dst[32] = v.y;
             continue;
         }
         const long long s = s0 + 2 * lane;
@@ -547,7 +466,7 @@ extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
                            const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                            float* __restrict__ scores, int rows, int heads, int groups, long long stride, int split,
                            float scale) {
-    scores_bf16_body<1, false>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
+    scores_bf16_body<1>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
@@ -555,24 +474,7 @@ extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
                            const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                            float* __restrict__ scores, int rows, int heads, int groups, long long stride, int split,
                            float scale) {
-    scores_bf16_body<2, false>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
-}
-
-// The same in 32-key halves, two CTAs per SM (see scores_bf16_body): bit-identical results.
-extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
-    indexer_scores_bf16_m1_halves(const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
-                                  const unsigned short* __restrict__ keys, const int* __restrict__ pos,
-                                  float* __restrict__ scores, int rows, int heads, int groups, long long stride,
-                                  int split, float scale) {
-    scores_bf16_body<1, true>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
-    indexer_scores_bf16_m2_halves(const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
-                                  const unsigned short* __restrict__ keys, const int* __restrict__ pos,
-                                  float* __restrict__ scores, int rows, int heads, int groups, long long stride,
-                                  int split, float scale) {
-    scores_bf16_body<2, true>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
+    scores_bf16_body<2>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
 }
 
 // One query row per CTA, warps splitting the keys (decode; see scores_bf16_keysplit_body).
