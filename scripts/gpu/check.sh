@@ -34,7 +34,7 @@ if [[ $what == all || $what == kernels ]]; then
 fi
 if [[ $what == all || $what == bench ]]; then
     "$B"/indexcache bench --device cuda --dtype bf16 --random-weights configs/glm-30b-dsa.json \
-        --contexts "$CONTEXTS" --patterns "full,$P12,$P14" --decode "${DECODE:-32}" \
+        --contexts "$CONTEXTS" --patterns "${PATTERNS:-full,$P12,$P14}" --decode "${DECODE:-32}" \
         --json "$O/bench-30b.json" 2>&1 | tee "$O/bench.log"
 fi
 if [[ $what == peer ]]; then

@@ -192,6 +192,11 @@ const RANDOM_FILL: Kernel =
     Kernel { src: &kernels::ELEMENTWISE, names: ["random_fill_f32", "random_fill_bf16"], sig: &[TP, TL, TU, TF] };
 const COPY2D: Kernel =
     Kernel { src: &kernels::ELEMENTWISE, names: ["copy2d_f32", "copy2d_bf16"], sig: &[TP, TP, TL, TL, TL, TL] };
+const SCATTER_ROWS: Kernel = Kernel {
+    src: &kernels::ELEMENTWISE,
+    names: ["scatter_rows_f32", "scatter_rows_bf16"],
+    sig: &[TP, TP, TP, TL, TL, TL],
+};
 const GATHER_ROWS: Kernel =
     Kernel { src: &kernels::ELEMENTWISE, names: ["gather_rows_f32", "gather_rows_bf16"], sig: &[TP, TP, TP, TL] };
 const ADD: Kernel = Kernel { src: &kernels::ELEMENTWISE, names: ["add_f32", "add_bf16"], sig: &[TP, TP, TL] };
@@ -218,6 +223,7 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &CONVERT_TO_F32,
     &RANDOM_FILL,
     &COPY2D,
+    &SCATTER_ROWS,
     &GATHER_ROWS,
     &ADD,
     &SCALE,
@@ -278,6 +284,8 @@ pub struct CudaBackend {
     poison: AtomicBool,
     /// Use the sync-free grouped-GEMV MoE for decode-sized inputs (`INDEXCACHE_MOE_DECODE=0`: off).
     moe_decode: bool,
+    /// Record decode steps as CUDA graphs (`INDEXCACHE_CUDA_GRAPH=0`: off).
+    graphs: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -299,7 +307,8 @@ impl CudaBackend {
         // Compile the element-wise module now, so a missing NVRTC fails at load, not mid-run.
         dev.function(&kernels::ELEMENTWISE, ADD.names[0])?;
         let moe_decode = std::env::var("INDEXCACHE_MOE_DECODE").map_or(true, |v| v != "0");
-        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode })
+        let graphs = std::env::var("INDEXCACHE_CUDA_GRAPH").map_or(true, |v| v != "0");
+        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode, graphs })
     }
 
     pub fn dev(&self) -> &Arc<Dev> {
@@ -523,6 +532,7 @@ impl Backend for CudaBackend {
     type PosData = DevBuf;
     type Rope = CudaRope;
     type Mark = CudaEvent;
+    type Graph = CudaStepGraph;
 
     fn name(&self) -> String {
         format!("cuda ({}, {})", self.dev.device_name, self.dtype.name())
@@ -602,7 +612,25 @@ impl Backend for CudaBackend {
             .map(|&p| i32::try_from(p))
             .collect::<Result<_, _>>()
             .map_err(|_| bad("positions", format!("{} rows", pos.len()), "position beyond i32"))?;
-        Ok(Positions { host: pos.to_vec(), device: self.dev.upload("positions", &dev)? })
+        Ok(Positions { host: pos.to_vec(), device: self.dev.upload("positions", &dev)?, bound: 0 })
+    }
+
+    fn update_positions(&self, p: &mut Positions<DevBuf>, pos: &[usize]) -> OpResult<()> {
+        const OP: &str = "update_positions";
+        if pos.len() != p.len() {
+            return Err(bad(OP, format!("{} positions ← {}", p.len(), pos.len()), "row count differs"));
+        }
+        if self.dev.capturing() {
+            return Err(bad(OP, format!("{} positions", pos.len()), "called while recording a graph"));
+        }
+        let dev: Vec<i32> = pos
+            .iter()
+            .map(|&p| i32::try_from(p))
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad(OP, format!("{} rows", pos.len()), "position beyond i32"))?;
+        self.dev.write(OP, &mut p.device, &dev)?;
+        p.host.copy_from_slice(pos);
+        Ok(())
     }
 
     fn rope_table(&self, table: &RopeTable) -> OpResult<CudaRope> {
@@ -681,6 +709,32 @@ impl Backend for CudaBackend {
         }
         let d = dst.ptr() + ((row0 * dst.cols + col0) * self.dtype.size()) as u64;
         self.copy2d("write_block", src.ptr(), d, src.rows, src.cols, src.cols, dst.cols, shapes)
+    }
+
+    fn write_rows(&self, dst: &mut CudaTensor, pos: &Positions<DevBuf>, col0: usize, src: &CudaTensor) -> OpResult<()> {
+        let shapes = || format!("dst {} col {col0}, src {}, {} positions", dst.shape(), src.shape(), pos.len());
+        if src.rows != pos.len() || pos.max_visible() > dst.rows || col0 + src.cols > dst.cols {
+            return Err(bad("write_rows", shapes(), "rows out of bounds"));
+        }
+        if src.rows == 0 || src.cols == 0 {
+            return Ok(());
+        }
+        let d = dst.ptr() + (col0 * self.dtype.size()) as u64;
+        self.launch(
+            &SCATTER_ROWS,
+            self.dtype,
+            grid2d_cfg(src.rows, src.cols),
+            "write_rows",
+            shapes,
+            &[
+                Arg::Ptr(src.ptr()),
+                Arg::Ptr(pos.device.ptr()),
+                Arg::Ptr(d),
+                i64a(src.rows),
+                i64a(src.cols),
+                i64a(dst.cols),
+            ],
+        )
     }
 
     // ---- elementwise / norms ----------------------------------------------------------------
@@ -1207,7 +1261,36 @@ impl Backend for CudaBackend {
     fn reset_peak_memory(&self) {
         self.dev.mem().reset_peak();
     }
+
+    fn profiler(&self, on: bool) -> OpResult<()> {
+        let r = if on { cudarc::driver::profiler_start() } else { cudarc::driver::profiler_stop() };
+        r.map_err(|e| bad("profiler", if on { "start" } else { "stop" }, format!("{e:?}")))
+    }
+
+    fn graph_begin(&self) -> OpResult<bool> {
+        if !self.graphs {
+            return Ok(false);
+        }
+        self.dev.begin_capture()?;
+        Ok(true)
+    }
+
+    fn graph_end(&self) -> OpResult<CudaStepGraph> {
+        Ok(CudaStepGraph(self.dev.end_capture()?))
+    }
+
+    fn graph_replay(&self, g: &mut CudaStepGraph) -> OpResult<()> {
+        g.0.launch().map_err(|e| bad("graph_replay", "", format!("{e:?}")))
+    }
 }
+
+/// A recorded decode step (a CUDA graph on the backend's stream).
+pub struct CudaStepGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: the graph and its executable are only touched through `&mut CudaStepGraph`
+// ([`Backend::graph_replay`]) or when dropped, so no two threads use them at once; the CUDA
+// driver API is callable from any thread with the context bound (cudarc binds it).
+unsafe impl Send for CudaStepGraph {}
 
 /// Exclusive prefix sum of the per-expert counts: `E + 1` entries, the last one the total.
 fn expert_offsets(counts: &[i32]) -> Vec<i32> {

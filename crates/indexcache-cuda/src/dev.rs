@@ -88,6 +88,8 @@ pub struct Dev {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     mem: Arc<MemCounter>,
+    /// The stream is being captured into a graph: host reads and synchronisation are refused.
+    capturing: std::sync::atomic::AtomicBool,
 }
 
 fn driver_err(op: &'static str, shapes: impl Into<String>, e: impl std::fmt::Debug) -> OpError {
@@ -172,7 +174,9 @@ impl Dev {
         // One stream: ordering is program order, no per-buffer events needed.
         // SAFETY: every buffer is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream: only a created stream can be
+        // captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(|e| driver_err("cuda init", "stream", e))?;
         keep_pool_memory(&ctx)?;
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -188,6 +192,7 @@ impl Dev {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             mem: Arc::new(MemCounter::default()),
+            capturing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -236,11 +241,56 @@ impl Dev {
         Ok(b)
     }
 
+    /// Overwrite the start of `buf` with host values (stream-ordered; `buf` keeps its address).
+    pub fn write<T: Copy>(&self, op: &'static str, buf: &mut DevBuf, data: &[T]) -> OpResult<()> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes > buf.bytes() {
+            return Err(OpError::new(op, format!("{bytes} bytes"), format!("buffer holds {} bytes", buf.bytes())));
+        }
+        // SAFETY: plain-old-data reinterpretation of an initialised slice.
+        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) };
+        if bytes > 0 {
+            self.stream
+                .memcpy_htod(raw, &mut buf.slice_mut().slice_mut(..bytes))
+                .map_err(|e| driver_err(op, format!("{bytes} bytes to device"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Start capturing this device's stream into a graph (relaxed mode: host-side queries such as
+    /// free memory stay legal; nothing may synchronise or read back until [`Self::end_capture`]).
+    pub fn begin_capture(&self) -> OpResult<()> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| driver_err("graph capture", "begin", e))?;
+        self.capturing.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Is the stream being captured?
+    pub fn capturing(&self) -> bool {
+        self.capturing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// End the capture and instantiate the graph.
+    pub fn end_capture(&self) -> OpResult<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys::CUgraphInstantiate_flags;
+        self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| driver_err("graph capture", "end", e))?
+            .ok_or_else(|| OpError::new("graph capture", "end", "the capture recorded nothing"))
+    }
+
     /// Copy `n` values of type `T` from the start of `buf` to the host (synchronises).
     pub fn download<T: Copy + Default>(&self, op: &'static str, buf: &DevBuf, n: usize) -> OpResult<Vec<T>> {
         let bytes = n * std::mem::size_of::<T>();
         if bytes > buf.bytes() {
             return Err(OpError::new(op, format!("{n} values"), format!("buffer holds {} bytes", buf.bytes())));
+        }
+        if self.capturing() {
+            return Err(OpError::new(op, format!("{n} values"), "cannot read back while a graph is being recorded"));
         }
         let mut out = vec![T::default(); n];
         // SAFETY: `out` is initialised and exactly `bytes` long.
@@ -266,6 +316,13 @@ impl Dev {
     }
 
     pub fn sync(&self, op: &'static str) -> OpResult<()> {
+        if self.capturing() {
+            return Err(OpError::new(
+                op,
+                "synchronize",
+                "the stream is being recorded into a graph; ops that read results back cannot be recorded",
+            ));
+        }
         self.stream.synchronize().map_err(|e| driver_err(op, "synchronize", e))
     }
 

@@ -110,7 +110,13 @@ impl MatmulT {
 /// (a handle's workspace is not meant for concurrent use).
 pub struct Blas {
     handle: Mutex<CudaBlas>,
+    /// cuBLAS's workspace, set once so that no GEMM allocates (a CUDA graph capture cannot).
+    /// Declared after `handle`: dropped after it.
+    _workspace: crate::dev::DevBuf,
 }
+
+/// cuBLAS workspace bytes (NVIDIA's recommendation for Hopper).
+const WORKSPACE_BYTES: usize = 32 << 20;
 
 impl std::fmt::Debug for Blas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -138,7 +144,20 @@ impl Blas {
         }
         let handle =
             CudaBlas::new(dev.stream.clone()).map_err(|e| OpError::new("cublas init", "", format!("{e:?}")))?;
-        Ok(Self { handle: Mutex::new(handle) })
+        let workspace = dev.alloc("cublas init", WORKSPACE_BYTES)?;
+        // SAFETY: the handle is live; the workspace outlives it (field order) and is used on the
+        // handle's stream only.
+        let status = unsafe {
+            sys::cublasSetWorkspace_v2(*handle.handle(), workspace.ptr() as *mut std::ffi::c_void, WORKSPACE_BYTES)
+        };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(OpError::new(
+                "cublas init",
+                format!("{WORKSPACE_BYTES} bytes"),
+                format!("set workspace: {status:?}"),
+            ));
+        }
+        Ok(Self { handle: Mutex::new(handle), _workspace: workspace })
     }
 
     /// Enqueue `g` on the stream. `op` names the calling op in errors.

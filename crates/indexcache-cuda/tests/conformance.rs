@@ -12,7 +12,7 @@ fn run(dtype: DType, tol: Tolerance) {
         return;
     }
     let make = move || CudaBackend::new(0, dtype).map_err(|e| e.to_string());
-    let suite = Suite { make: &make, tol, fixtures: fixtures_dir() };
+    let suite = Suite { make: &make, tol, fixtures: fixtures_dir(), records_steps: true };
     let checks: Vec<Check> = suite.run_all().expect("suite ran");
     eprintln!("== conformance, cuda {}", dtype.name());
     for c in &checks {

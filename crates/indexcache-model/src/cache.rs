@@ -12,7 +12,7 @@
 
 use crate::error::ModelError;
 use indexcache_config::{IndexSchedule, ModelConfig};
-use indexcache_ops::{Backend, RopeTable};
+use indexcache_ops::{Backend, Positions, RopeTable};
 
 pub struct LayerCache<B: Backend> {
     /// `[capacity, R+P]`: rows `[c_kv | k_pe]`.
@@ -21,11 +21,33 @@ pub struct LayerCache<B: Backend> {
     pub index_keys: Option<B::Tensor>,
 }
 
+/// A recorded one-token decode step over this cache (a CUDA graph): replayed with a new token
+/// and position instead of issuing every op again. See `DsaModel::forward`.
+pub(crate) struct StepGraph<B: Backend> {
+    pub graph: B::Graph,
+    /// Launch shapes cover positions `< bound`; a later position records a new step.
+    pub bound: usize,
+    /// The step's position (updated in place before each replay).
+    pub positions: Positions<B::PosData>,
+    /// Input: the token's embedding `[1, hidden]` (written before each replay).
+    pub x: B::Tensor,
+    /// Output: the logits `[1, vocab]`.
+    pub logits: B::Tensor,
+    /// The model (and its indexer numerics) the step was recorded for.
+    pub key: (u64, bool),
+}
+
 pub struct Cache<B: Backend> {
     pub(crate) schedule: IndexSchedule,
     pub(crate) layers: Vec<LayerCache<B>>,
     /// cos/sin for positions `0..capacity`, on the device.
     pub(crate) rope: B::Rope,
+    /// The recorded decode step, once one was recorded.
+    pub(crate) step: Option<StepGraph<B>>,
+    /// Recording failed once on this cache: decode runs op by op.
+    pub(crate) step_failed: bool,
+    /// Decode steps recorded over this cache so far.
+    pub(crate) step_recordings: usize,
     len: usize,
     capacity: usize,
 }
@@ -52,7 +74,7 @@ impl<B: Backend> Cache<B> {
         }
         let table = RopeTable::new(&cfg.rope.inv_freq(), cfg.rope.attention_factor(), capacity);
         let rope = b.rope_table(&table)?;
-        Ok(Self { schedule, layers, rope, len: 0, capacity })
+        Ok(Self { schedule, layers, rope, step: None, step_failed: false, step_recordings: 0, len: 0, capacity })
     }
 
     /// Tokens cached so far (the next token's position).
@@ -70,6 +92,12 @@ impl<B: Backend> Cache<B> {
 
     pub fn schedule(&self) -> &IndexSchedule {
         &self.schedule
+    }
+
+    /// How many times a decode step was recorded (as a CUDA graph) over this cache; 0 where the
+    /// backend does not record.
+    pub fn step_recordings(&self) -> usize {
+        self.step_recordings
     }
 
     /// Forget all tokens (keeps the allocation).

@@ -164,6 +164,9 @@ pub struct Suite<'a, B: Backend> {
     pub make: &'a dyn Fn() -> R<B>,
     pub tol: Tolerance,
     pub fixtures: PathBuf,
+    /// The backend records decode steps (CUDA graphs): [`Suite::recorded_decode`] then also
+    /// checks that steps were recorded, not silently run op by op.
+    pub records_steps: bool,
 }
 
 impl<B: Backend> Suite<'_, B> {
@@ -185,6 +188,7 @@ impl<B: Backend> Suite<'_, B> {
         for name in FIXTURES {
             out.extend(self.parity(name)?);
             out.extend(self.incremental(name)?);
+            out.extend(self.recorded_decode(name)?);
         }
         out.extend(self.index_cache_off()?);
         out.extend(self.shared_layers()?);
@@ -304,6 +308,62 @@ impl<B: Backend> Suite<'_, B> {
                 format!("cache len {}", cache.len()),
             ),
         ])
+    }
+
+    /// Decode steps replayed from a recording (stage timing off) against the same steps run op
+    /// by op: bit-identical (the same kernels run; only launch shapes cover up to the recording's
+    /// bound). Decodes the second half of the sequence (crossing a recording bound where the
+    /// fixture is long enough), then truncates back and decodes it again over the same recording.
+    pub fn recorded_decode(&self, name: &str) -> R<Vec<Check>> {
+        let r = self.reference(name)?;
+        let model = self.load(name, None, IndexerSelection::Full)?;
+        let e = |e: crate::ModelError| e.to_string();
+        let t = r.ids.len();
+        let p0 = t / 2;
+        let none = ForwardOptions { logits: Logits::None, capture_topk: false };
+        let decode = |cache: &mut crate::Cache<B>| -> R<Vec<f32>> {
+            let mut out = Vec::new();
+            for &id in &r.ids[p0..] {
+                out.extend(model.forward(&[id], cache, &ForwardOptions::default()).map_err(e)?.logits);
+            }
+            Ok(out)
+        };
+        // Stage marks on: every step runs op by op.
+        model.set_stage_timing(true);
+        let mut cache = model.new_cache(t).map_err(e)?;
+        model.forward(&r.ids[..p0], &mut cache, &none).map_err(e)?;
+        let eager = decode(&mut cache)?;
+
+        model.set_stage_timing(false);
+        let mut cache = model.new_cache(t).map_err(e)?;
+        model.forward(&r.ids[..p0], &mut cache, &none).map_err(e)?;
+        let first = decode(&mut cache)?;
+        cache.truncate(p0);
+        let again = decode(&mut cache)?;
+        let recordings = cache.step_recordings();
+
+        let mut checks = vec![
+            Check::at_most(
+                format!("{name}: recorded decode vs op by op"),
+                rel_err(&first, &eager),
+                0.0,
+                format!("{} steps from position {p0}, {recordings} recording(s)", t - p0),
+            ),
+            Check::at_most(
+                format!("{name}: recorded decode after truncate"),
+                rel_err(&again, &eager),
+                0.0,
+                "same recording, positions rewound".into(),
+            ),
+        ];
+        if self.records_steps {
+            checks.push(Check::holds(
+                format!("{name}: decode steps were recorded"),
+                recordings >= 1,
+                format!("{recordings} recording(s)"),
+            ));
+        }
+        Ok(checks)
     }
 
     /// `--index-cache off` is plain DSA, bit for bit, and equals an explicit all-F pattern.

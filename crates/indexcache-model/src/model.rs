@@ -13,7 +13,7 @@
 //! x += o_proj(o); x += ffn(rms_norm(x))             dense SwiGLU or MoE
 //! ```
 
-use crate::cache::{Cache, LayerCache};
+use crate::cache::{Cache, LayerCache, StepGraph};
 use crate::error::ModelError;
 use crate::weights::{
     CheckpointSource, FfnWeights, IndexerSelection, ModelWeights, RandomSource, WeightSource, load_weights,
@@ -171,9 +171,23 @@ pub struct DsaModel<B: Backend> {
     /// Score with the reference's FP8 numerics (Hadamard + UE8M0 e4m3 fake quantisation of the
     /// indexer q and k) instead of exact arithmetic.
     indexer_fp8: bool,
-    /// Record stage marks (device events) around every layer's stages; off, a pass issues no
-    /// events and reports zero stage times (the launch-bound decode loop then runs lighter).
+    /// Record stage marks (device events) around every layer's stages (off by default: a pass
+    /// then issues no events and reports zero stage times, and decode steps can be replayed).
     stage_timing: std::sync::atomic::AtomicBool,
+    /// Replay recorded decode steps where the backend records them (on by default).
+    step_graphs: std::sync::atomic::AtomicBool,
+    /// Identifies this model in the steps recorded over its caches.
+    id: u64,
+}
+
+/// Launch shapes of a recorded decode step cover positions below this or the next power of two
+/// (at most the cache capacity); a step past it records anew — at most log2(capacity/64) + 1
+/// recordings per sequence, each a few milliseconds.
+const STEP_BOUND_MIN: usize = 64;
+
+fn next_model_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl<B: Backend> DsaModel<B> {
@@ -242,7 +256,9 @@ impl<B: Backend> DsaModel<B> {
             weights,
             indexer_layout,
             indexer_fp8: false,
-            stage_timing: std::sync::atomic::AtomicBool::new(true),
+            stage_timing: std::sync::atomic::AtomicBool::new(false),
+            step_graphs: std::sync::atomic::AtomicBool::new(true),
+            id: next_model_id(),
         })
     }
 
@@ -265,9 +281,15 @@ impl<B: Backend> DsaModel<B> {
         Ok(())
     }
 
-    /// Turn the per-stage marks on or off (on by default). Off, [`ForwardOutput::times`] is zero.
+    /// Turn the per-stage marks on or off (off by default). Off, [`ForwardOutput::times`] is zero.
     pub fn set_stage_timing(&self, on: bool) {
         self.stage_timing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Replay recorded one-token steps (CUDA graphs) where the backend can record them; on by
+    /// default. A step is recorded only while stage timing is off (marks are host work).
+    pub fn set_step_graphs(&self, on: bool) {
+        self.step_graphs.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn mark(&self) -> Result<Option<B::Mark>, ModelError> {
@@ -333,6 +355,17 @@ impl<B: Backend> DsaModel<B> {
         cache: &mut Cache<B>,
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput, ModelError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ids.len() == 1
+            && opts.logits == Logits::Last
+            && !opts.capture_topk
+            && !self.stage_timing.load(Relaxed)
+            && self.step_graphs.load(Relaxed)
+            && !cache.step_failed
+            && let Some(out) = self.forward_recorded(ids[0], cache)?
+        {
+            return Ok(out);
+        }
         let Hidden { x, mut out, state } = self.forward_hidden(ids, cache, opts.capture_topk)?;
         let b = &self.backend;
         let x = match opts.logits {
@@ -348,6 +381,83 @@ impl<B: Backend> DsaModel<B> {
         out.logits = b.download(&logits)?;
         out.times = state.times(b)?;
         Ok(out)
+    }
+
+    /// One decode step by replaying the step recorded over `cache` (recording it first when
+    /// there is none, it was recorded for another model or numerics, or the position has
+    /// outgrown its launch shapes). `None`: the backend does not record, or recording failed
+    /// (logged once; the cache then decodes op by op). Same result as the op-by-op pass: the
+    /// same kernels run, only their launch shapes cover up to the step's bound.
+    fn forward_recorded(&self, id: u32, cache: &mut Cache<B>) -> Result<Option<ForwardOutput>, ModelError> {
+        let b = &self.backend;
+        if id as usize >= self.cfg.vocab_size {
+            return Err(ModelError::TokenOutOfRange { id, index: 0, vocab: self.cfg.vocab_size });
+        }
+        let pos = cache.len();
+        if pos + 1 > cache.capacity() {
+            return Err(ModelError::ContextTooLong {
+                needed: pos + 1,
+                limit: cache.capacity(),
+                what: "cache capacity",
+            });
+        }
+        let key = (self.id, self.indexer_fp8);
+        if cache.step.as_ref().is_none_or(|g| g.key != key || pos + 1 > g.bound) {
+            cache.step = None; // its graph memory goes back before the new recording
+            match self.record_step(cache, pos, key) {
+                Ok(Some(g)) => {
+                    cache.step = Some(g);
+                    cache.step_recordings += 1;
+                }
+                Ok(None) => {
+                    cache.step_failed = true; // the backend does not record: do not ask again
+                    return Ok(None);
+                }
+                Err(e) => {
+                    tracing::warn!("recording the decode step failed, decoding op by op: {e}");
+                    cache.step_failed = true;
+                    return Ok(None);
+                }
+            }
+        }
+        let g = cache.step.as_mut().expect("recorded above");
+        b.update_positions(&mut g.positions, &[pos])?;
+        let x = b.embedding(&self.weights.embed, &[id])?;
+        b.write_block(&mut g.x, 0, 0, &x)?;
+        b.graph_replay(&mut g.graph)?;
+        let logits = b.download(&g.logits)?;
+        cache.advance(1);
+        Ok(Some(ForwardOutput { logits, rows: 1, ..Default::default() }))
+    }
+
+    /// Record one decode step at `pos` over `cache` (nothing runs; the cache is untouched).
+    fn record_step(
+        &self,
+        cache: &mut Cache<B>,
+        pos: usize,
+        key: (u64, bool),
+    ) -> Result<Option<StepGraph<B>>, ModelError> {
+        let b = &self.backend;
+        let bound = (pos + 1).max(STEP_BOUND_MIN).next_power_of_two().min(cache.capacity());
+        let mut positions = b.positions(&[pos])?;
+        positions.bound = bound;
+        let x = b.zeros(1, self.cfg.hidden_size)?;
+        let mut logits = b.zeros(1, self.cfg.vocab_size)?;
+        if !b.graph_begin()? {
+            return Ok(None);
+        }
+        let recorded = (|| -> Result<(), ModelError> {
+            let mut h = b.copy(&x)?;
+            let mut state = StepState::default();
+            for l in 0..self.cfg.num_hidden_layers {
+                self.layer(l, &mut h, cache, &positions, &mut state)?;
+            }
+            b.write_block(&mut logits, 0, 0, &self.logits(&h)?)?;
+            Ok(())
+        })();
+        let graph = b.graph_end();
+        recorded?;
+        Ok(Some(StepGraph { graph: graph?, bound, positions, x, logits, key }))
     }
 
     /// [`Self::forward`] in chunks of at most `chunk` tokens (a long prompt's activations and the
@@ -516,7 +626,6 @@ impl<B: Backend> DsaModel<B> {
         let c = &self.cfg;
         let w = &self.weights.layers[l].attn;
         let (heads, nope, p, r) = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank);
-        let pos0 = positions.host[0];
         let Cache { schedule, layers, rope, .. } = cache;
         let lc: &mut LayerCache<B> = &mut layers[l];
 
@@ -533,8 +642,8 @@ impl<B: Backend> DsaModel<B> {
         let c_kv = b.rms_norm(&b.columns(&kv, 0, r)?, &w.kv_a_norm, LATENT_NORM_EPS)?;
         let mut k_pe = b.columns(&kv, r, p)?;
         b.rope_inplace(&mut k_pe, p, p, RopeLayout::Interleaved, positions, rope)?;
-        b.write_block(&mut lc.latent, pos0, 0, &c_kv)?;
-        b.write_block(&mut lc.latent, pos0, r, &k_pe)?;
+        b.write_rows(&mut lc.latent, positions, 0, &c_kv)?;
+        b.write_rows(&mut lc.latent, positions, r, &k_pe)?;
 
         // IndexCache: a Full layer runs its indexer and publishes the top-k; a Shared layer
         // reuses it.
@@ -553,7 +662,7 @@ impl<B: Backend> DsaModel<B> {
                 b.indexer_fp8_quant_inplace(&mut qi, d)?;
                 b.indexer_fp8_quant_inplace(&mut ki, d)?;
             }
-            b.write_block(keys, pos0, 0, &ki)?;
+            b.write_rows(keys, positions, 0, &ki)?;
             let mut head_w = b.matmul_t(h, &ix.weights_proj)?; // [T, HI]
             b.scale_inplace(&mut head_w, (hi as f32).powf(-0.5))?;
             let sel = b.indexer_topk(&qi, &head_w, keys, positions, c.index_topk, (d as f32).powf(-0.5))?;

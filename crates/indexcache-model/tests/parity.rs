@@ -8,7 +8,7 @@ use indexcache_model::{DsaModel, IndexerSelection, LoadOptions};
 use indexcache_ops::cpu::CpuBackend;
 
 fn suite() -> Suite<'static, CpuBackend> {
-    Suite { make: &|| Ok(CpuBackend::new()), tol: Tolerance::CPU, fixtures: fixtures_dir() }
+    Suite { make: &|| Ok(CpuBackend::new()), tol: Tolerance::CPU, fixtures: fixtures_dir(), records_steps: false }
 }
 
 fn assert_all(checks: Vec<Check>) {
@@ -31,6 +31,17 @@ fn logits_and_topk_match_transformers() {
 fn decode_and_chunked_prefill_match_full_pass() {
     for name in FIXTURES {
         assert_all(suite().incremental(name).unwrap());
+    }
+}
+
+/// Decode with stage timing off (where a GPU replays recorded steps) equals op-by-op decode,
+/// also after rewinding the cache; the CPU records nothing.
+#[test]
+fn recorded_decode_matches_op_by_op() {
+    for name in FIXTURES {
+        let checks = suite().recorded_decode(name).unwrap();
+        assert!(checks.iter().any(|c| c.detail.contains("0 recording(s)")));
+        assert_all(checks);
     }
 }
 
@@ -117,7 +128,8 @@ fn fp8_indexer_is_close_to_exact_but_not_identical() {
 /// (its error against its f32 run is what the bf16 mode is held to on full sequences).
 #[test]
 fn bf16_suite_reads_the_transformers_bf16_floor() {
-    let s = Suite { make: &|| Ok(CpuBackend::new()), tol: Tolerance::BF16, fixtures: fixtures_dir() };
+    let s =
+        Suite { make: &|| Ok(CpuBackend::new()), tol: Tolerance::BF16, fixtures: fixtures_dir(), records_steps: false };
     for name in FIXTURES {
         let checks = s.parity(name).unwrap();
         let full = checks.iter().find(|c| c.name.ends_with(": logits vs transformers")).unwrap();

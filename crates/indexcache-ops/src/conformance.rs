@@ -352,6 +352,32 @@ impl<'a, B: Backend> Suite<'a, B> {
             let src = s.up(&s.data(8, 27, 1.0), 3, 9)?;
             s.b.write_block(&mut dst, 6, 7, &src)
         });
+        self.rel("write_rows", "dst [12, 20] col 7 ← [3, 9] at positions 9, 2, 5 (then 0, 11, 4)".into(), 0.0, |s| {
+            let d = s.data(30, 240, 1.0);
+            let (a, b) = (s.data(31, 27, 1.0), s.data(32, 27, 1.0));
+            let mut dst = s.up(&d, 12, 20)?;
+            let mut pos = s.b.positions(&[9, 2, 5])?;
+            s.b.write_rows(&mut dst, &pos, 7, &s.up(&a, 3, 9)?)?;
+            // The same positions object, updated in place (what a replayed step does).
+            s.b.update_positions(&mut pos, &[0, 11, 4])?;
+            s.b.write_rows(&mut dst, &pos, 7, &s.up(&b, 3, 9)?)?;
+            let mut want = d.clone();
+            for (src, ps) in [(&a, [9, 2, 5]), (&b, [0, 11, 4])] {
+                for (r, p) in ps.into_iter().enumerate() {
+                    want[p * 20 + 7..p * 20 + 16].copy_from_slice(&src[r * 9..(r + 1) * 9]);
+                }
+            }
+            Ok((s.b.download(&dst)?, want))
+        });
+        self.must_fail("write_rows", "position 12 of a [12, 20] destination".into(), |s| {
+            let mut dst = s.b.zeros(12, 20)?;
+            let src = s.up(&s.data(33, 18, 1.0), 2, 9)?;
+            s.b.write_rows(&mut dst, &s.b.positions(&[3, 12])?, 0, &src)
+        });
+        self.must_fail("update_positions", "3 positions ← 2".into(), |s| {
+            let mut pos = s.b.positions(&[1, 2, 3])?;
+            s.b.update_positions(&mut pos, &[4, 5])
+        });
         self.rel("selection", "[3, 5] host → device → host".into(), 0.0, |s| {
             let sel = TopK { rows: 3, k: 5, data: vec![4, 0, 2, -1, -1, 7, 1, 3, 9, 5, 0, -1, -1, -1, -1] };
             let back = s.b.selection_to_host(&s.b.selection_from_host(&sel)?)?;
@@ -760,6 +786,7 @@ mod tests {
         type PosData = ();
         type Rope = RopeTable;
         type Mark = Instant;
+        type Graph = ();
 
         fn name(&self) -> String {
             "faulty cpu".into()
@@ -793,6 +820,12 @@ mod tests {
         }
         fn positions(&self, pos: &[usize]) -> OpResult<Positions<()>> {
             self.0.positions(pos)
+        }
+        fn update_positions(&self, p: &mut Positions<()>, pos: &[usize]) -> OpResult<()> {
+            self.0.update_positions(p, pos)
+        }
+        fn write_rows(&self, dst: &mut CpuTensor, pos: &Positions<()>, col0: usize, src: &CpuTensor) -> OpResult<()> {
+            self.0.write_rows(dst, pos, col0, src)
         }
         fn rope_table(&self, table: &RopeTable) -> OpResult<RopeTable> {
             self.0.rope_table(table)

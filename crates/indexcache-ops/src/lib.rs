@@ -93,10 +93,16 @@ pub enum WeightInit {
 ///
 /// Rows are independent: a batch of sequences would add a per-row sequence id and a block table
 /// here without changing the op signatures.
+///
+/// `bound` is the number of keys launch shapes are sized for. An eager pass sizes them for its
+/// own positions (`bound` = 0, i.e. `max(position) + 1`); a recorded step (a CUDA graph, see
+/// [`Backend::graph_begin`]) sizes them for the largest position it will be replayed with, and
+/// kernels take each row's exact limit from the device positions.
 #[derive(Debug, Clone)]
 pub struct Positions<D> {
     pub host: Vec<usize>,
     pub device: D,
+    pub bound: usize,
 }
 
 impl<D> Positions<D> {
@@ -106,9 +112,9 @@ impl<D> Positions<D> {
     pub fn is_empty(&self) -> bool {
         self.host.is_empty()
     }
-    /// Keys visible to the last-seeing row (`max(position) + 1`).
+    /// Keys the launch shapes cover: `max(position) + 1`, or [`Self::bound`] when larger.
     pub fn max_visible(&self) -> usize {
-        self.host.iter().max().map_or(0, |&p| p + 1)
+        self.host.iter().max().map_or(0, |&p| p + 1).max(self.bound)
     }
 }
 
@@ -189,6 +195,9 @@ pub trait Backend: Send + Sync {
     type Rope: Send + Sync;
     /// A point in the device's timeline (an event on a GPU, an instant on the CPU).
     type Mark;
+    /// A recorded sequence of ops that can be replayed (a CUDA graph); `()` where the backend
+    /// does not record.
+    type Graph: Send;
 
     fn name(&self) -> String;
     /// Activation and cache dtype.
@@ -206,6 +215,9 @@ pub trait Backend: Send + Sync {
     fn weight(&self, init: WeightInit, groups: usize, rows: usize, cols: usize) -> OpResult<Self::Weight>;
     fn vector(&self, data: &[f32]) -> OpResult<Self::Vector>;
     fn positions(&self, pos: &[usize]) -> OpResult<Positions<Self::PosData>>;
+    /// Overwrite the positions of `p` in place (same row count; the device half keeps its
+    /// address, so a recorded step replays with the new values). Not while recording.
+    fn update_positions(&self, p: &mut Positions<Self::PosData>, pos: &[usize]) -> OpResult<()>;
     fn rope_table(&self, table: &RopeTable) -> OpResult<Self::Rope>;
     fn selection_to_host(&self, sel: &Self::Selection) -> OpResult<TopK>;
     fn selection_from_host(&self, sel: &TopK) -> OpResult<Self::Selection>;
@@ -225,6 +237,15 @@ pub trait Backend: Send + Sync {
     ) -> OpResult<Self::Tensor>;
     /// `dst[row0 + i, col0 + j] = src[i, j]`.
     fn write_block(&self, dst: &mut Self::Tensor, row0: usize, col0: usize, src: &Self::Tensor) -> OpResult<()>;
+    /// `dst[pos[i], col0 + j] = src[i, j]`: scatter rows to the positions of a step (cache
+    /// writes; the device reads the positions, so a recorded step writes where it is replayed).
+    fn write_rows(
+        &self,
+        dst: &mut Self::Tensor,
+        pos: &Positions<Self::PosData>,
+        col0: usize,
+        src: &Self::Tensor,
+    ) -> OpResult<()>;
 
     // ---- elementwise / norms -------------------------------------------------------------
     /// Gather rows of an embedding table (a `[1, vocab, hidden]` weight).
@@ -304,4 +325,26 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) -> OpResult<()>;
     fn memory(&self) -> MemoryStats;
     fn reset_peak_memory(&self);
+    /// Start (`true`) or stop collection by an attached profiler (`cuProfilerStart/Stop` under
+    /// Nsight Compute's `--profile-from-start off`); nothing elsewhere.
+    fn profiler(&self, _on: bool) -> OpResult<()> {
+        Ok(())
+    }
+
+    // ---- recorded steps -----------------------------------------------------------------
+    /// Start recording: ops issued until [`Self::graph_end`] are recorded, not run. Returns
+    /// `false` (and records nothing) where the backend cannot record. While recording, ops must
+    /// not read results back to the host, and everything allocated must be freed before the end.
+    fn graph_begin(&self) -> OpResult<bool> {
+        Ok(false)
+    }
+    /// Stop recording and build the graph. Call after a `graph_begin` that returned `true`,
+    /// also when an op failed in between (the recording is then discarded by the caller).
+    fn graph_end(&self) -> OpResult<Self::Graph> {
+        Err(OpError::new("graph_end", "", "this backend does not record graphs"))
+    }
+    /// Run a recorded graph once, reading its inputs (positions, input buffers) as they are now.
+    fn graph_replay(&self, _g: &mut Self::Graph) -> OpResult<()> {
+        Err(OpError::new("graph_replay", "", "this backend does not record graphs"))
+    }
 }

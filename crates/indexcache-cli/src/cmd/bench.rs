@@ -451,6 +451,7 @@ pub fn measure<B: Backend>(
 ) -> Result<Measurement> {
     let b = model.backend();
     cache.clear();
+    model.set_stage_timing(true);
     b.synchronize()?;
     let t0 = Instant::now();
     let out =
@@ -465,8 +466,14 @@ pub fn measure<B: Backend>(
     // Speed: no stage marks (every event is host work in a launch-bound loop).
     model.set_stage_timing(false);
     let mut steps = Vec::with_capacity(n_speed);
+    // INDEXCACHE_PROFILE_DECODE=N: an attached profiler collects decode steps 2..2+N (the first
+    // may record the step), e.g. `ncu --profile-from-start off --graph-profiling node`.
+    let profile: usize = std::env::var("INDEXCACHE_PROFILE_DECODE").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let speed = (|| -> Result<()> {
-        for _ in 0..n_speed {
+        for i in 0..n_speed {
+            if profile > 0 && (i == 1 || i == 1 + profile) {
+                b.profiler(i == 1)?;
+            }
             let ts = Instant::now();
             let o = model.forward(&[next], cache, &ForwardOptions::default())?;
             next = argmax(&o.logits); // the logits download waits for the step

@@ -123,6 +123,27 @@ extern "C" __global__ void copy2d_bf16(const bf16_t* src, bf16_t* dst, i64 rows,
     copy2d<bf16_t>(src, dst, rows, cols, ss, ds);
 }
 
+// ---- row scatter (cache writes at the step's positions) -----------------------------------------
+// dst[pos[r] * dst_stride + c] = src[r * cols + c]; `dst` already offset to the first column.
+// Positions come from the device, so a captured step writes where it is replayed.
+
+template <typename T>
+__device__ void scatter_rows(const T* src, const int* pos, T* dst, i64 rows, i64 cols, i64 dst_stride) {
+    for (i64 r = (i64)blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += (i64)gridDim.y * blockDim.y) {
+        const T* s = src + r * cols;
+        T* d = dst + (i64)pos[r] * dst_stride;
+        for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += (i64)gridDim.x * blockDim.x) d[c] = s[c];
+    }
+}
+
+extern "C" __global__ void scatter_rows_f32(const float* src, const int* pos, float* dst, i64 rows, i64 cols, i64 ds) {
+    scatter_rows<float>(src, pos, dst, rows, cols, ds);
+}
+extern "C" __global__ void scatter_rows_bf16(const bf16_t* src, const int* pos, bf16_t* dst, i64 rows, i64 cols,
+                                             i64 ds) {
+    scatter_rows<bf16_t>(src, pos, dst, rows, cols, ds);
+}
+
 // ---- row gather (embedding; MoE token gather) ---------------------------------------------------
 // One block per output row: out[r] = table[ids[r]]. Ids are validated by the caller.
 

@@ -643,32 +643,44 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 template <typename T>
 __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
                                             T* __restrict__ out, int heads, int r, int splits, float* sw) {
-    const int t = blockIdx.x, h = blockIdx.y;
-    if (threadIdx.x == 0) {
-        float M = neg_inf();
-        for (int s = 0; s < splits; ++s) {
-            const u64 w = ((u64)t * splits + s) * heads + h;
-            if (ws_ml[w * 2 + 1] > 0.0f) M = fmaxf(M, ws_ml[w * 2]);
-        }
-        float L = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const u64 w = ((u64)t * splits + s) * heads + h;
-            const float l = ws_ml[w * 2 + 1];
-            const float e = l > 0.0f ? expf(ws_ml[w * 2] - M) : 0.0f;
-            sw[s] = e;
-            L += e * l;
-        }
-        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-        for (int s = 0; s < splits; ++s) sw[s] *= inv;
+    // The weights of all splits in parallel (block max, then block sum), not in one thread: the
+    // (m, l) loads of the splits are independent, and a serial loop waits on each in turn.
+    __shared__ float red[32];
+    const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, nw = blockDim.x >> 5;
+    const u64 base = (u64)t * splits * heads + h;  // entry (t, s, h) = base + s * heads
+    float M = neg_inf();
+    for (int s = tid; s < splits; s += blockDim.x) {
+        const u64 w = base + (u64)s * heads;
+        if (ws_ml[w * 2 + 1] > 0.0f) M = fmaxf(M, ws_ml[w * 2]);
     }
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    if ((tid & 31) == 0) red[tid >> 5] = M;
     __syncthreads();
-    for (int c = threadIdx.x; c < r; c += blockDim.x) {
+    M = red[0];
+    for (int i = 1; i < nw; ++i) M = fmaxf(M, red[i]);
+    __syncthreads();  // everyone has read red before it is reused
+    float L = 0.0f;
+    for (int s = tid; s < splits; s += blockDim.x) {
+        const u64 w = base + (u64)s * heads;
+        const float l = ws_ml[w * 2 + 1];
+        const float e = l > 0.0f ? expf(ws_ml[w * 2] - M) : 0.0f;
+        sw[s] = e;
+        L += e * l;
+    }
+    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    if ((tid & 31) == 0) red[tid >> 5] = L;
+    __syncthreads();
+    // The same summation order in every thread (warp partials in warp order).
+    L = red[0];
+    for (int i = 1; i < nw; ++i) L += red[i];
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int c = tid; c < r; c += blockDim.x) {
         float acc = 0.0f;
         for (int s = 0; s < splits; ++s) {
             const float w = sw[s];
-            if (w != 0.0f) acc = fmaf(w, ws_o[(((u64)t * splits + s) * heads + h) * r + c], acc);
+            if (w != 0.0f) acc = fmaf(w, ws_o[(base + (u64)s * heads) * r + c], acc);
         }
-        st_val(out + ((u64)t * heads + h) * r + c, acc);
+        st_val(out + ((u64)t * heads + h) * r + c, acc * inv);
     }
 }
 

@@ -79,6 +79,7 @@ impl Backend for CpuBackend {
     type PosData = ();
     type Rope = RopeTable;
     type Mark = Instant;
+    type Graph = ();
 
     fn name(&self) -> String {
         format!("cpu ({} threads, f32)", self.threads)
@@ -137,7 +138,16 @@ impl Backend for CpuBackend {
     }
 
     fn positions(&self, pos: &[usize]) -> OpResult<Positions<()>> {
-        Ok(Positions { host: pos.to_vec(), device: () })
+        Ok(Positions { host: pos.to_vec(), device: (), bound: 0 })
+    }
+
+    fn update_positions(&self, p: &mut Positions<()>, pos: &[usize]) -> OpResult<()> {
+        if pos.len() != p.len() {
+            let shapes = format!("{} positions ← {}", p.len(), pos.len());
+            return Err(OpError::new("update_positions", shapes, "row count differs"));
+        }
+        p.host.copy_from_slice(pos);
+        Ok(())
     }
 
     fn rope_table(&self, table: &RopeTable) -> OpResult<RopeTable> {
@@ -197,6 +207,29 @@ impl Backend for CpuBackend {
         let cols = dst.cols;
         for r in 0..src.rows {
             let d = (row0 + r) * cols + col0;
+            dst.data[d..d + src.cols].copy_from_slice(src.row(r));
+        }
+        Ok(())
+    }
+
+    fn write_rows(&self, dst: &mut CpuTensor, pos: &Positions<()>, col0: usize, src: &CpuTensor) -> OpResult<()> {
+        if src.rows != pos.len() || pos.max_visible() > dst.rows || col0 + src.cols > dst.cols {
+            return Err(OpError::new(
+                "write_rows",
+                format!(
+                    "dst [{}, {}] col {col0}, src [{}, {}], {} positions",
+                    dst.rows,
+                    dst.cols,
+                    src.rows,
+                    src.cols,
+                    pos.len()
+                ),
+                "rows out of bounds",
+            ));
+        }
+        let cols = dst.cols;
+        for (r, &p) in pos.host.iter().enumerate() {
+            let d = p * cols + col0;
             dst.data[d..d + src.cols].copy_from_slice(src.row(r));
         }
         Ok(())
