@@ -209,6 +209,21 @@ const LAYER_NORM: Kernel =
     Kernel { src: &kernels::ELEMENTWISE, names: ["layer_norm_f32", "layer_norm_bf16"], sig: &[TP, TP, TP, TP, TL, TF] };
 const ROPE: Kernel =
     Kernel { src: &kernels::ELEMENTWISE, names: ["rope_f32", "rope_bf16"], sig: &[TP, TP, TP, TP, TL, TI, TI, TI] };
+const ADD_RMS_NORM: Kernel = Kernel {
+    src: &kernels::ELEMENTWISE,
+    names: ["add_rms_norm_f32", "add_rms_norm_bf16"],
+    sig: &[TP, TP, TP, TP, TL, TF],
+};
+const SPLIT_HEADS_ROPE: Kernel = Kernel {
+    src: &kernels::ELEMENTWISE,
+    names: ["split_heads_rope_f32", "split_heads_rope_bf16"],
+    sig: &[TP, TP, TP, TP, TP, TP, TI, TI, TI, TI],
+};
+const LATENT_STORE: Kernel = Kernel {
+    src: &kernels::ELEMENTWISE,
+    names: ["latent_store_f32", "latent_store_bf16"],
+    sig: &[TP, TP, TP, TP, TP, TP, TI, TI, TI, TF],
+};
 const NLL: Kernel = Kernel { src: &kernels::ELEMENTWISE, names: ["nll_f32", "nll_bf16"], sig: &[TP, TP, TP, TL] };
 const MOE_ROUTE: Kernel =
     Kernel { src: &kernels::MOE, names: ["moe_route"; 2], sig: &[TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TI, TF] };
@@ -231,6 +246,9 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &RMS_NORM,
     &LAYER_NORM,
     &ROPE,
+    &ADD_RMS_NORM,
+    &SPLIT_HEADS_ROPE,
+    &LATENT_STORE,
     &NLL,
     &MOE_ROUTE,
     &MOE_SLOTS,
@@ -268,6 +286,14 @@ fn row_cfg(op: &'static str, rows: usize, threads: u32) -> OpResult<LaunchConfig
     let grid =
         u32::try_from(rows).map_err(|_| OpError::new(op, format!("{rows} rows"), "too many rows for one grid"))?;
     Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The `layout` argument of the RoPE kernels.
+fn rope_layout_id(layout: RopeLayout) -> i32 {
+    match layout {
+        RopeLayout::Interleaved => 0,
+        RopeLayout::HalfSplit => 1,
+    }
 }
 
 fn bad(op: &'static str, shapes: impl Into<String>, detail: impl std::fmt::Display) -> OpError {
@@ -849,10 +875,7 @@ impl Backend for CudaBackend {
                 format!("position {} beyond the table's {}", pos.max_visible() - 1, table.max_positions),
             ));
         }
-        let layout_id = match layout {
-            RopeLayout::Interleaved => 0,
-            RopeLayout::HalfSplit => 1,
-        };
+        let layout_id = rope_layout_id(layout);
         self.launch(
             &ROPE,
             self.dtype,
@@ -868,6 +891,116 @@ impl Backend for CudaBackend {
                 Arg::I32(head_dim as i32),
                 Arg::I32(table.half as i32),
                 Arg::I32(layout_id),
+            ],
+        )
+    }
+
+    // ---- fused steps -------------------------------------------------------------------------
+
+    fn add_rms_norm(&self, x: &mut CudaTensor, y: &CudaTensor, w: &CudaVector, eps: f32) -> OpResult<CudaTensor> {
+        let shapes = || format!("{} += {}, w [{}]", x.shape(), y.shape(), w.len);
+        if (x.rows, x.cols) != (y.rows, y.cols) || w.len != x.cols {
+            return Err(bad("add_rms_norm", shapes(), "shape mismatch"));
+        }
+        let out = self.tensor_out("add_rms_norm", x.rows, x.cols)?;
+        self.launch(
+            &ADD_RMS_NORM,
+            self.dtype,
+            row_cfg("add_rms_norm", x.rows, THREADS)?,
+            "add_rms_norm",
+            shapes,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(y.ptr()),
+                Arg::Ptr(w.buf.ptr()),
+                Arg::Ptr(out.ptr()),
+                i64a(x.cols),
+                Arg::F32(eps),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn split_heads_rope(
+        &self,
+        x: &CudaTensor,
+        heads: usize,
+        keep: usize,
+        rot: usize,
+        layout: RopeLayout,
+        pos: &Positions<DevBuf>,
+        table: &CudaRope,
+    ) -> OpResult<(CudaTensor, CudaTensor)> {
+        const OP: &str = "split_heads_rope";
+        let shapes =
+            || format!("{} heads {heads} keep {keep} rot {rot} {layout:?}, {} positions", x.shape(), pos.len());
+        if x.cols != heads * (keep + rot) || x.rows != pos.len() || rot != 2 * table.half || keep == 0 {
+            return Err(bad(OP, shapes(), format!("inconsistent shapes (table has {} frequencies)", table.half)));
+        }
+        if pos.max_visible() > table.max_positions {
+            return Err(bad(OP, shapes(), format!("position beyond the table's {}", table.max_positions)));
+        }
+        let a = self.tensor_out(OP, x.rows, heads * keep)?;
+        let b = self.tensor_out(OP, x.rows, heads * rot)?;
+        let i32a = |v: usize| Arg::I32(v as i32);
+        self.launch(
+            &SPLIT_HEADS_ROPE,
+            self.dtype,
+            row_cfg(OP, x.rows, THREADS)?,
+            OP,
+            shapes,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(a.ptr()),
+                Arg::Ptr(b.ptr()),
+                Arg::Ptr(pos.device.ptr()),
+                Arg::Ptr(table.cos.ptr()),
+                Arg::Ptr(table.sin.ptr()),
+                i32a(heads),
+                i32a(keep),
+                i32a(table.half),
+                Arg::I32(rope_layout_id(layout)),
+            ],
+        )?;
+        Ok((a, b))
+    }
+
+    fn latent_store(
+        &self,
+        kv: &CudaTensor,
+        r: usize,
+        w: &CudaVector,
+        eps: f32,
+        layout: RopeLayout,
+        pos: &Positions<DevBuf>,
+        table: &CudaRope,
+        cache: &mut CudaTensor,
+    ) -> OpResult<()> {
+        const OP: &str = "latent_store";
+        let shapes = || format!("kv {} r {r}, cache {}, {} positions", kv.shape(), cache.shape(), pos.len());
+        if kv.cols != r + 2 * table.half || cache.cols != kv.cols || w.len != r || kv.rows != pos.len() || r == 0 {
+            return Err(bad(OP, shapes(), format!("inconsistent shapes (table has {} frequencies)", table.half)));
+        }
+        if pos.max_visible() > cache.rows || pos.max_visible() > table.max_positions {
+            return Err(bad(OP, shapes(), "position beyond the cache or the RoPE table"));
+        }
+        self.launch(
+            &LATENT_STORE,
+            self.dtype,
+            row_cfg(OP, kv.rows, THREADS)?,
+            OP,
+            shapes,
+            &[
+                Arg::Ptr(kv.ptr()),
+                Arg::Ptr(w.buf.ptr()),
+                Arg::Ptr(cache.ptr()),
+                Arg::Ptr(pos.device.ptr()),
+                Arg::Ptr(table.cos.ptr()),
+                Arg::Ptr(table.sin.ptr()),
+                Arg::I32(r as i32),
+                Arg::I32(table.half as i32),
+                Arg::I32(rope_layout_id(layout)),
+                Arg::F32(eps),
             ],
         )
     }
@@ -1097,21 +1230,28 @@ impl Backend for CudaBackend {
 
         // Decode-sized inputs: grouped GEMVs that read the expert ids on the device — no host
         // synchronisation, three launches (`moe_decode`). `INDEXCACHE_MOE_DECODE=0` turns it off.
+        // A shared expert as wide as the routed ones (`[inter, hidden]` gate/up, `[hidden, inter]`
+        // down) is fused into the same two kernels as one more expert slot per token (weight 1);
+        // one of another shape runs as a separate MLP whose output the combine adds.
         if t <= moe_decode::MAX_DECODE_TOKENS && self.moe_decode {
-            let shared = match &moe.shared {
-                Some(m) => Some(self.mlp(x, m)?),
-                None => None,
-            };
-            let out = self.tensor_out(OP, t, hidden)?;
-            let args = moe_decode::MoeSmallArgs {
+            let fused = moe.shared.as_ref().filter(|m| {
+                let dims = |w: &CudaWeight| (w.groups, w.rows, w.cols, w.dtype);
+                dims(&m.gate) == (1, inter, hidden, self.dtype)
+                    && dims(&m.up) == (1, inter, hidden, self.dtype)
+                    && dims(&m.down) == (1, hidden, inter, self.dtype)
+            });
+            let mut args = moe_decode::MoeSmallArgs {
                 dtype: self.dtype,
                 x: x.ptr(),
                 ids: ids.ptr(),
                 weights: wts.ptr(),
                 gate_up: gu.ptr(),
                 down: dn.ptr(),
-                shared: shared.as_ref().map_or(0, |s| s.ptr()),
-                out: out.ptr(),
+                shared: 0,
+                shared_gate: fused.map_or(0, |m| m.gate.ptr()),
+                shared_up: fused.map_or(0, |m| m.up.ptr()),
+                shared_down: fused.map_or(0, |m| m.down.ptr()),
+                out: 0,
                 tokens: t,
                 hidden,
                 inter,
@@ -1119,6 +1259,14 @@ impl Backend for CudaBackend {
                 top_k: k,
             };
             if moe_decode::check(&args).is_ok() {
+                // Fresh buffers: 16-byte aligned, as `moe_small` checks again.
+                let shared = match (&moe.shared, fused) {
+                    (Some(m), None) => Some(self.mlp(x, m)?),
+                    _ => None,
+                };
+                let out = self.tensor_out(OP, t, hidden)?;
+                args.shared = shared.as_ref().map_or(0, |s| s.ptr());
+                args.out = out.ptr();
                 moe_decode::moe_small(&self.dev, &args)?;
                 return Ok(out);
             }

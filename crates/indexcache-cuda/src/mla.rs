@@ -271,8 +271,9 @@ pub fn sparse_mla_with(dev: &Dev, a: &MlaArgs, opts: MlaOpts) -> OpResult<()> {
     if pl.splits > 1 {
         let name = if a.dtype == DType::F32 { "mla_combine_f32" } else { "mla_combine_bf16" };
         let f = dev.function(&MLA, name)?;
+        // One CTA per (row, head, 128 output columns): 80 CTAs for one decode row of 20 heads.
         let cfg = LaunchConfig {
-            grid_dim: (a.rows as u32, a.heads as u32, 1),
+            grid_dim: (a.rows as u32, a.heads as u32, a.r.div_ceil(COMBINE_THREADS as usize) as u32),
             block_dim: (COMBINE_THREADS, 1, 1),
             shared_mem_bytes: (pl.splits * 4) as u32,
         };
@@ -437,32 +438,36 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
         scale,
         out: out.ptr(),
     };
-    let pl =
-        plan(&a0, MlaOpts::default(), dev.sm_count as usize, smem_optin(dev)).map_err(|e| OpError::new(OP, "", e))?;
-    let ms = time_ms(dev, per, |i| {
-        let t = i * stride;
-        let a = MlaArgs {
-            q_lat: a0.q_lat + (t * heads * r * 2) as u64,
-            q_pe: a0.q_pe + (t * heads * p * 2) as u64,
-            sel: a0.sel + (t * k * 4) as u64,
-            out: a0.out + (t * heads * r * 2) as u64,
-            ..a0
-        };
-        sparse_mla(dev, &a)
-    })?;
     let valid1 = (0..per).map(|i| sel_host[i * stride * k..(i * stride + 1) * k].iter().filter(|&&s| s >= 0).count());
     let valid1 = valid1.sum::<usize>() as f64 / per as f64;
     let flops = 2.0 * heads as f64 * (w + r) as f64 * valid1;
     let bytes = valid1 * (w * 2) as f64 + (heads * (w + r) * 2 + k * 4) as f64;
-    let gbps = bytes / (ms * 1e-3) / 1e9;
-    res.push(KernelBench {
-        kernel: format!("sparse_mla bf16 decode ({} + combine, {} splits)", pl.kernel, pl.splits),
-        shape: format!("rows=1 heads={heads} r={r} p={p} k={k} cache={ctx}"),
-        ms,
-        tflops: flops / (ms * 1e-3) / 1e12,
-        gbps,
-        of_ceiling: gbps / CEILING_GBPS,
-    });
+    // The default plan, then forced split counts (A/B for the decode plan).
+    for splits in [None, Some(8), Some(16), Some(64)] {
+        let opts = MlaOpts { splits, ..MlaOpts::default() };
+        let pl = plan(&a0, opts, dev.sm_count as usize, smem_optin(dev)).map_err(|e| OpError::new(OP, "", e))?;
+        let ms = time_ms(dev, per, |i| {
+            let t = i * stride;
+            let a = MlaArgs {
+                q_lat: a0.q_lat + (t * heads * r * 2) as u64,
+                q_pe: a0.q_pe + (t * heads * p * 2) as u64,
+                sel: a0.sel + (t * k * 4) as u64,
+                out: a0.out + (t * heads * r * 2) as u64,
+                ..a0
+            };
+            sparse_mla_with(dev, &a, opts)
+        })?;
+        let gbps = bytes / (ms * 1e-3) / 1e9;
+        let how = if splits.is_none() { "plan" } else { "forced" };
+        res.push(KernelBench {
+            kernel: format!("sparse_mla bf16 decode ({} + combine, {} splits, {how})", pl.kernel, pl.splits),
+            shape: format!("rows=1 heads={heads} r={r} p={p} k={k} cache={ctx}"),
+            ms,
+            tflops: flops / (ms * 1e-3) / 1e12,
+            gbps,
+            of_ceiling: gbps / CEILING_GBPS,
+        });
+    }
     Ok(res)
 }
 

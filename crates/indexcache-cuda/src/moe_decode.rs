@@ -6,41 +6,58 @@
 //! synchronisation (`kernels/moe_decode.cu`):
 //!
 //! 1. **gate/up** (`moe_decode_gate_up_*`): every CTA builds the work list from the `[T, top_k]`
-//!    expert ids in shared memory — a pair `q = t·top_k + j` *leads* its expert if no earlier pair
-//!    uses it, later pairs with that expert are its *members*. A unit of work is (leader,
-//!    intermediate row `i`), one warp each, strided over a persistent grid sized to the resident
-//!    capacity. The warp streams gate row `i` and up row `i` of the expert (16-byte loads, L1
-//!    bypassed, 512 contiguous bytes per warp instruction), dots them with `x[t]` of every member in
-//!    f32, reduces with warp shuffles and writes `h[q, i] = silu(g)·u` (f32) to a `[T·top_k, I]`
-//!    workspace. An expert's weights are read **once per call** however many tokens route to it.
+//!    expert ids in shared memory — a slot `q` *leads* its expert if no earlier slot uses it, later
+//!    slots with that expert are its *members*. Slots `q = t·top_k + j < T·top_k` are the routed
+//!    pairs; with a fused shared expert, slot `T·top_k + t` is token `t`'s shared-expert slot (a
+//!    pseudo-expert `E` with `T` members and its own gate/up/down base pointers, see below). A unit
+//!    of work is (leader, intermediate row `i`), one warp each, strided over a persistent grid sized
+//!    to the resident capacity. The warp streams gate row `i` and up row `i` of the expert (16-byte
+//!    loads, L1 bypassed, 512 contiguous bytes per warp instruction), dots them with `x[t]` of every
+//!    member in f32, reduces with warp shuffles and writes `h[q, i] = silu(g)·u` (f32) to a
+//!    `[slots, I]` workspace. An expert's weights — the shared expert's included — are read **once
+//!    per call** however many tokens route to it.
 //! 2. **down + combine** (`moe_decode_down_*`): a CTA owns a slice of 4 output rows; one warp per
 //!    (leader, row) computes `y[q, r] = down_e[r]·h[q]` for the members into shared memory, then
-//!    `out[t, r] = Σ_j w[t,j]·y[t·top_k + j, r]` in `j` order (f32), plus the shared expert's
-//!    output if one is given (in f32, as `moe.cu`'s `moe_combine`), is converted and stored.
+//!    `out[t, r] = Σ_j w[t,j]·y[t·top_k + j, r]` in `j` order (f32), plus `y[T·top_k + t, r]` of the
+//!    fused shared expert (weight 1), plus a precomputed shared-expert output if one is given (in
+//!    f32, as `moe.cu`'s `moe_combine`), is converted and stored.
+//!
+//! **Fused shared expert.** A DeepSeek-style block's shared expert (`Moe::shared`, width `Is`) is a
+//! dense SwiGLU MLP every token goes through. When `Is == I`, [`MoeSmallArgs::shared_gate`],
+//! [`MoeSmallArgs::shared_up`] (`[I, hidden]` each) and [`MoeSmallArgs::shared_down`]
+//! (`[hidden, I]`) make it one more expert slot per token with weight 1.0, computed by the same two
+//! launches: no separate 4-launch MLP (2 GEMMs, silu_mul, 1 GEMM) per layer, and its output is
+//! added in f32 before the one rounding instead of being rounded to the storage type first. In the
+//! plan it is expert id `E`; a routed expert's up row is `I` rows after its gate row in the stacked
+//! `gate_up`, the shared expert's gate and up rows come from their own matrices.
 //!
 //! Both kernels can prefetch the weight rows a warp will read `pf` units ahead into L2
 //! (`cp.async.bulk.prefetch.L2`, one instruction per row, no registers).
 //!
-//! **Resources.** 128-thread CTAs, `__launch_bounds__(128, 4)`: ≤ 128 registers, no spills (ptxas,
-//! sm_90a: gate/up 122 bf16 / 128 f32, down 128 / 113), 4 KB (gate/up) and 8 KB (down) of static
-//! shared memory — 16 resident warps per SM, each keeping a 4 KB gate row + 4 KB up row (gate/up)
-//! or a 3 KB down row plus 2 prefetched ones in flight. Grids are sized from the occupancy query.
+//! **Resources.** 128-thread CTAs, `__launch_bounds__(128, 4)`: ≤ 128 registers, no spills (ptxas
+//! 13.0, sm_90a: gate/up 117 bf16 / 128 f32, down 128 / 119), 4.3 KB (gate/up) and 8.5 KB (down) of
+//! static shared memory (work lists and `y` sized for 256 pairs + 16 shared slots) — 16 resident
+//! warps per SM, each keeping a 4 KB gate row + 4 KB up row (gate/up) or a 3 KB down row plus 2
+//! prefetched ones in flight. Grids are sized from the occupancy query.
 //!
-//! **Determinism.** No atomics; every sum has a fixed order; a pair's dot products do not depend
-//! on which other pairs share its expert, so a token's output is bitwise independent of the rest of
-//! the batch (tested).
+//! **Determinism.** No atomics; every sum has a fixed order; a slot's dot products do not depend
+//! on which other slots share its expert, so a token's output is bitwise independent of the rest of
+//! the batch, with or without the fused shared expert (tested).
 //!
-//! **Cost** (per call; `D` distinct experts among the `T·top_k` picks, `s` bytes per element):
-//! weights `D · 3·hidden·I·s` bytes read once (a pair beyond the 4th member of an expert re-reads
-//! the row from L2), `2·T·top_k·3·hidden·I` FLOPs. On the 30B benchmark shape (hidden 2048, I 1536,
-//! E 64, top-4, bf16) one expert is `3·2048·1536·2 B = 18.87 MB` (12.58 MB gate/up + 6.29 MB down),
-//! so a decode token reads `4 × 18.87 = 75.5 MB` per layer: 17.8 µs at the 4245 GB/s copy ceiling,
-//! 29.6 µs at 60 % of it. [`bench`] reports T = 1, 8 and 16 and each kernel alone.
+//! **Cost** (per call; `D` distinct experts among the `T·top_k` picks, `S` = 1 with a fused shared
+//! expert else 0, `s` bytes per element): weights `(D + S) · 3·hidden·I·s` bytes read once (a slot
+//! beyond the 4th member of an expert re-reads the row from L2), `2·T·(top_k + S)·3·hidden·I`
+//! FLOPs. On the 30B benchmark shape (hidden 2048, I 1536, E 64, top-4, bf16) one expert is
+//! `3·2048·1536·2 B = 18.87 MB` (12.58 MB gate/up + 6.29 MB down), so a decode token reads
+//! `4 × 18.87 = 75.5 MB` per layer for the routed experts: 17.8 µs at the 4245 GB/s copy ceiling,
+//! 29.6 µs at 60 % of it; with the fused shared expert (`Is` = 1536) `5 × 18.87 = 94.4 MB`: 22.2 µs
+//! at the ceiling, 37.1 µs at 60 %. [`bench`] reports T = 1, 8 and 16, T = 1 with the fused shared
+//! expert, and each kernel alone.
 //!
-//! Ids outside `[0, E)` contribute zero (the routing kernel never produces them). The shared expert
-//! is not computed here: the caller runs it (`Backend::mlp`) and passes its output as
-//! [`MoeSmallArgs::shared`], which the combine adds before the one rounding, exactly as the general
-//! path's `moe_combine` does.
+//! Ids outside `[0, E)` contribute zero (the routing kernel never produces them). A shared expert
+//! of another width (or any precomputed shared term) can still be run by the caller
+//! (`Backend::mlp`) and passed as [`MoeSmallArgs::shared`], which the combine adds before the one
+//! rounding, exactly as the general path's `moe_combine` does.
 
 use crate::dev::{Dev, DevBuf};
 use crate::{CEILING_GBPS, KernelBench, kernels};
@@ -63,6 +80,9 @@ const DN_ROWS: usize = 4;
 /// (gate/up 18.5 µs vs 22.2 at 1; down+combine 12.1 µs vs 13.8 at 1 and 14.7 at 2).
 const GU_PREFETCH: i32 = 0;
 const DN_PREFETCH: i32 = 0;
+/// Copies of the fused shared expert [`bench`] rotates over (each 18.9 MB at the 30B shape), so
+/// consecutive calls, like consecutive layers, read it from HBM rather than L2.
+const SHARED_SETS: usize = 4;
 
 /// Arguments of [`moe_small`]: raw device addresses, row-major.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +102,14 @@ pub struct MoeSmallArgs {
     /// `[tokens, hidden]` shared-expert output added before the one rounding (as `moe_combine`
     /// does), or 0 for none
     pub shared: u64,
+    /// Fused shared expert (one more expert slot per token, weight 1.0): gate `[inter, hidden]`,
+    /// or 0 for none. Its width must be `inter`. `shared_gate`, `shared_up` and `shared_down` are
+    /// all 0 or all set.
+    pub shared_gate: u64,
+    /// Fused shared expert's up `[inter, hidden]`, or 0.
+    pub shared_up: u64,
+    /// Fused shared expert's down `[hidden, inter]`, or 0.
+    pub shared_down: u64,
     /// `[tokens, hidden]` output (fully overwritten)
     pub out: u64,
     pub tokens: usize,
@@ -92,8 +120,10 @@ pub struct MoeSmallArgs {
 }
 
 fn shapes(a: &MoeSmallArgs) -> String {
+    let fused =
+        if fused_shared(a) { format!(", fused shared expert [{}, {}]", a.inter, a.hidden) } else { String::new() };
     format!(
-        "{} x [{}, {}], ids [{}, {}], gate_up [{}, {}, {}], down [{}, {}, {}]",
+        "{} x [{}, {}], ids [{}, {}], gate_up [{}, {}, {}], down [{}, {}, {}]{fused}",
         a.dtype.name(),
         a.tokens,
         a.hidden,
@@ -108,15 +138,29 @@ fn shapes(a: &MoeSmallArgs) -> String {
     )
 }
 
-/// Bytes of the f32 `[tokens·top_k, inter]` workspace of [`moe_small_ws`].
+/// Is a shared expert fused into the kernels (any of its weight pointers set; [`check`] requires
+/// all three)?
+fn fused_shared(a: &MoeSmallArgs) -> bool {
+    a.shared_gate != 0 || a.shared_up != 0 || a.shared_down != 0
+}
+
+/// Expert slots of a call: `tokens·top_k` routed pairs, plus one per token for a fused shared
+/// expert (the rows of the workspace).
+fn slots(a: &MoeSmallArgs) -> usize {
+    a.tokens * a.top_k + if fused_shared(a) { a.tokens } else { 0 }
+}
+
+/// Bytes of the f32 `[slots, inter]` workspace of [`moe_small_ws`]: `slots = tokens·top_k`, plus
+/// `tokens` with a fused shared expert.
 pub fn workspace_bytes(a: &MoeSmallArgs) -> usize {
-    a.tokens * a.top_k * a.inter * 4
+    slots(a) * a.inter * 4
 }
 
 /// Does [`moe_small`] take these arguments? (Host-only checks; the backend can test this first
 /// and fall back to the general path.) Requirements: `tokens ≤ MAX_DECODE_TOKENS`,
 /// `1 ≤ tokens·top_k ≤ MAX_PAIRS`, `hidden` and `inter` multiples of 8 (bf16) / 4 (f32), every
-/// tensor address 16-byte aligned (ids and weights 4-byte), sizes within i32.
+/// tensor address 16-byte aligned (ids and weights 4-byte), sizes within i32, and the fused shared
+/// expert's three weight pointers all 0 or all set.
 pub fn check(a: &MoeSmallArgs) -> OpResult<()> {
     let bad = |why: String| Err(OpError::new(OP, shapes(a), why));
     let per_vec = 16 / a.dtype.size();
@@ -145,12 +189,21 @@ pub fn check(a: &MoeSmallArgs) -> OpResult<()> {
     if !a.shared.is_multiple_of(a.dtype.size() as u64) {
         return bad("shared must be aligned to its element size".into());
     }
+    let fused = [a.shared_gate, a.shared_up, a.shared_down];
+    if fused.iter().any(|&p| p != 0) && fused.contains(&0) {
+        return bad("shared_gate, shared_up and shared_down must be all 0 or all set".into());
+    }
+    if !fused.iter().all(|p| p.is_multiple_of(16)) {
+        return bad("shared_gate, shared_up, shared_down must be 16-byte aligned".into());
+    }
     Ok(())
 }
 
-/// `out[t] = Σ_j w[t,j] · down_e(silu(gate_e x[t]) ⊙ up_e x[t]) (+ shared[t])`, `e = ids[t,j]`,
-/// summed in f32 in `j` order, rounded once; enqueued on `dev.stream` with no host synchronisation. Allocates the f32 workspace
-/// (stream-ordered, freed after the kernels). `tokens == 0` does nothing.
+/// `out[t] = Σ_j w[t,j] · down_e(silu(gate_e x[t]) ⊙ up_e x[t]) (+ down_s(silu(gate_s x[t]) ⊙
+/// up_s x[t])) (+ shared[t])`, `e = ids[t,j]`, `s` the fused shared expert, summed in f32 in `j`
+/// order then the shared terms, rounded once; enqueued on `dev.stream` with no host
+/// synchronisation. Allocates the f32 workspace (stream-ordered, freed after the kernels).
+/// `tokens == 0` does nothing.
 pub fn moe_small(dev: &Dev, a: &MoeSmallArgs) -> OpResult<()> {
     check(a)?;
     if a.tokens == 0 {
@@ -199,24 +252,27 @@ fn blocks_per_sm(dev: &Dev, f: &CudaFunction, name: &'static str) -> OpResult<us
     Ok(v)
 }
 
-/// Kernel 1: `h[q, i] = silu(gate_e[i]·x[t]) · (up_e[i]·x[t])` into the workspace at `ws`.
+/// Kernel 1: `h[q, i] = silu(gate_e[i]·x[t]) · (up_e[i]·x[t])` into the workspace at `ws` (slot
+/// `q` of every routed pair and of the fused shared expert).
 fn gate_up(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
     let name = kernel_name(a, "gate_up");
     let f = dev.function(&kernels::MOE_DECODE, name)?;
     let n = a.tokens * a.top_k;
-    // Units: (distinct expert, intermediate row), one warp each; at most min(n, E) experts.
-    let max_units = n.min(a.n_experts) * a.inter;
+    // Units: (distinct expert, intermediate row), one warp each; at most min(n, E) routed experts
+    // plus the fused shared expert.
+    let max_units = (n.min(a.n_experts) + usize::from(fused_shared(a))) * a.inter;
     let warps = THREADS as usize / 32;
     let grid = (dev.sm_count as usize * blocks_per_sm(dev, &f, name)?).min(max_units.div_ceil(warps)).max(1);
     let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let (n_i, k_i, e_i, hid_i, int_i) = (n as i32, a.top_k as i32, a.n_experts as i32, a.hidden as i32, a.inter as i32);
     let mut b = dev.builder(&f);
-    b.arg(&a.x).arg(&a.ids).arg(&a.gate_up).arg(&ws);
+    b.arg(&a.x).arg(&a.ids).arg(&a.gate_up).arg(&a.shared_gate).arg(&a.shared_up).arg(&ws);
     b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf);
     dev.launch(b, cfg, OP, || shapes(a))
 }
 
-/// Kernel 2: `out[t] = Σ_j w[t,j] · down_e·h[t·top_k + j] (+ shared[t])` from the workspace at `ws`.
+/// Kernel 2: `out[t] = Σ_j w[t,j] · down_e·h[t·top_k + j] (+ down_s·h[T·top_k + t]) (+ shared[t])`
+/// from the workspace at `ws`.
 fn down(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
     let name = kernel_name(a, "down");
     let f = dev.function(&kernels::MOE_DECODE, name)?;
@@ -226,7 +282,7 @@ fn down(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
     let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let (n_i, k_i, e_i, hid_i, int_i) = (n as i32, a.top_k as i32, a.n_experts as i32, a.hidden as i32, a.inter as i32);
     let mut b = dev.builder(&f);
-    b.arg(&ws).arg(&a.ids).arg(&a.weights).arg(&a.down).arg(&a.shared).arg(&a.out);
+    b.arg(&ws).arg(&a.ids).arg(&a.weights).arg(&a.down).arg(&a.shared_down).arg(&a.shared).arg(&a.out);
     b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf);
     dev.launch(b, cfg, OP, || shapes(a))
 }
@@ -283,9 +339,11 @@ fn bench_ids(tokens: usize, top_k: usize, distinct: usize, base: usize, n_exp: u
 }
 
 /// The 30B decode shape (hidden 2048, I 1536, 64 experts, top-4, bf16): the whole call at T = 1, 8
-/// and 16 (4, 24 and 40 distinct experts), and each kernel alone at T = 1 with and without L2
-/// prefetch. GB/s count the distinct experts' weights read once; consecutive calls use disjoint
-/// experts (the expert tensors are 1.2 GB, far beyond L2), so the weights come from HBM.
+/// and 16 (4, 24 and 40 distinct experts), the whole call at T = 1 with a fused shared expert of
+/// width 1536 (rotating over [`SHARED_SETS`] copies, as every layer has its own), and each kernel
+/// alone at T = 1 with and without L2 prefetch. GB/s count the distinct experts' weights (and the
+/// shared expert's) read once; consecutive calls use disjoint experts (the expert tensors are
+/// 1.2 GB, far beyond L2), so the weights come from HBM.
 pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
     const PER: usize = 20;
     let (hidden, inter, n_exp, top_k) = (2048usize, 1536usize, 64usize, 4usize);
@@ -303,7 +361,20 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
     let w: Vec<f32> = (0..tmax * top_k).map(|i| 0.5 + 0.5 * indexcache_ops::random::uniform(14, i as u64)).collect();
     let w = dev.upload("moe_small bench", &w)?;
     let out = dev.alloc("moe_small bench", tmax * hidden * 2)?;
-    let ws = dev.alloc_zeroed("moe_small bench", tmax * top_k * inter * 4)?;
+    let ws = dev.alloc_zeroed("moe_small bench", tmax * (top_k + 1) * inter * 4)?;
+    // Fused shared experts (width `inter`): SHARED_SETS copies of gate, up `[inter, hidden]` and
+    // down `[hidden, inter]`, one buffer each.
+    let sh_elems = inter * hidden;
+    let sh: Vec<[DevBuf; 3]> = (0..SHARED_SETS)
+        .map(|k| -> OpResult<[DevBuf; 3]> {
+            let one = || dev.alloc("moe_small bench", sh_elems * 2);
+            let m = [one()?, one()?, one()?];
+            for (j, b) in m.iter().enumerate() {
+                random_fill_bf16(dev, b.ptr(), sh_elems, 20 + 3 * k as u64 + j as u64, 0.05)?;
+            }
+            Ok(m)
+        })
+        .collect::<OpResult<_>>()?;
     let expert_bytes = (3 * hidden * inter * 2) as f64;
     let args = |tokens: usize, ids: &DevBuf| MoeSmallArgs {
         dtype: DType::BF16,
@@ -313,6 +384,9 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
         gate_up: gu.ptr(),
         down: dn.ptr(),
         shared: 0,
+        shared_gate: 0,
+        shared_up: 0,
+        shared_down: 0,
         out: out.ptr(),
         tokens,
         hidden,
@@ -343,6 +417,23 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
         if tokens == 1 {
             let ms = time_ms(dev, PER, |i| moe_small(dev, &args(tokens, &ids[i % sets])))?;
             rows.push(row("moe_small incl. workspace alloc".into(), shape.clone(), ms, 4.0 * expert_bytes, flops));
+            let fused = |i: usize| {
+                let m = &sh[i % SHARED_SETS];
+                MoeSmallArgs {
+                    shared_gate: m[0].ptr(),
+                    shared_up: m[1].ptr(),
+                    shared_down: m[2].ptr(),
+                    ..args(tokens, &ids[i % sets])
+                }
+            };
+            let ms = time_ms(dev, PER, |i| moe_small_ws(dev, &fused(i), ws.ptr()))?;
+            rows.push(row(
+                "moe_decode fused shared expert".into(),
+                format!("{shape} + 1 shared of {inter}"),
+                ms,
+                (distinct + 1) as f64 * expert_bytes,
+                6.0 * (tokens * (top_k + 1) * hidden * inter) as f64,
+            ));
             for pf in [0, 1] {
                 let ms = time_ms(dev, PER, |i| gate_up(dev, &args(tokens, &ids[i % sets]), ws.ptr(), pf))?;
                 let bytes = 4.0 * expert_bytes * 2.0 / 3.0;
@@ -385,10 +476,10 @@ mod tests {
         }
         let ptx = dev::compile(&kernels::MOE_DECODE).unwrap_or_else(|e| panic!("{e}")).to_src();
         for (name, ptrs) in [
-            ("moe_decode_gate_up_f32", 4),
-            ("moe_decode_gate_up_bf16", 4),
-            ("moe_decode_down_f32", 6),
-            ("moe_decode_down_bf16", 6),
+            ("moe_decode_gate_up_f32", 6),
+            ("moe_decode_gate_up_bf16", 6),
+            ("moe_decode_down_f32", 7),
+            ("moe_decode_down_bf16", 7),
         ] {
             let start = ptx.find(&format!(".entry {name}(")).unwrap_or_else(|| panic!("no entry {name}"));
             let params = &ptx[start..start + ptx[start..].find(')').expect("parameter list")];
@@ -411,6 +502,9 @@ mod tests {
             gate_up: 1024,
             down: 2048,
             shared: 0,
+            shared_gate: 0,
+            shared_up: 0,
+            shared_down: 0,
             out: 4096,
             tokens,
             hidden,
@@ -439,6 +533,28 @@ mod tests {
         let mut a = args(DType::BF16, 1, 2048, 1536, 4);
         a.ids += 2;
         assert!(check(&a).is_err(), "misaligned ids");
+        // The fused shared expert: all three pointers or none, 16-byte aligned.
+        let fused = MoeSmallArgs {
+            shared_gate: 8192,
+            shared_up: 16384,
+            shared_down: 32768,
+            ..args(DType::BF16, MAX_DECODE_TOKENS, 2048, 1536, 4)
+        };
+        assert!(check(&fused).is_ok());
+        assert!(check(&MoeSmallArgs { shared: 65536, ..fused }).is_ok(), "fused and precomputed shared terms");
+        assert!(check(&MoeSmallArgs { shared_up: 0, ..fused }).is_err(), "shared_up missing");
+        assert!(check(&MoeSmallArgs { shared_gate: 0, ..fused }).is_err(), "shared_gate missing");
+        assert!(check(&MoeSmallArgs { shared_down: 0, ..fused }).is_err(), "shared_down missing");
+        assert!(check(&MoeSmallArgs { shared_down: 32776, ..fused }).is_err(), "misaligned shared_down");
+    }
+
+    #[test]
+    fn workspace_has_a_row_per_slot() {
+        let a = args(DType::BF16, 3, 2048, 1536, 4);
+        assert_eq!(workspace_bytes(&a), 3 * 4 * 1536 * 4);
+        let fused = MoeSmallArgs { shared_gate: 8192, shared_up: 16384, shared_down: 32768, ..a };
+        assert_eq!(workspace_bytes(&fused), 3 * (4 + 1) * 1536 * 4);
+        assert_eq!(slots(&fused), 15);
     }
 
     #[test]

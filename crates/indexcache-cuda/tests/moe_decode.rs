@@ -15,17 +15,27 @@
 //!   a weight row), every token on the same experts, an expert twice within a token, and ids
 //!   outside `[0, E)` (contribute zero).
 //! * Half the cases pass a shared-expert output for the combine to add (before the one rounding).
+//! * Every case runs again with a *fused shared expert* (`shared_gate/up/down`, width I: one more
+//!   expert slot per token, weight 1) against the reference plus the shared expert's f64 SwiGLU.
+//!   Its gate, up and down live in one buffer with NaN blocks between them, so reading its up rows
+//!   at "gate + I rows" (the stacked routed layout) or past a matrix fails.
 //! * Determinism: two runs are bitwise equal, and a token's output is bitwise the same alone as in
-//!   a batch of 16.
+//!   a batch of 16 (with and without the fused shared expert).
+//! * `CudaBackend::moe` at T = 1, 3, 16 (f32 and bf16) with a shared expert as wide as the routed
+//!   ones (fused into the decode kernels) and one twice as wide (a separate MLP), against
+//!   `CpuBackend::moe` — the CPU reference with the shared expert.
 //!
 //! Run: `cargo test --release -p indexcache-cuda --test moe_decode -- --nocapture`
 //! Bench: `INDEXCACHE_BENCH=1 cargo test --release -p indexcache-cuda --test moe_decode bench -- --nocapture`
 
 use half::bf16;
+use indexcache_cuda::CudaBackend;
 use indexcache_cuda::dev::{Dev, DevBuf};
 use indexcache_cuda::moe_decode::{self, MAX_DECODE_TOKENS, MoeSmallArgs};
-use indexcache_ops::DType;
-use indexcache_ops::random::uniform;
+use indexcache_ops::conformance::{Tolerance, rel_err};
+use indexcache_ops::cpu::CpuBackend;
+use indexcache_ops::random::{self, uniform};
+use indexcache_ops::{Backend, DType, Experts, Mlp, Moe, MoeRouting, OpResult, WeightInit};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use std::collections::BTreeMap;
 
@@ -127,6 +137,40 @@ impl DevExperts {
     }
 }
 
+/// A fused shared expert of width I: gate, up `[I, hidden]` and down `[hidden, I]` (host values,
+/// rounded) and their device copies, laid out in one buffer of 6 blocks of `I·hidden` elements as
+/// `[gate | NaN | up | NaN | down | NaN]`.
+struct DevShared {
+    buf: DevBuf,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+impl DevShared {
+    fn new(dev: &Dev, dtype: DType, shape: Shape, seed: u64) -> Self {
+        let es = dtype.size();
+        let block = shape.inter * shape.hidden;
+        // The same value distribution as a routed expert (expert number 400: no routed one).
+        let w = expert_weights(dtype, shape, seed, 400);
+        let (gate, up) = w.gate_up.split_at(block);
+        let buf = dev.alloc("test", 6 * block * es).expect("alloc");
+        poison(dev, buf.ptr(), buf.bytes());
+        for (k, v) in [gate, up, &w.down[..]].into_iter().enumerate() {
+            let d = dev.upload("test", &to_bytes(dtype, v)).expect("upload");
+            dev.copy_raw("test", buf.ptr() + (2 * k * block * es) as u64, d.ptr(), block * es).expect("copy");
+            dev.sync("test").expect("sync");
+        }
+        Self { buf, gate: gate.to_vec(), up: up.to_vec(), down: w.down }
+    }
+
+    /// Device addresses of gate, up and down.
+    fn ptrs(&self, dtype: DType) -> [u64; 3] {
+        let block = (self.gate.len() * dtype.size()) as u64;
+        [0, 2, 4].map(|k| self.buf.ptr() + k * block)
+    }
+}
+
 /// One batch: x `[T, hidden]` (rounded), ids and weights `[T, top_k]`, and optionally a
 /// shared-expert output `[T, hidden]` (rounded) for the combine to add.
 struct Batch {
@@ -213,9 +257,22 @@ fn make_ids(rng: &mut StdRng, s: Shape, tokens: usize, pool: &[usize], route: Ro
     ids
 }
 
-/// f64 reference: `out[t] = Σ_j w[t,j] · down_e(silu(gate_e x) · up_e x) (+ shared[t])`, ids
-/// outside `[0, E)` skipped.
-fn reference(ex: &DevExperts, b: &Batch) -> Vec<f64> {
+/// f64 `down · (silu(gate · x) ⊙ (up · x))` of one token: gate, up `[it, hd]`, down `[hd, it]`.
+fn swiglu_f64(x: &[f32], gate: &[f32], up: &[f32], down: &[f32], hd: usize, it: usize) -> Vec<f64> {
+    let dot = |row: &[f32], v: &[f32]| -> f64 { row.iter().zip(v).map(|(a, b)| *a as f64 * *b as f64).sum() };
+    let h: Vec<f64> = (0..it)
+        .map(|i| {
+            let g = dot(&gate[i * hd..(i + 1) * hd], x);
+            let u = dot(&up[i * hd..(i + 1) * hd], x);
+            g / (1.0 + (-g).exp()) * u
+        })
+        .collect();
+    (0..hd).map(|r| down[r * it..(r + 1) * it].iter().zip(&h).map(|(a, b)| *a as f64 * b).sum()).collect()
+}
+
+/// f64 reference: `out[t] = Σ_j w[t,j] · down_e(silu(gate_e x) · up_e x) (+ shared[t])
+/// (+ down_s(silu(gate_s x) · up_s x))`, ids outside `[0, E)` skipped, `s` the fused shared expert.
+fn reference(ex: &DevExperts, b: &Batch, fused: Option<&DevShared>) -> Vec<f64> {
     let s = ex.shape;
     let (hd, it, k) = (s.hidden, s.inter, s.top_k);
     let mut out: Vec<f64> = match &b.shared {
@@ -224,33 +281,31 @@ fn reference(ex: &DevExperts, b: &Batch) -> Vec<f64> {
     };
     for t in 0..b.tokens {
         let x = &b.x[t * hd..(t + 1) * hd];
+        let o = &mut out[t * hd..(t + 1) * hd];
         for j in 0..k {
             let e = b.ids[t * k + j];
             if e < 0 || e as usize >= s.experts {
                 continue;
             }
             let w = &ex.host[&(e as usize)];
-            let dot = |row: &[f32], v: &[f32]| -> f64 { row.iter().zip(v).map(|(a, b)| *a as f64 * *b as f64).sum() };
-            let h: Vec<f64> = (0..it)
-                .map(|i| {
-                    let g = dot(&w.gate_up[i * hd..(i + 1) * hd], x);
-                    let u = dot(&w.gate_up[(it + i) * hd..(it + i + 1) * hd], x);
-                    g / (1.0 + (-g).exp()) * u
-                })
-                .collect();
+            let y = swiglu_f64(x, &w.gate_up[..it * hd], &w.gate_up[it * hd..], &w.down, hd, it);
             let wt = b.w[t * k + j] as f64;
-            for r in 0..hd {
-                let y: f64 = w.down[r * it..(r + 1) * it].iter().zip(&h).map(|(a, b)| *a as f64 * b).sum();
-                out[t * hd + r] += wt * y;
+            for (o, y) in o.iter_mut().zip(y) {
+                *o += wt * y;
+            }
+        }
+        if let Some(sh) = fused {
+            for (o, y) in o.iter_mut().zip(swiglu_f64(x, &sh.gate, &sh.up, &sh.down, hd, it)) {
+                *o += y;
             }
         }
     }
     out
 }
 
-/// Run `moe_small_ws` on the device (poisoned output + guard and workspace); returns the output
-/// (and asserts the guard is untouched).
-fn run_gpu(dev: &Dev, ex: &DevExperts, b: &Batch) -> Vec<f32> {
+/// Run `moe_small_ws` on the device (poisoned output + guard and workspace), with the fused shared
+/// expert `fused` if given; returns the output (and asserts the guard is untouched).
+fn run_gpu(dev: &Dev, ex: &DevExperts, b: &Batch, fused: Option<&DevShared>) -> Vec<f32> {
     let s = ex.shape;
     let es = ex.dtype.size();
     let x = dev.upload("test", &to_bytes(ex.dtype, &b.x)).expect("upload");
@@ -260,6 +315,7 @@ fn run_gpu(dev: &Dev, ex: &DevExperts, b: &Batch) -> Vec<f32> {
     let n_out = b.tokens * s.hidden + GUARD;
     let out = dev.alloc("test", n_out * es).expect("alloc");
     poison(dev, out.ptr(), out.bytes());
+    let [shared_gate, shared_up, shared_down] = fused.map_or([0; 3], |f| f.ptrs(ex.dtype));
     let a = MoeSmallArgs {
         dtype: ex.dtype,
         x: x.ptr(),
@@ -268,6 +324,9 @@ fn run_gpu(dev: &Dev, ex: &DevExperts, b: &Batch) -> Vec<f32> {
         gate_up: ex.gate_up.ptr(),
         down: ex.down.ptr(),
         shared: shared.as_ref().map_or(0, |b| b.ptr()),
+        shared_gate,
+        shared_up,
+        shared_down,
         out: out.ptr(),
         tokens: b.tokens,
         hidden: s.hidden,
@@ -310,9 +369,11 @@ fn tol(dtype: DType) -> f64 {
     }
 }
 
-/// Every routing pattern at T = 1, 3, 16 on `shape`, with the experts of `pool` present.
+/// Every routing pattern at T = 1, 3, 16 on `shape`, with the experts of `pool` present; each case
+/// without and with a fused shared expert.
 fn suite(dev: &Dev, dtype: DType, shape: Shape, pool: &[usize], seed: u64, tokens_list: &[usize]) {
     let ex = DevExperts::new(dev, dtype, shape, seed, pool);
+    let sh = DevShared::new(dev, dtype, shape, seed);
     let mut rng = StdRng::seed_from_u64(seed);
     for &tokens in tokens_list {
         for route in [Route::Random, Route::Same, Route::Twice, Route::Invalid] {
@@ -326,10 +387,13 @@ fn suite(dev: &Dev, dtype: DType, shape: Shape, pool: &[usize], seed: u64, token
             if with_shared {
                 b = b.with_shared(&mut rng, dtype, shape);
             }
-            let want = reference(&ex, &b);
-            let got = run_gpu(dev, &ex, &b);
             let what = format!("{} {shape:?} T {tokens} {route:?} shared {with_shared}", dtype.name());
-            check(&what, shape.hidden, &got, &want, tol(dtype));
+            for fused in [None, Some(&sh)] {
+                let want = reference(&ex, &b, fused);
+                let got = run_gpu(dev, &ex, &b, fused);
+                let what = format!("{what} fused shared expert {}", fused.is_some());
+                check(&what, shape.hidden, &got, &want, tol(dtype));
+            }
         }
     }
 }
@@ -379,17 +443,21 @@ fn deterministic_and_batch_invariant() {
         [(DType::BF16, B30, B30_POOL.to_vec()), (DType::F32, ODD, (0..ODD.experts).collect::<Vec<_>>())]
     {
         let ex = DevExperts::new(&dev, dtype, shape, 7, &pool);
+        let sh = DevShared::new(&dev, dtype, shape, 7);
         let mut rng = StdRng::seed_from_u64(7);
         let ids = make_ids(&mut rng, shape, MAX_DECODE_TOKENS, &pool, Route::Random);
         let b = Batch::new(&mut rng, dtype, shape, ids).with_shared(&mut rng, dtype, shape);
-        let first = run_gpu(&dev, &ex, &b);
-        let second = run_gpu(&dev, &ex, &b);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&first), bits(&second), "{}: two runs differ", dtype.name());
-        for t in [0, 5, MAX_DECODE_TOKENS - 1] {
-            let alone = run_gpu(&dev, &ex, &b.rows(shape, t, 1));
-            let h = shape.hidden;
-            assert_eq!(bits(&alone), bits(&first[t * h..(t + 1) * h]), "{}: token {t} alone vs batch", dtype.name());
+        for fused in [None, Some(&sh)] {
+            let what = format!("{} fused shared expert {}", dtype.name(), fused.is_some());
+            let first = run_gpu(&dev, &ex, &b, fused);
+            let second = run_gpu(&dev, &ex, &b, fused);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&first), bits(&second), "{what}: two runs differ");
+            for t in [0, 5, MAX_DECODE_TOKENS - 1] {
+                let alone = run_gpu(&dev, &ex, &b.rows(shape, t, 1), fused);
+                let h = shape.hidden;
+                assert_eq!(bits(&alone), bits(&first[t * h..(t + 1) * h]), "{what}: token {t} alone vs batch");
+            }
         }
     }
 }
@@ -406,6 +474,9 @@ fn rejects_unsupported_arguments() {
         gate_up: 0,
         down: 0,
         shared: 0,
+        shared_gate: 0,
+        shared_up: 0,
+        shared_down: 0,
         out: 0,
         tokens: MAX_DECODE_TOKENS + 1,
         hidden: 2048,
@@ -415,8 +486,107 @@ fn rejects_unsupported_arguments() {
     };
     assert!(moe_decode::moe_small(&dev, &a).is_err());
     assert!(moe_decode::moe_small(&dev, &MoeSmallArgs { tokens: 1, hidden: 2044, ..a }).is_err());
+    // A fused shared expert needs all three of its weight pointers.
+    assert!(moe_decode::moe_small(&dev, &MoeSmallArgs { tokens: 1, shared_gate: 256, shared_up: 512, ..a }).is_err());
     // Zero tokens: nothing to do, nothing touched.
     assert!(moe_decode::moe_small(&dev, &MoeSmallArgs { tokens: 0, ..a }).is_ok());
+}
+
+/// Host values of a MoE block with a shared expert of width `sh_i` (rounded to the dtype).
+struct MoeHost {
+    hidden: usize,
+    n_exp: usize,
+    inter: usize,
+    sh_i: usize,
+    routing: MoeRouting,
+    router: Vec<f32>,
+    bias: Vec<f32>,
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
+    shared: [Vec<f32>; 3],
+}
+
+/// `be.moe(x)` for the block `m` (weights uploaded to `be`), downloaded.
+fn moe_on<B: Backend>(be: &B, m: &MoeHost, x: &[f32], t: usize) -> OpResult<Vec<f32>> {
+    let host = |v: &Vec<f32>| WeightInit::Host(v.clone());
+    let (hidden, n_exp, inter, sh_i) = (m.hidden, m.n_exp, m.inter, m.sh_i);
+    let moe = Moe {
+        router: be.weight(host(&m.router), 1, n_exp, hidden)?,
+        score_bias: be.vector(&m.bias)?,
+        experts: Experts {
+            gate_up: be.weight(host(&m.gate_up), n_exp, 2 * inter, hidden)?,
+            down: be.weight(host(&m.down), n_exp, hidden, inter)?,
+            n: n_exp,
+            inter,
+        },
+        shared: Some(Mlp {
+            gate: be.weight(host(&m.shared[0]), 1, sh_i, hidden)?,
+            up: be.weight(host(&m.shared[1]), 1, sh_i, hidden)?,
+            down: be.weight(host(&m.shared[2]), 1, hidden, sh_i)?,
+        }),
+        routing: m.routing,
+    };
+    be.download(&be.moe(&be.upload(x, t, hidden)?, &moe)?)
+}
+
+/// `CudaBackend::moe` on decode-sized batches (T = 1, 3, 16: the `moe_decode` path) with a shared
+/// expert, against `CpuBackend::moe` (the CPU reference, shared expert included) on the same
+/// dtype-rounded values, per token. The shared expert is as wide as the routed experts (fused
+/// into the decode kernels as one more slot per token) or twice as wide (`n_shared_experts = 2`:
+/// the separate MLP whose output the combine adds). Tolerance: the conformance suite's MoE one.
+/// The router logits differ from the CPU's in the last bits, so a near-tie of two experts' choice
+/// scores can legitimately swap one expert of one token; one such token per case is tolerated
+/// (as in `core.rs`'s routing test). Outputs are poisoned (NaN) first and must all be finite.
+#[test]
+fn backend_moe_with_shared_expert_matches_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let cpu = CpuBackend::new();
+    let (hidden, n_exp, inter) = (256usize, 16usize, 64usize);
+    let routing = MoeRouting { n_group: 4, topk_group: 2, top_k: 4, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    for dtype in [DType::F32, DType::BF16] {
+        let b = CudaBackend::new(0, dtype).unwrap_or_else(|e| panic!("CudaBackend: {e}"));
+        b.set_poison(true);
+        let tol = Tolerance::for_dtype(dtype).rel_loose;
+        let q = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round(dtype, x)).collect() };
+        for (ci, sh_i) in [inter, 2 * inter].into_iter().enumerate() {
+            let seed = 40 + 10 * ci as u64;
+            let bh = 2.0 / (hidden as f32).sqrt();
+            let m = MoeHost {
+                hidden,
+                n_exp,
+                inter,
+                sh_i,
+                routing,
+                router: q(random::fill(seed, bh, n_exp * hidden)),
+                bias: random::fill(seed + 1, 0.1, n_exp),
+                gate_up: q(random::fill(seed + 2, bh, n_exp * 2 * inter * hidden)),
+                down: q(random::fill(seed + 3, 1.0 / (inter as f32).sqrt(), n_exp * hidden * inter)),
+                shared: [
+                    q(random::fill(seed + 4, bh, sh_i * hidden)),
+                    q(random::fill(seed + 5, bh, sh_i * hidden)),
+                    q(random::fill(seed + 6, 1.0 / (sh_i as f32).sqrt(), hidden * sh_i)),
+                ],
+            };
+            for t in [1usize, 3, MAX_DECODE_TOKENS] {
+                let x = q(random::fill(seed + 7 + t as u64, 1.0, t * hidden));
+                let what = format!("{} T {t}, shared expert of {sh_i} (routed {inter})", dtype.name());
+                let got = moe_on(&b, &m, &x, t).unwrap_or_else(|e| panic!("{what}: gpu moe: {e}"));
+                let want = moe_on(&cpu, &m, &x, t).unwrap_or_else(|e| panic!("{what}: cpu moe: {e}"));
+                assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output (unwritten?)");
+                let row = |v: &[f32], i: usize| v[i * hidden..(i + 1) * hidden].to_vec();
+                let errs: Vec<f64> = (0..t).map(|i| rel_err(&row(&got, i), &row(&want, i))).collect();
+                let bad: Vec<(usize, f64)> = errs.iter().copied().enumerate().filter(|&(_, e)| e > tol).collect();
+                assert!(bad.len() <= 1, "{what}: {} of {t} tokens differ: {bad:?}", bad.len());
+                if let Some(&(i, e)) = bad.first() {
+                    eprintln!("{what}: token {i} differs ({e:e}), taken as a routing near-tie");
+                }
+                let worst = errs.iter().filter(|&&e| e <= tol).fold(0.0f64, |a, &e| a.max(e));
+                eprintln!("{what}: max rel err {worst:.2e}");
+            }
+        }
+    }
 }
 
 #[test]

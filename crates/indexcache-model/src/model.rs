@@ -592,9 +592,8 @@ impl<B: Backend> DsaModel<B> {
         let start = self.mark()?;
         let h = b.rms_norm(x, &lw.input_norm, eps)?;
         let (attn, indexer) = self.attention(l, &h, cache, positions, &mut state.shared)?;
-        b.add_inplace(x, &attn)?;
+        let h = b.add_rms_norm(x, &attn, &lw.post_attn_norm, eps)?;
         let attention_end = self.mark()?;
-        let h = b.rms_norm(x, &lw.post_attn_norm, eps)?;
         let ffn = match &lw.ffn {
             FfnWeights::Dense(m) => b.mlp(&h, m)?,
             FfnWeights::Moe(m) => b.moe(&h, m)?,
@@ -632,18 +631,14 @@ impl<B: Backend> DsaModel<B> {
         // Queries: latent qr (shared with the indexer), then per head [nope | rope].
         let qr = b.rms_norm(&b.matmul_t(h, &w.q_a)?, &w.q_a_norm, LATENT_NORM_EPS)?; // [T, q_lora]
         let q = b.matmul_t(&qr, &w.q_b)?; // [T, H*(nope+P)]
-        let q_nope = b.head_columns(&q, heads, nope + p, 0, nope)?; // [T, H*nope]
-        let mut q_pe = b.head_columns(&q, heads, nope + p, nope, p)?; // [T, H*P]
-        b.rope_inplace(&mut q_pe, p, p, RopeLayout::Interleaved, positions, rope)?;
+        // q_nope [T, H*nope], q_pe [T, H*P] (RoPE'd)
+        let (q_nope, q_pe) = b.split_heads_rope(&q, heads, nope, p, RopeLayout::Interleaved, positions, rope)?;
         let q_lat = b.matmul_heads(&q_nope, &w.w_uk)?; // [T, H*R] absorbed
 
-        // Keys/values: the latent row [c_kv | k_pe] goes straight into the cache.
+        // Keys/values: the latent row [rms_norm(c_kv) | rope(k_pe)] goes straight into the cache.
         let kv = b.matmul_t(h, &w.kv_a)?; // [T, R+P]
-        let c_kv = b.rms_norm(&b.columns(&kv, 0, r)?, &w.kv_a_norm, LATENT_NORM_EPS)?;
-        let mut k_pe = b.columns(&kv, r, p)?;
-        b.rope_inplace(&mut k_pe, p, p, RopeLayout::Interleaved, positions, rope)?;
-        b.write_rows(&mut lc.latent, positions, 0, &c_kv)?;
-        b.write_rows(&mut lc.latent, positions, r, &k_pe)?;
+        let il = RopeLayout::Interleaved;
+        b.latent_store(&kv, r, &w.kv_a_norm, LATENT_NORM_EPS, il, positions, rope, &mut lc.latent)?;
 
         // IndexCache: a Full layer runs its indexer and publishes the top-k; a Shared layer
         // reuses it.

@@ -268,6 +268,63 @@ pub trait Backend: Send + Sync {
         table: &Self::Rope,
     ) -> OpResult<()>;
 
+    // ---- fused steps (defaults: the plain ops they stand for, the reference) -------------
+    /// `x += y`, then `rms_norm(x, w, eps)` of the sum as stored (one pass on a GPU).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> OpResult<Self::Tensor> {
+        self.add_inplace(x, y)?;
+        self.rms_norm(x, w, eps)
+    }
+    /// Split every head of `x [T, heads*(keep+rot)]` into `[T, heads*keep]` (columns
+    /// `0..keep`) and `[T, heads*rot]` (columns `keep..`, rotated by RoPE over all `rot` dims at
+    /// the step's positions): the MLA query's nope / rope parts.
+    #[allow(clippy::too_many_arguments)]
+    fn split_heads_rope(
+        &self,
+        x: &Self::Tensor,
+        heads: usize,
+        keep: usize,
+        rot: usize,
+        layout: RopeLayout,
+        pos: &Positions<Self::PosData>,
+        table: &Self::Rope,
+    ) -> OpResult<(Self::Tensor, Self::Tensor)> {
+        let a = self.head_columns(x, heads, keep + rot, 0, keep)?;
+        let mut b = self.head_columns(x, heads, keep + rot, keep, rot)?;
+        self.rope_inplace(&mut b, rot, rot, layout, pos, table)?;
+        Ok((a, b))
+    }
+    /// Store a step's MLA latent rows: `cache[pos[t], ..r] = rms_norm(kv[t, ..r], w, eps)` and
+    /// `cache[pos[t], r..] = rope(kv[t, r..])` (one head of `kv.cols - r` dims).
+    #[allow(clippy::too_many_arguments)]
+    fn latent_store(
+        &self,
+        kv: &Self::Tensor,
+        r: usize,
+        w: &Self::Vector,
+        eps: f32,
+        layout: RopeLayout,
+        pos: &Positions<Self::PosData>,
+        table: &Self::Rope,
+        cache: &mut Self::Tensor,
+    ) -> OpResult<()> {
+        let p = self
+            .dims(kv)
+            .1
+            .checked_sub(r)
+            .ok_or_else(|| OpError::new("latent_store", format!("r {r}"), "r > columns"))?;
+        let c = self.rms_norm(&self.columns(kv, 0, r)?, w, eps)?;
+        let mut k_pe = self.columns(kv, r, p)?;
+        self.rope_inplace(&mut k_pe, p, p, layout, pos, table)?;
+        self.write_rows(cache, pos, 0, &c)?;
+        self.write_rows(cache, pos, r, &k_pe)
+    }
+
     // ---- matmuls ------------------------------------------------------------------------
     /// `x [T, in] · wᵀ` → `[T, out]` for a `[1, out, in]` weight.
     fn matmul_t(&self, x: &Self::Tensor, w: &Self::Weight) -> OpResult<Self::Tensor>;

@@ -287,6 +287,120 @@ extern "C" __global__ void rope_bf16(bf16_t* x, const int* pos, const float* cos
     rope<bf16_t>(x, pos, cos_t, sin_t, cols, head_dim, half, layout);
 }
 
+// ---- fused steps (one block of 256 threads per row) ---------------------------------------------
+// Bit-identical to the plain kernels they replace: the same per-thread column strides, the same
+// block reductions, values read back as stored (bf16-rounded) where the plain path stores them.
+
+// x += y; out = rms_norm(x) (add_f32/bf16 then rms_norm_f32/bf16).
+template <typename T>
+__device__ void add_rms_norm(T* x, const T* y, const float* w, T* out, i64 cols, float eps) {
+    __shared__ float red[33];
+    const i64 row = blockIdx.x;
+    T* xr = x + row * cols;
+    const T* yr = y + row * cols;
+    T* o = out + row * cols;
+    float ss = 0.0f;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        st(xr, c, ld(xr, c) + ld(yr, c));
+        const float v = ld(xr, c);  // the sum as stored
+        ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) st(o, c, w[c] * (ld(xr, c) * inv));
+}
+extern "C" __global__ void add_rms_norm_f32(float* x, const float* y, const float* w, float* out, i64 cols,
+                                            float eps) {
+    add_rms_norm<float>(x, y, w, out, cols, eps);
+}
+extern "C" __global__ void add_rms_norm_bf16(bf16_t* x, const bf16_t* y, const float* w, bf16_t* out, i64 cols,
+                                             float eps) {
+    add_rms_norm<bf16_t>(x, y, w, out, cols, eps);
+}
+
+// The RoPE pair rotation of `rope` (separately rounded products, no FMA contraction).
+__device__ __forceinline__ void rotate_pair(float a, float b, float c, float s, float& ra, float& rb) {
+    ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    rb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
+// x [rows, heads*(keep+rot)] -> a [rows, heads*keep] (copy), b [rows, heads*rot] (RoPE over all rot
+// dims at pos[row]; rot = 2*half). head_columns x2 then rope.
+template <typename T>
+__device__ void split_heads_rope(const T* x, T* a, T* b, const int* pos, const float* cos_t, const float* sin_t,
+                                 int heads, int keep, int half, int layout) {
+    const i64 row = blockIdx.x;
+    const int rot = 2 * half, hd = keep + rot;
+    const T* xr = x + row * (i64)heads * hd;
+    T* ar = a + row * (i64)heads * keep;
+    T* br = b + row * (i64)heads * rot;
+    for (int i = threadIdx.x; i < heads * keep; i += blockDim.x) {
+        const int h = i / keep, j = i - h * keep;
+        ar[i] = xr[h * hd + j];
+    }
+    const i64 p = pos[row];
+    const float* cs = cos_t + p * half;
+    const float* sn = sin_t + p * half;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        const int h = i / half, j = i - h * half;
+        const int ia = layout == 0 ? 2 * j : j, ib = ia + (layout == 0 ? 1 : half);
+        float ra, rb;
+        rotate_pair(ld(xr, h * hd + keep + ia), ld(xr, h * hd + keep + ib), cs[j], sn[j], ra, rb);
+        st(br, h * rot + ia, ra);
+        st(br, h * rot + ib, rb);
+    }
+}
+extern "C" __global__ void split_heads_rope_f32(const float* x, float* a, float* b, const int* pos,
+                                                const float* cos_t, const float* sin_t, int heads, int keep,
+                                                int half, int layout) {
+    split_heads_rope<float>(x, a, b, pos, cos_t, sin_t, heads, keep, half, layout);
+}
+extern "C" __global__ void split_heads_rope_bf16(const bf16_t* x, bf16_t* a, bf16_t* b, const int* pos,
+                                                 const float* cos_t, const float* sin_t, int heads, int keep,
+                                                 int half, int layout) {
+    split_heads_rope<bf16_t>(x, a, b, pos, cos_t, sin_t, heads, keep, half, layout);
+}
+
+// kv [rows, r + 2*half] -> cache[pos[row], :r] = rms_norm(kv[row, :r]) * w,
+// cache[pos[row], r:] = rope(kv[row, r:]). columns, rms_norm, columns, rope, write_rows x2.
+template <typename T>
+__device__ void latent_store(const T* kv, const float* w, T* cache, const int* pos, const float* cos_t,
+                             const float* sin_t, int r, int half, int layout, float eps) {
+    __shared__ float red[33];
+    const i64 row = blockIdx.x;
+    const int width = r + 2 * half;
+    const T* xr = kv + row * width;
+    const i64 p = pos[row];
+    T* dst = cache + p * width;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < r; c += blockDim.x) {
+        const float v = ld(xr, c);
+        ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)r + eps);
+    for (int c = threadIdx.x; c < r; c += blockDim.x) st(dst, c, w[c] * (ld(xr, c) * inv));
+    const float* cs = cos_t + p * half;
+    const float* sn = sin_t + p * half;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        const int ia = layout == 0 ? 2 * j : j, ib = ia + (layout == 0 ? 1 : half);
+        float ra, rb;
+        rotate_pair(ld(xr, r + ia), ld(xr, r + ib), cs[j], sn[j], ra, rb);
+        st(dst, r + ia, ra);
+        st(dst, r + ib, rb);
+    }
+}
+extern "C" __global__ void latent_store_f32(const float* kv, const float* w, float* cache, const int* pos,
+                                            const float* cos_t, const float* sin_t, int r, int half, int layout,
+                                            float eps) {
+    latent_store<float>(kv, w, cache, pos, cos_t, sin_t, r, half, layout, eps);
+}
+extern "C" __global__ void latent_store_bf16(const bf16_t* kv, const float* w, bf16_t* cache, const int* pos,
+                                             const float* cos_t, const float* sin_t, int r, int half, int layout,
+                                             float eps) {
+    latent_store<bf16_t>(kv, w, cache, pos, cos_t, sin_t, r, half, layout, eps);
+}
+
 // ---- NLL (one block per row) --------------------------------------------------------------------
 // out[r] = (max - logit[target]) + log(sum(exp(logit - max))), f32, two passes over the row.
 // Targets are validated (< vocab) by the caller.

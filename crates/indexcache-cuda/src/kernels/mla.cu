@@ -638,7 +638,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 }
 
 // =============================================================================================
-// Split-k combine. Grid (rows, heads), 128 threads; dynamic shared memory: `splits` floats.
+// Split-k combine. Grid (rows, heads, column chunks), 128 threads; dynamic shared memory: `splits`
+// floats. Every CTA of a (row, head) computes the same split weights (a few loads) for its columns.
 // =============================================================================================
 template <typename T>
 __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
@@ -674,7 +675,7 @@ __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, cons
     L = red[0];
     for (int i = 1; i < nw; ++i) L += red[i];
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int c = tid; c < r; c += blockDim.x) {
+    for (int c = blockIdx.z * blockDim.x + tid; c < r; c += gridDim.z * blockDim.x) {
         float acc = 0.0f;
         for (int s = 0; s < splits; ++s) {
             const float w = sw[s];

@@ -2,30 +2,40 @@
 //
 // Inputs (raw device addresses): x [T, hidden], ids [T, top_k] i32 and w [T, top_k] f32 from the
 // routing kernel (moe.cu `moe_route`), stacked expert weights gate_up [E, 2I, hidden] (rows 0..I
-// gate, I..2I up) and down [E, hidden, I]. Output out[t] = sum_j w[t,j] * down_e(silu(gate_e x) *
-// up_e x), e = ids[t,j], summed in f32 in j order (+ an optional shared-expert output, added in f32
-// before the one rounding, as moe.cu's moe_combine does). Nothing goes to the host: the work list is
-// built on the device, inside every CTA, from the N = T*top_k ids.
+// gate, I..2I up) and down [E, hidden, I], and optionally one shared expert of the same width I:
+// sg [I, hidden] (gate), su [I, hidden] (up), sd [hidden, I] (down) (null pointers: none). Output
+// out[t] = sum_j w[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j], summed in f32 in j order,
+// + the shared expert's down_s(silu(gate_s x) * up_s x) (weight 1) when sg/sd are given, + an
+// optional precomputed shared-expert output (added in f32 before the one rounding, as moe.cu's
+// moe_combine does). Nothing goes to the host: the work list is built on the device, inside every
+// CTA, from the N = T*top_k ids.
 //
-// Plan (`make_plan`, every CTA, N <= MAX_PAIRS): a pair q = t*top_k + j is a *leader* if no earlier
-// pair has its expert; next[q] chains the later pairs with the same expert. Each expert's weights
-// are read once per call, whatever number of pairs use it (they are the "members" of its leader);
-// members go through a weight row in passes of at most MAXM (a later pass re-reads the row, from
-// L2). A pair with an expert id outside [0, E) contributes zero.
+// Slots: q < N is the routed pair (t, j) = (q / top_k, q % top_k); with a shared expert, slot
+// N + t is token t's shared-expert slot (NS = T of them), whose "expert id" is E in the plan (a
+// pseudo-expert after the routed ones) and whose weight rows come from sg/su/sd instead of the
+// stacked tensors. h and the combine's y are indexed by slot, so the shared expert is one more
+// expert with T members, read once per call like any routed one.
+//
+// Plan (`make_plan`, every CTA, N <= MAX_PAIRS, NS <= MAX_TOKENS): a slot is a *leader* if no
+// earlier slot has its expert; next[q] chains the later slots with the same expert. Each expert's
+// weights are read once per call, whatever number of slots use it (they are the "members" of its
+// leader); members go through a weight row in passes of at most MAXM (a later pass re-reads the
+// row, from L2). A pair with an expert id outside [0, E) contributes zero.
 //
 // Kernel 1, gate/up (persistent warps): a unit is (leader, intermediate row i). Warp-units are
 // strided over all warps of the grid; a warp loads gate row i and up row i of the expert with
 // 16-byte streaming loads (L1 bypassed), `UNR` vectors per lane per step, lane-interleaved (a warp
 // reads 512 contiguous bytes per load instruction), dots them with x[t] of every member in f32,
-// reduces with warp shuffles and writes h[q, i] = silu(g) * u (f32) to the [N, I] workspace.
+// reduces with warp shuffles and writes h[q, i] = silu(g) * u (f32) to the [N + NS, I] workspace.
 //
 // Kernel 2, down + combine: a CTA owns a slice of DN_ROWS output rows and computes, for every leader
 // and every row of the slice, y[q, r] = down_e[r, :] . h[q, :] for the members q (one warp per
 // (leader, row) unit), into shared memory; then out[t, r] = sum_j w[t,j] * y[t*top_k + j, r] in j
-// order (f32), plus shared[t, r] if a shared-expert output is given (as moe.cu's moe_combine),
-// converted to the storage type once. The combine is fused and deterministic: no atomics,
-// every sum has a fixed order, and a pair's dot products do not depend on which other pairs share
-// its expert (the result for a token is bitwise independent of the rest of the batch).
+// order (f32), plus y[N + t, r] of the fused shared expert (weight 1), plus shared[t, r] if a
+// shared-expert output is given (as moe.cu's moe_combine), converted to the storage type once. The
+// combine is fused and deterministic: no atomics, every sum has a fixed order, and a slot's dot
+// products do not depend on which other slots share its expert (the result for a token is bitwise
+// independent of the rest of the batch).
 //
 // Optional L2 prefetch (`pf` units ahead, cp.async.bulk.prefetch.L2, one instruction per weight row)
 // keeps more bytes in flight than a warp's registers hold.
@@ -35,6 +45,8 @@
 // Element types, FULL_MASK, bf16 <-> f32 and ld/st: common.cuh (prepended).
 
 #define MAX_PAIRS 256  // most (token, pick) pairs per call; moe_decode.rs MAX_PAIRS
+#define MAX_TOKENS 16  // most tokens per call; moe_decode.rs MAX_DECODE_TOKENS
+#define MAX_SLOTS (MAX_PAIRS + MAX_TOKENS)  // routed pairs + one shared-expert slot per token
 #define DN_ROWS 4      // output rows per slice of the down kernel; moe_decode.rs DN_ROWS
 #define UNR 8          // 16-byte vectors per lane per step
 #define MAXM 4         // members per pass over a weight row
@@ -101,22 +113,27 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // The per-call work list, built by every CTA from the ids.
 struct Plan {
-    int id[MAX_PAIRS];    // expert of pair q, -1 if outside [0, E)
-    int next[MAX_PAIRS];  // next pair after q with the same expert, -1 if none
-    int flag[MAX_PAIRS];  // q is a leader (first pair of its expert)
-    int lead[MAX_PAIRS];  // the leaders, in pair order
+    int id[MAX_SLOTS];    // expert of slot q: ids[q] (-1 if outside [0, E)), E for a shared slot
+    int next[MAX_SLOTS];  // next slot after q with the same expert, -1 if none
+    int flag[MAX_SLOTS];  // q is a leader (first slot of its expert)
+    int lead[MAX_SLOTS];  // the leaders, in slot order (the shared expert's, slot n, last)
     int n_lead;
 };
 
 // Called by all threads of the block (blockDim.x a multiple of 32); ends with a barrier.
-// O(n) per pair; n <= MAX_PAIRS.
-__device__ void make_plan(Plan& p, const int* ids, int n, int E) {
-    for (int q = threadIdx.x; q < n; q += blockDim.x) {
-        const int e = ids[q];
-        p.id[q] = (e >= 0 && e < E) ? e : -1;
+// Slots 0..n are the routed pairs, n..slots the shared expert's (expert id E: they chain into one
+// leader). O(slots) per slot; n <= MAX_PAIRS, slots - n <= MAX_TOKENS.
+__device__ void make_plan(Plan& p, const int* ids, int n, int slots, int E) {
+    for (int q = threadIdx.x; q < slots; q += blockDim.x) {
+        if (q < n) {
+            const int e = ids[q];
+            p.id[q] = (e >= 0 && e < E) ? e : -1;
+        } else {
+            p.id[q] = E;
+        }
     }
     __syncthreads();
-    for (int q = threadIdx.x; q < n; q += blockDim.x) {
+    for (int q = threadIdx.x; q < slots; q += blockDim.x) {
         const int e = p.id[q];
         int first = e >= 0, nx = -1;
         if (e >= 0) {
@@ -126,7 +143,7 @@ __device__ void make_plan(Plan& p, const int* ids, int n, int E) {
                     break;
                 }
             }
-            for (int r = q + 1; r < n; ++r) {
+            for (int r = q + 1; r < slots; ++r) {
                 if (p.id[r] == e) {
                     nx = r;
                     break;
@@ -140,9 +157,9 @@ __device__ void make_plan(Plan& p, const int* ids, int n, int E) {
     if (threadIdx.x < 32) {  // warp 0: ordered compaction of the leaders
         const int lane = threadIdx.x;
         int base = 0;
-        for (int q0 = 0; q0 < n; q0 += 32) {
+        for (int q0 = 0; q0 < slots; q0 += 32) {
             const int q = q0 + lane;
-            const bool f = q < n && p.flag[q];
+            const bool f = q < slots && p.flag[q];
             const unsigned m = __ballot_sync(FULL_MASK, f);
             if (f) p.lead[base + __popc(m & ((1u << lane) - 1u))] = q;
             base += __popc(m);
@@ -151,6 +168,9 @@ __device__ void make_plan(Plan& p, const int* ids, int n, int E) {
     }
     __syncthreads();
 }
+
+// Token of slot q: routed pair q < n is token q / top_k, shared slot n + t is token t.
+__device__ __forceinline__ int token_of(int q, int n, int top_k) { return q < n ? q / top_k : q - n; }
 
 // The next up-to-MAXM members of a chain starting at q (-1 padded); returns the pair after them.
 __device__ __forceinline__ int take_members(const Plan& p, int q, int (&mq)[MAXM]) {
@@ -164,14 +184,18 @@ __device__ __forceinline__ int take_members(const Plan& p, int q, int (&mq)[MAXM
 
 // ---- kernel 1: gate/up GEMV + SwiGLU ------------------------------------------------------------
 // Grid: any number of CTAs (persistent; the host sizes it to the resident capacity), blockDim.x a
-// multiple of 32. h: [n, I] f32.
+// multiple of 32. sg, su: the shared expert's gate and up [I, hidden], or null (both) for none.
+// h: [n + ns, I] f32, ns = n / top_k with a shared expert, else 0.
 template <typename T>
 __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int* __restrict__ ids,
-                                             const T* __restrict__ gu, float* __restrict__ h, int n, int top_k, int E,
+                                             const T* __restrict__ gu, const T* __restrict__ sg,
+                                             const T* __restrict__ su, float* __restrict__ h, int n, int top_k, int E,
                                              int hidden, int I, int pf) {
     __shared__ Plan plan;
     if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
-    make_plan(plan, ids, n, E);
+    const int ns = sg ? n / top_k : 0;                   // shared-expert slots, one per token
+    if (ns > MAX_TOKENS) return;                         // uniform; the host rejects these
+    make_plan(plan, ids, n, n + ns, E);
     constexpr int N = VecT<T>::N;
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int nvec = hidden / N;  // 16-byte vectors per weight row (the host checks hidden % N == 0)
@@ -179,17 +203,27 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
     const i64 step = (i64)gridDim.x * warps;
     const i64 first = (i64)blockIdx.x * warps + (threadIdx.x >> 5);
     const unsigned row_bytes = (unsigned)hidden * sizeof(T);
-    // Gate row of unit u (the up row is I rows further).
-    auto gate_row = [&](i64 u) -> const T* {
+    // Gate and up rows of unit u: a routed expert's up row is I rows after its gate row in the
+    // stacked tensor; the shared expert (id E) has separate gate and up matrices.
+    auto rows_of = [&](i64 u, const T*& g, const T*& up) {
         const int li = (int)(u / I), i = (int)(u - (i64)li * I);
-        return gu + ((i64)plan.id[plan.lead[li]] * 2 * I + i) * hidden;
+        const int e = plan.id[plan.lead[li]];
+        if (e < E) {
+            g = gu + ((i64)e * 2 * I + i) * hidden;
+            up = g + (i64)I * hidden;
+        } else {
+            g = sg + (i64)i * hidden;
+            up = su + (i64)i * hidden;
+        }
     };
     if (lane == 0) {
         for (int k = 1; k < pf; ++k) {
             const i64 v = first + k * step;
             if (v < units) {
-                prefetch_l2(gate_row(v), row_bytes);
-                prefetch_l2(gate_row(v) + (i64)I * hidden, row_bytes);
+                const T *g, *up;
+                rows_of(v, g, up);
+                prefetch_l2(g, row_bytes);
+                prefetch_l2(up, row_bytes);
             }
         }
     }
@@ -197,13 +231,15 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
         if (lane == 0 && pf > 0) {
             const i64 v = u + pf * step;
             if (v < units) {
-                prefetch_l2(gate_row(v), row_bytes);
-                prefetch_l2(gate_row(v) + (i64)I * hidden, row_bytes);
+                const T *g, *up;
+                rows_of(v, g, up);
+                prefetch_l2(g, row_bytes);
+                prefetch_l2(up, row_bytes);
             }
         }
         const int li = (int)(u / I), i = (int)(u - (i64)li * I);
-        const T* grow = gate_row(u);
-        const T* urow = grow + (i64)I * hidden;
+        const T *grow, *urow;
+        rows_of(u, grow, urow);
         int q = plan.lead[li];
         while (q >= 0) {  // uniform over the warp
             int mq[MAXM];
@@ -226,7 +262,7 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
 #pragma unroll
                 for (int m = 0; m < MAXM; ++m) {
                     if (mq[m] < 0) break;  // the chain ended (uniform)
-                    const T* xr = x + (i64)(mq[m] / top_k) * hidden;
+                    const T* xr = x + (i64)token_of(mq[m], n, top_k) * hidden;
 #pragma unroll
                     for (int k = 0; k < UNR; ++k) {
                         const int c = c0 + k * 32 + lane;
@@ -256,27 +292,31 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
 
 #define ENTRY extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS)
 
-ENTRY moe_decode_gate_up_f32(const float* x, const int* ids, const float* gu, float* h, int n, int top_k, int E,
-                             int hidden, int I, int pf) {
-    gate_up_impl<float>(x, ids, gu, h, n, top_k, E, hidden, I, pf);
+ENTRY moe_decode_gate_up_f32(const float* x, const int* ids, const float* gu, const float* sg, const float* su,
+                             float* h, int n, int top_k, int E, int hidden, int I, int pf) {
+    gate_up_impl<float>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf);
 }
-ENTRY moe_decode_gate_up_bf16(const bf16_t* x, const int* ids, const bf16_t* gu, float* h, int n, int top_k, int E,
-                              int hidden, int I, int pf) {
-    gate_up_impl<bf16_t>(x, ids, gu, h, n, top_k, E, hidden, I, pf);
+ENTRY moe_decode_gate_up_bf16(const bf16_t* x, const int* ids, const bf16_t* gu, const bf16_t* sg, const bf16_t* su,
+                              float* h, int n, int top_k, int E, int hidden, int I, int pf) {
+    gate_up_impl<bf16_t>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf);
 }
 
 // ---- kernel 2: down GEMV + weighted combine -----------------------------------------------------
 // Grid: any number of CTAs, each striding over slices of DN_ROWS output rows; blockDim.x a multiple
-// of 32. h: [n, I] f32 from kernel 1; w: [n] f32; shared (may be null) and out: [n / top_k, hidden].
+// of 32. h: [n + ns, I] f32 from kernel 1 (ns = n / top_k with a shared expert, else 0); w: [n]
+// f32; sd: the shared expert's down [hidden, I], or null for none (then kernel 1 had none either);
+// shared (may be null) and out: [n / top_k, hidden].
 template <typename T>
 __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int* __restrict__ ids,
                                           const float* __restrict__ wts, const T* __restrict__ dn,
-                                          const T* __restrict__ shared, T* __restrict__ out, int n, int top_k,
-                                          int E, int hidden, int I, int pf) {
+                                          const T* __restrict__ sd, const T* __restrict__ shared,
+                                          T* __restrict__ out, int n, int top_k, int E, int hidden, int I, int pf) {
     __shared__ Plan plan;
-    __shared__ float ys[MAX_PAIRS][DN_ROWS];
+    __shared__ float ys[MAX_SLOTS][DN_ROWS];
     if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
-    make_plan(plan, ids, n, E);
+    const int ns = sd ? n / top_k : 0;                   // shared-expert slots, one per token
+    if (ns > MAX_TOKENS) return;                         // uniform; the host rejects these
+    make_plan(plan, ids, n, n + ns, E);
     constexpr int N = VecT<T>::N;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int nvec = I / N;  // 16-byte vectors per weight row (the host checks I % N == 0)
@@ -289,7 +329,8 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
         const int units = plan.n_lead * rows;  // unit v: leader v / rows, row r0 + v % rows
         auto row_of = [&](int v) -> const T* {
             const int li = v / rows, r = v - li * rows;
-            return dn + ((i64)plan.id[plan.lead[li]] * hidden + r0 + r) * I;
+            const int e = plan.id[plan.lead[li]];
+            return e < E ? dn + ((i64)e * hidden + r0 + r) * I : sd + (i64)(r0 + r) * I;  // E: shared expert
         };
         if (lane == 0) {
             for (int k = 1; k < pf; ++k) {
@@ -347,7 +388,7 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
             }
         }
         __syncthreads();
-        // Every valid pair's ys entry was written by its leader's warps; invalid pairs are skipped.
+        // Every valid slot's ys entry was written by its leader's warps; invalid pairs are skipped.
         for (int idx = threadIdx.x; idx < tokens * rows; idx += blockDim.x) {
             const int t = idx / rows, r = idx - t * rows;
             float acc = 0.0f;
@@ -355,6 +396,7 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
                 const int q = t * top_k + j;
                 if (plan.id[q] >= 0) acc = fmaf(wts[q], ys[q][r], acc);
             }
+            if (ns) acc += ys[n + t][r];  // the fused shared expert, weight 1
             const i64 o = (i64)t * hidden + r0 + r;
             if (shared) acc += ld(shared, o);
             st(out, o, acc);
@@ -363,11 +405,11 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
     }
 }
 
-ENTRY moe_decode_down_f32(const float* h, const int* ids, const float* w, const float* dn, const float* shared,
-                          float* out, int n, int top_k, int E, int hidden, int I, int pf) {
-    down_impl<float>(h, ids, w, dn, shared, out, n, top_k, E, hidden, I, pf);
+ENTRY moe_decode_down_f32(const float* h, const int* ids, const float* w, const float* dn, const float* sd,
+                          const float* shared, float* out, int n, int top_k, int E, int hidden, int I, int pf) {
+    down_impl<float>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf);
 }
-ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const bf16_t* dn, const bf16_t* shared,
-                           bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf) {
-    down_impl<bf16_t>(h, ids, w, dn, shared, out, n, top_k, E, hidden, I, pf);
+ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const bf16_t* dn, const bf16_t* sd,
+                           const bf16_t* shared, bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf) {
+    down_impl<bf16_t>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf);
 }
