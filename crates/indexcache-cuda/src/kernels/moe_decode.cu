@@ -111,6 +111,18 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// `v` rounded to the storage type T and back (identity for f32).
+template <typename T>
+__device__ __forceinline__ float round_to(float v);
+template <>
+__device__ __forceinline__ float round_to<float>(float v) {
+    return v;
+}
+template <>
+__device__ __forceinline__ float round_to<bf16_t>(float v) {
+    return bf16_to_f32(f32_to_bf16(v));
+}
+
 // The per-call work list, built by every CTA from the ids.
 struct Plan {
     int id[MAX_SLOTS];    // expert of slot q: ids[q] (-1 if outside [0, E)), E for a shared slot
@@ -283,8 +295,16 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) {
                 if (mq[m] < 0) break;
-                const float g = warp_sum(ga[m]), up = warp_sum(ua[m]);
-                if (lane == 0) h[(i64)mq[m] * I + i] = (g / (1.0f + expf(-g))) * up;
+                float g = warp_sum(ga[m]), up = warp_sum(ua[m]);
+                if (mq[m] >= n) {
+                    // The shared expert rounds like the dense MLP it replaces (gate, up and
+                    // silu(g)*u stored in T there), so decode matches the prefill path's numerics.
+                    g = round_to<T>(g);
+                    up = round_to<T>(up);
+                    if (lane == 0) h[(i64)mq[m] * I + i] = round_to<T>((g / (1.0f + expf(-g))) * up);
+                } else if (lane == 0) {
+                    h[(i64)mq[m] * I + i] = (g / (1.0f + expf(-g))) * up;
+                }
             }
         }
     }
@@ -396,7 +416,7 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
                 const int q = t * top_k + j;
                 if (plan.id[q] >= 0) acc = fmaf(wts[q], ys[q][r], acc);
             }
-            if (ns) acc += ys[n + t][r];  // the fused shared expert, weight 1
+            if (ns) acc += round_to<T>(ys[n + t][r]);  // the fused shared expert (stored in T by the MLP path)
             const i64 o = (i64)t * hidden + r0 + r;
             if (shared) acc += ld(shared, o);
             st(out, o, acc);
