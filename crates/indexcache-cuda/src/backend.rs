@@ -19,6 +19,15 @@
 //! [`Backend::selection_to_host`], marks, and once per MoE layer for the `E` per-expert token
 //! counts that size the expert GEMMs.
 //!
+//! # Recorded steps
+//!
+//! [`Backend::graph_begin`] starts capturing the device's stream (relaxed mode) and
+//! [`Backend::graph_end`] instantiates a CUDA graph of everything enqueued in between; the model
+//! records a decode step once per cache and replays it per token. Allocations made while capturing
+//! become graph memory nodes (freed inside the graph); host reads and synchronisation are refused
+//! with an error while capturing; cuBLAS runs on a fixed workspace so no GEMM allocates.
+//! `INDEXCACHE_CUDA_GRAPH=0` turns recording off (every step then runs op by op).
+//!
 //! # Memory
 //!
 //! Every buffer comes from [`Dev::alloc`], i.e. cudarc's stream-ordered `cuMemAllocAsync` /
