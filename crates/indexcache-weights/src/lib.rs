@@ -1,10 +1,12 @@
-//! Memory-mapped safetensors checkpoints.
+//! Memory-mapped safetensors checkpoints and GGUF files.
 //!
 //! * [`WeightStore::open`] reads `model.safetensors.index.json` (sharded) or every `*.safetensors`
 //!   in a directory (single file), memory-maps the files and validates headers.
 //! * [`WeightStore::load_f32`] decodes one tensor to `f32` (f32, bf16, f16, fp8 e4m3fn with a
 //!   `<name>_scale_inv` companion of 128×128 block scales, edge blocks partial), checking shape.
 //! * Every tensor that was loaded is remembered, so [`WeightStore::unused`] reports the rest.
+//! * [`GgufFile::open`] reads a llama.cpp GGUF (v2/v3) file: metadata, tensor table, and
+//!   [`GgufFile::load_f32`] dequantises F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), indexcache_weights::WeightError> {
@@ -16,6 +18,7 @@
 //! ```
 
 mod fp8;
+pub mod gguf;
 mod header;
 
 use std::collections::HashMap;
@@ -30,6 +33,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub use fp8::{f8e4m3_lut, f8e4m3_to_f32, f32_to_f8e4m3};
+pub use gguf::{GgmlType, GgufArray, GgufError, GgufFile, GgufTensorInfo, GgufValue, GgufValueType};
 
 /// Name of the shard index of a sharded HF checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
