@@ -233,6 +233,11 @@ const LATENT_STORE: Kernel = Kernel {
     names: ["latent_store_f32", "latent_store_bf16"],
     sig: &[TP, TP, TP, TP, TP, TP, TI, TI, TI, TF],
 };
+const GQA_ATTN: Kernel = Kernel {
+    src: &kernels::GQA,
+    names: ["gqa_attn_f32", "gqa_attn_bf16"],
+    sig: &[TP, TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TF],
+};
 const NLL: Kernel = Kernel { src: &kernels::ELEMENTWISE, names: ["nll_f32", "nll_bf16"], sig: &[TP, TP, TP, TL] };
 const MOE_ROUTE: Kernel =
     Kernel { src: &kernels::MOE, names: ["moe_route"; 2], sig: &[TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TI, TF] };
@@ -258,6 +263,7 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &ADD_RMS_NORM,
     &SPLIT_HEADS_ROPE,
     &LATENT_STORE,
+    &GQA_ATTN,
     &NLL,
     &MOE_ROUTE,
     &MOE_SLOTS,
@@ -1133,6 +1139,79 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn gqa_attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        kv_heads: usize,
+        pos: &Positions<DevBuf>,
+        sel: Option<&CudaSelection>,
+        scale: f32,
+    ) -> OpResult<CudaTensor> {
+        const OP: &str = "gqa_attention";
+        let shapes = || {
+            format!(
+                "q {}, k {}, v {}, heads {heads}/{kv_heads}, {} positions{}",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                pos.len(),
+                sel.map_or(String::new(), |s| format!(", selection [{}, {}]", s.rows, s.k))
+            )
+        };
+        let ok = heads > 0
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && q.cols.is_multiple_of(heads)
+            && k.cols == kv_heads * (q.cols / heads)
+            && v.cols.is_multiple_of(kv_heads)
+            && k.rows == v.rows
+            && q.rows == pos.len()
+            && sel.is_none_or(|s| s.rows == q.rows);
+        if !ok {
+            return Err(bad(OP, shapes(), "inconsistent shapes"));
+        }
+        let (d, dv) = (q.cols / heads, v.cols / kv_heads);
+        if d > 256 || dv > 512 {
+            return Err(bad(OP, shapes(), "head dims above 256 (q/k) or 512 (v) are not supported"));
+        }
+        if pos.max_visible() > k.rows {
+            return Err(bad(OP, shapes(), "a position beyond the cache"));
+        }
+        let out = self.tensor_out(OP, q.rows, heads * dv)?;
+        if q.rows == 0 {
+            return Ok(out);
+        }
+        let heads_u32 = u32::try_from(heads).map_err(|_| bad(OP, shapes(), "too many heads"))?;
+        let cfg = LaunchConfig { grid_dim: (q.rows as u32, heads_u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let (sel_ptr, nsel) = sel.map_or((0, 0), |s| (s.buf.ptr(), s.k));
+        let i32a = |x: usize| Arg::I32(x as i32);
+        self.launch(
+            &GQA_ATTN,
+            self.dtype,
+            cfg,
+            OP,
+            shapes,
+            &[
+                Arg::Ptr(q.ptr()),
+                Arg::Ptr(k.ptr()),
+                Arg::Ptr(v.ptr()),
+                Arg::Ptr(pos.device.ptr()),
+                Arg::Ptr(sel_ptr),
+                Arg::Ptr(out.ptr()),
+                i32a(heads),
+                i32a(kv_heads),
+                i32a(d),
+                i32a(dv),
+                i32a(nsel),
+                Arg::F32(scale),
+            ],
+        )?;
+        Ok(out)
+    }
+
     // ---- FFN --------------------------------------------------------------------------------
 
     fn mlp(&self, x: &CudaTensor, mlp: &Mlp<CudaWeight>) -> OpResult<CudaTensor> {
@@ -1653,7 +1732,7 @@ mod tests {
         )
     }
 
-    /// Compiles `elementwise.cu` and `moe.cu` with NVRTC (no GPU needed) and checks that every
+    /// Compiles `elementwise.cu`, `moe.cu` and `gqa.cu` with NVRTC (no GPU needed) and checks that every
     /// entry point this module launches exists with exactly the parameter list it is launched with.
     #[test]
     fn kernels_compile_with_the_signatures_launched() {
@@ -1662,7 +1741,7 @@ mod tests {
             return;
         }
         let mut ptx = std::collections::HashMap::new();
-        for src in [&kernels::ELEMENTWISE, &kernels::MOE] {
+        for src in [&kernels::ELEMENTWISE, &kernels::MOE, &kernels::GQA] {
             let p = dev::compile(src).unwrap_or_else(|e| panic!("{e}"));
             ptx.insert(src.name, p.to_src());
         }

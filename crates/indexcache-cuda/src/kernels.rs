@@ -18,7 +18,10 @@ pub const MOE_DECODE: Source = Source {
     code: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/moe_decode.cu")),
 };
 
+pub const GQA: Source =
+    Source { name: "gqa", code: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/gqa.cu")) };
+
 /// Every kernel source (the compile test in CI walks this list).
 pub fn all() -> Vec<&'static Source> {
-    vec![&INDEXER, &TOPK, &MLA, &ELEMENTWISE, &MOE, &FP8, &MOE_DECODE]
+    vec![&INDEXER, &TOPK, &MLA, &ELEMENTWISE, &MOE, &FP8, &MOE_DECODE, &GQA]
 }

@@ -758,6 +758,68 @@ impl<'a, B: Backend> Suite<'a, B> {
         }
     }
 
+    // ---- grouped-query attention (dense models) -------------------------------------------------
+
+    fn gqa(&mut self) {
+        let loose = self.tol.rel_loose;
+        // (name, heads, kv heads, D, Dv, first position, rows, cache rows, selected per row)
+        let cases = [
+            ("prefill, GQA 9/3", 9usize, 3usize, 64usize, 64usize, 0usize, 24usize, 40usize, None),
+            ("chunk at 17, GQA 6/2", 6, 2, 16, 16, 17, 5, 30, None),
+            ("decode, GQA 9/3", 9, 3, 64, 64, 300, 1, 320, None),
+            ("MHA 4/4, Dv 8 != D 24", 4, 4, 24, 8, 3, 6, 12, None),
+            ("selected, GQA 6/2, -1 padded", 6, 2, 32, 32, 40, 4, 50, Some(12usize)),
+        ];
+        for (ci, (name, heads, kv, d, dv, p0, rows, cache_rows, picks)) in cases.into_iter().enumerate() {
+            let case = format!("{name}: positions {p0}..{}, D {d}, Dv {dv}", p0 + rows);
+            self.rel("gqa_attention", case, loose, |s| {
+                let seed = 500 + 10 * ci as u64;
+                let q = s.data(seed, rows * heads * d, 2.0);
+                let k = s.data(seed + 1, cache_rows * kv * d, 2.0);
+                let v = s.data(seed + 2, cache_rows * kv * dv, 1.0);
+                let positions: Vec<usize> = (p0..p0 + rows).collect();
+                let sel = picks.map(|n| {
+                    let mut data = vec![-1i32; rows * n];
+                    for (t, &p) in positions.iter().enumerate() {
+                        let valid = n.min(p + 1) - t; // rows padded with -1 at different lengths
+                        for (i, &pick) in shuffle(seed + 20 + t as u64, p + 1).iter().take(valid).enumerate() {
+                            data[t * n + i] = pick as i32;
+                        }
+                    }
+                    TopK { rows, k: n, data }
+                });
+                let scale = 1.0 / (d as f32).sqrt();
+                let want = reference::gqa_attention(&q, &k, &v, heads, kv, d, dv, &positions, sel.as_ref(), scale);
+                let dev_sel = match &sel {
+                    Some(t) => Some(s.b.selection_from_host(t)?),
+                    None => None,
+                };
+                let got = s.b.gqa_attention(
+                    &s.up(&q, rows, heads * d)?,
+                    &s.up(&k, cache_rows, kv * d)?,
+                    &s.up(&v, cache_rows, kv * dv)?,
+                    heads,
+                    kv,
+                    &s.b.positions(&positions)?,
+                    dev_sel.as_ref(),
+                    scale,
+                )?;
+                Ok((s.b.download(&got)?, want))
+            });
+        }
+        self.must_fail("gqa_attention", "position 12 of a 12-row cache".into(), |s| {
+            let q = s.up(&s.data(590, 2 * 4 * 8, 1.0), 2, 32)?;
+            let k = s.up(&s.data(591, 12 * 2 * 8, 1.0), 12, 16)?;
+            let v = s.up(&s.data(592, 12 * 2 * 8, 1.0), 12, 16)?;
+            s.b.gqa_attention(&q, &k, &v, 4, 2, &s.b.positions(&[11, 12])?, None, 1.0)
+        });
+        self.must_fail("gqa_attention", "heads 4 not a multiple of kv heads 3".into(), |s| {
+            let q = s.up(&s.data(593, 4 * 8, 1.0), 1, 32)?;
+            let kv = s.up(&s.data(594, 12 * 3 * 8, 1.0), 12, 24)?;
+            s.b.gqa_attention(&q, &kv, &kv, 4, 3, &s.b.positions(&[5])?, None, 1.0)
+        });
+    }
+
     // ---- loss ---------------------------------------------------------------------------------
 
     fn loss(&mut self) {
@@ -795,6 +857,7 @@ pub fn run<B: Backend>(b: &B, tol: Tolerance) -> Vec<CheckResult> {
     s.matmuls();
     s.ffn();
     s.dsa();
+    s.gqa();
     s.loss();
     s.out
 }
@@ -888,6 +951,20 @@ mod tests {
         }
         fn write_rows(&self, dst: &mut CpuTensor, pos: &Positions<()>, col0: usize, src: &CpuTensor) -> OpResult<()> {
             self.0.write_rows(dst, pos, col0, src)
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn gqa_attention(
+            &self,
+            q: &CpuTensor,
+            k: &CpuTensor,
+            v: &CpuTensor,
+            heads: usize,
+            kv_heads: usize,
+            pos: &Positions<()>,
+            sel: Option<&TopK>,
+            scale: f32,
+        ) -> OpResult<CpuTensor> {
+            self.0.gqa_attention(q, k, v, heads, kv_heads, pos, sel, scale)
         }
         fn rope_table(&self, table: &RopeTable) -> OpResult<RopeTable> {
             self.0.rope_table(table)

@@ -365,6 +365,25 @@ pub trait Backend: Send + Sync {
         scale: f32,
     ) -> OpResult<Self::Tensor>;
 
+    /// Multi-head attention with grouped KV heads (GQA; MHA when `kv_heads == heads`):
+    /// `q [T, heads*D]` (RoPE applied), caches `k [≥S, kv_heads*D]`, `v [≥S, kv_heads*Dv]`; query
+    /// head `h` reads KV head `h / (heads / kv_heads)`. Row `t` attends to keys `0..=pos[t]`
+    /// (`sel` = `None`: causal dense) or to its selected positions (`sel[t, :]`, entries < 0
+    /// skipped: sparse, as DSA on a dense model). Returns `[T, heads*Dv]` = softmax(scale·q·kᵀ)·v
+    /// in f32 arithmetic (zeros for a row with nothing to attend to).
+    #[allow(clippy::too_many_arguments)]
+    fn gqa_attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: usize,
+        kv_heads: usize,
+        pos: &Positions<Self::PosData>,
+        sel: Option<&Self::Selection>,
+        scale: f32,
+    ) -> OpResult<Self::Tensor>;
+
     // ---- FFN ----------------------------------------------------------------------------
     fn mlp(&self, x: &Self::Tensor, mlp: &Mlp<Self::Weight>) -> OpResult<Self::Tensor>;
     fn moe(&self, x: &Self::Tensor, moe: &Moe<Self::Weight, Self::Vector>) -> OpResult<Self::Tensor>;

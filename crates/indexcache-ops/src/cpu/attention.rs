@@ -1,4 +1,7 @@
-//! Sparse MLA attention in the absorbed (MQA) form, over the selected positions only.
+//! Attention on the CPU: sparse MLA in the absorbed (MQA) form over the selected positions, and
+//! grouped-query attention (dense causal or over selected positions) for dense models.
+//!
+//! # Sparse MLA
 //!
 //! Per query row `t`: gather the `n ≤ K` selected cache rows `[c_kv | k_pe]` (`R+P` wide) once
 //! — all `H` heads share them — then `logits [H, n] = Q_t [H, R+P] · Gᵀ`, a row softmax, and
@@ -100,6 +103,121 @@ pub fn sparse_mla(q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &
         },
     );
     CpuTensor::new(out, rows, heads * r)
+}
+
+/// Grouped-query attention (see `Backend::gqa_attention`). Work item = (row `t`, KV head `g`): the
+/// `rep = heads / kv_heads` query heads of the group share the keys they read, so
+/// `logits [rep, n] = Q [rep, D] · K_gᵀ` and `O [rep, Dv] = softmax · V_g` are two small GEMMs
+/// over the visible keys (read in place from the cache for a causal row, gathered for a
+/// selection).
+#[allow(clippy::too_many_arguments)]
+pub fn gqa(
+    q: &CpuTensor,
+    k: &CpuTensor,
+    v: &CpuTensor,
+    heads: usize,
+    kv_heads: usize,
+    pos: &[usize],
+    sel: Option<&TopK>,
+    scale: f32,
+) -> CpuTensor {
+    let rows = q.rows;
+    let d = q.cols / heads;
+    let dv = v.cols / kv_heads;
+    let rep = heads / kv_heads;
+    let (kw, vw) = (k.cols, v.cols);
+    let mut out = vec![0.0f32; rows * heads * dv];
+    out.par_chunks_mut(rep * dv).enumerate().for_each_init(
+        || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
+        |(kg, vg, logits), (i, o)| {
+            let (t, g) = (i / kv_heads, i % kv_heads);
+            let qg = &q.row(t)[g * rep * d..(g + 1) * rep * d];
+            // Keys and values of the group: in place (causal) or gathered (selection), with row
+            // strides `ks` / `vs`.
+            let (kp, ks, vp, vs, n) = match sel {
+                None => {
+                    let n = pos[t] + 1;
+                    (k.data[g * d..].as_ptr(), kw, v.data[g * dv..].as_ptr(), vw, n)
+                }
+                Some(sel) => {
+                    kg.clear();
+                    vg.clear();
+                    for s in sel.valid(t) {
+                        kg.extend_from_slice(&k.row(s)[g * d..(g + 1) * d]);
+                        vg.extend_from_slice(&v.row(s)[g * dv..(g + 1) * dv]);
+                    }
+                    (kg.as_ptr(), d, vg.as_ptr(), dv, kg.len() / d)
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            logits.clear();
+            logits.resize(rep * n, 0.0);
+            // SAFETY: qg is rep×d (row stride d); the keys are n rows of d at stride ks (inside
+            // the cache: rows 0..=pos[t] < k.rows, or the gathered buffer); logits rep×n.
+            unsafe {
+                gemm(
+                    rep,
+                    n,
+                    d,
+                    logits.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    qg.as_ptr(),
+                    1,
+                    d as isize,
+                    kp,
+                    ks as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for row in logits.chunks_mut(n) {
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut z = 0.0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - m).exp();
+                    z += *x;
+                }
+                let inv = 1.0 / z;
+                for x in row.iter_mut() {
+                    *x *= inv;
+                }
+            }
+            // SAFETY: logits rep×n; the values are n rows of dv at stride vs; o is rep×dv.
+            unsafe {
+                gemm(
+                    rep,
+                    dv,
+                    n,
+                    o.as_mut_ptr(),
+                    1,
+                    dv as isize,
+                    false,
+                    logits.as_ptr(),
+                    1,
+                    n as isize,
+                    vp,
+                    1,
+                    vs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        },
+    );
+    CpuTensor::new(out, rows, heads * dv)
 }
 
 #[cfg(test)]

@@ -371,6 +371,47 @@ impl Backend for CpuBackend {
         Ok(attention::sparse_mla(q_lat, q_pe, cache, sel, scale))
     }
 
+    fn gqa_attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        heads: usize,
+        kv_heads: usize,
+        pos: &Positions<()>,
+        sel: Option<&TopK>,
+        scale: f32,
+    ) -> OpResult<CpuTensor> {
+        let shapes = || {
+            format!(
+                "q [{}, {}], k [{}, {}], v [{}, {}], heads {heads}/{kv_heads}, {} positions",
+                q.rows,
+                q.cols,
+                k.rows,
+                k.cols,
+                v.rows,
+                v.cols,
+                pos.len()
+            )
+        };
+        let ok = heads > 0
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && q.cols.is_multiple_of(heads)
+            && k.cols == kv_heads * (q.cols / heads)
+            && v.cols.is_multiple_of(kv_heads)
+            && k.rows == v.rows
+            && q.rows == pos.len()
+            && sel.is_none_or(|s| s.rows == q.rows);
+        if !ok {
+            return Err(OpError::new("gqa_attention", shapes(), "inconsistent shapes"));
+        }
+        if pos.max_visible() > k.rows || sel.is_some_and(|s| s.data.iter().any(|&p| p >= k.rows as i32)) {
+            return Err(OpError::new("gqa_attention", shapes(), "a position beyond the cache"));
+        }
+        Ok(attention::gqa(q, k, v, heads, kv_heads, &pos.host, sel, scale))
+    }
+
     fn mlp(&self, x: &CpuTensor, mlp: &Mlp<CpuWeight>) -> OpResult<CpuTensor> {
         Ok(self.swiglu(x, &mlp.gate.data, &mlp.up.data, &mlp.down.data, mlp.gate.rows))
     }

@@ -106,3 +106,48 @@ pub fn sparse_mla_masked(
     }
     out
 }
+
+/// Plain f64 grouped-query attention (the conformance reference of `Backend::gqa_attention`):
+/// row `t`, head `h` attends to keys `0..=pos[t]`, or to the valid entries of `sel` row `t`.
+#[allow(clippy::too_many_arguments)]
+pub fn gqa_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    dv: usize,
+    pos: &[usize],
+    sel: Option<&crate::TopK>,
+    scale: f32,
+) -> Vec<f32> {
+    let rows = pos.len();
+    let rep = heads / kv_heads;
+    let mut out = vec![0.0f32; rows * heads * dv];
+    for t in 0..rows {
+        let keys: Vec<usize> = match sel {
+            None => (0..=pos[t]).collect(),
+            Some(s) => s.valid(t).collect(),
+        };
+        for h in 0..heads {
+            let g = h / rep;
+            let qh = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
+            let logits: Vec<f64> = keys
+                .iter()
+                .map(|&s| {
+                    let kr = &k[(s * kv_heads + g) * d..(s * kv_heads + g + 1) * d];
+                    scale as f64 * qh.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logits.iter().map(|&l| (l - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for c in 0..dv {
+                let acc: f64 = keys.iter().zip(&w).map(|(&s, &wi)| wi * v[(s * kv_heads + g) * dv + c] as f64).sum();
+                out[(t * heads + h) * dv + c] = if keys.is_empty() { 0.0 } else { (acc / z) as f32 };
+            }
+        }
+    }
+    out
+}
