@@ -20,6 +20,9 @@ pub enum Arch {
     DeepseekV32,
     /// `glm_moe_dsa`: indexer RoPE interleaved.
     GlmMoeDsa,
+    /// `llama`: a dense GQA model (read from a GGUF file, [`ModelConfig::llama`]), optionally
+    /// with lightning indexers added (DSA on a dense model).
+    Llama,
 }
 
 impl Arch {
@@ -28,6 +31,7 @@ impl Arch {
         match model_type {
             "deepseek_v32" => Some(Self::DeepseekV32),
             "glm_moe_dsa" => Some(Self::GlmMoeDsa),
+            "llama" => Some(Self::Llama),
             _ => None,
         }
     }
@@ -37,7 +41,13 @@ impl Arch {
         match self {
             Self::DeepseekV32 => "deepseek_v32",
             Self::GlmMoeDsa => "glm_moe_dsa",
+            Self::Llama => "llama",
         }
+    }
+
+    /// Multi-head latent attention (the DSA models) rather than grouped-query attention.
+    pub fn is_mla(self) -> bool {
+        !matches!(self, Self::Llama)
     }
 
     /// transformers' class defaults for this model type (used for keys absent from config.json).
@@ -77,6 +87,24 @@ impl Arch {
                 max_position_embeddings: 202_752,
                 rms_norm_eps: 1e-5,
                 index_n_heads: 32,
+                indexer_rope_interleave: true,
+            },
+            // LlamaConfig (transformers 5.24); MLA / MoE / indexer values unused.
+            Self::Llama => ArchDefaults {
+                vocab_size: 32_000,
+                hidden_size: 4096,
+                intermediate_size: 11_008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: 32,
+                q_lora_rank: 0,
+                qk_nope_head_dim: 0,
+                v_head_dim: 0,
+                n_group: 1,
+                topk_group: 1,
+                max_position_embeddings: 2048,
+                rms_norm_eps: 1e-6,
+                index_n_heads: 0,
                 indexer_rope_interleave: true,
             },
         }
@@ -310,6 +338,46 @@ pub struct ModelConfig {
     pub schedule: IndexSchedule,
     /// MTP layers in the checkpoint after the decoder layers (reported, not run). Default 0.
     pub num_nextn_predict_layers: usize,
+    /// Grouped-query attention ([`Arch::Llama`]): key/value heads (= `num_attention_heads` for
+    /// MLA models, where it is unused).
+    pub num_key_value_heads: usize,
+    /// Grouped-query attention: the q/k/v head dim (0 for MLA models).
+    pub head_dim: usize,
+    /// Grouped-query attention: RoPE on interleaved pairs (2i, 2i+1), as a GGUF's permuted q/k
+    /// weights need; half-split (HF layout) otherwise.
+    pub rope_interleave: bool,
+}
+
+/// The hyper-parameters of a llama model (read from GGUF metadata) and of the lightning
+/// indexers added to it, for [`ModelConfig::llama`].
+#[derive(Debug, Clone)]
+pub struct LlamaParams {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub rope_interleave: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The indexers: heads, head dim (all of it rotated, with the model's RoPE), top-k, and the
+    /// schedule they declare. `None`: a dense model without indexers.
+    pub indexer: Option<LlamaIndexer>,
+}
+
+/// Lightning indexers on a dense model (see [`LlamaParams::indexer`]).
+#[derive(Debug, Clone)]
+pub struct LlamaIndexer {
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub topk: usize,
+    pub schedule: IndexSchedule,
 }
 
 /// Why `config.json` could not be turned into a [`ModelConfig`]. Every variant names where
@@ -393,6 +461,12 @@ impl ModelConfig {
             origin: origin.to_string(),
             model_type: model_type.to_string(),
         })?;
+        if arch == Arch::Llama {
+            return Err(e.unsupported(
+                "model_type",
+                "\"llama\" is read from its GGUF file (`-m model.gguf`, or a model directory whose config names one)",
+            ));
+        }
         let d = arch.defaults();
 
         // Options the engine does not implement (transformers would build a different model).
@@ -605,6 +679,97 @@ impl ModelConfig {
             eos_token_ids,
             schedule,
             num_nextn_predict_layers: raw.num_nextn_predict_layers.unwrap_or(0),
+            num_key_value_heads: num_attention_heads,
+            head_dim: 0,
+            rope_interleave: false,
+        })
+    }
+
+    /// A dense llama model (GQA, SwiGLU, RMSNorm, plain RoPE over the whole head), with the
+    /// lightning indexers of `p.indexer` if any. `origin` names where the values come from (the
+    /// GGUF file) in errors.
+    pub fn llama(p: &LlamaParams, origin: &str) -> Result<ModelConfig, ConfigError> {
+        let e = Errs { origin };
+        let hidden_size = e.nonzero("hidden_size", p.hidden_size)?;
+        let num_hidden_layers = e.nonzero("num_hidden_layers", p.num_hidden_layers)?;
+        let heads = e.nonzero("num_attention_heads", p.num_attention_heads)?;
+        let kv_heads = e.nonzero("num_key_value_heads", p.num_key_value_heads)?;
+        let head_dim = e.nonzero("head_dim", p.head_dim)?;
+        e.nonzero("vocab_size", p.vocab_size)?;
+        e.nonzero("intermediate_size", p.intermediate_size)?;
+        if !heads.is_multiple_of(kv_heads) {
+            return Err(
+                e.invalid("num_key_value_heads", format!("{kv_heads} does not divide num_attention_heads {heads}"))
+            );
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(e.invalid("head_dim", format!("{head_dim} is odd; RoPE rotates pairs")));
+        }
+        if p.rope_theta.is_nan() || p.rope_theta <= 0.0 {
+            return Err(e.invalid("rope_theta", format!("{} (must be > 0)", p.rope_theta)));
+        }
+        let rope = RopeConfig { theta: p.rope_theta, dim: head_dim, scaling: RopeScaling::Default };
+        let (index_n_heads, index_head_dim, index_topk, schedule) = match &p.indexer {
+            Some(ix) => {
+                if ix.head_dim != head_dim {
+                    return Err(e.invalid(
+                        "index_head_dim",
+                        format!(
+                            "{} must equal the model's head_dim {head_dim} (the indexer shares its RoPE)",
+                            ix.head_dim
+                        ),
+                    ));
+                }
+                e.nonzero("index_n_heads", ix.n_heads)?;
+                e.nonzero("index_topk", ix.topk)?;
+                if ix.schedule.len() != num_hidden_layers {
+                    return Err(e.invalid(
+                        "index_topk_pattern",
+                        format!("{} layers for a {num_hidden_layers}-layer model", ix.schedule.len()),
+                    ));
+                }
+                (ix.n_heads, ix.head_dim, ix.topk, ix.schedule.clone())
+            }
+            None => (0, 0, 0, IndexSchedule::all_full(num_hidden_layers)),
+        };
+        Ok(ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: p.vocab_size,
+            hidden_size,
+            intermediate_size: p.intermediate_size,
+            moe_intermediate_size: 0,
+            num_hidden_layers,
+            num_attention_heads: heads,
+            q_lora_rank: 0,
+            kv_lora_rank: 0,
+            qk_nope_head_dim: 0,
+            qk_rope_head_dim: head_dim,
+            v_head_dim: head_dim,
+            n_routed_experts: 0,
+            n_shared_experts: 0,
+            num_experts_per_tok: 0,
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+            mlp_layer_types: vec![MlpKind::Dense; num_hidden_layers],
+            rms_norm_eps: p.rms_norm_eps,
+            softmax_scale: (head_dim as f64).powf(-0.5) as f32,
+            rope,
+            index_n_heads,
+            index_head_dim,
+            index_topk,
+            indexer_rope_interleave: p.rope_interleave,
+            tie_word_embeddings: p.tie_word_embeddings,
+            quantization: None,
+            max_position_embeddings: p.max_position_embeddings,
+            bos_token_id: p.bos_token_id,
+            eos_token_ids: p.eos_token_ids.clone(),
+            schedule,
+            num_nextn_predict_layers: 0,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rope_interleave: p.rope_interleave,
         })
     }
 }

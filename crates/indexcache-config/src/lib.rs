@@ -19,5 +19,8 @@ mod config;
 mod rope;
 mod schedule;
 
-pub use config::{Arch, ConfigError, Fp8Quant, MlpKind, ModelConfig, RawConfig, RopeConfig, RopeScaling, TokenIds};
+pub use config::{
+    Arch, ConfigError, Fp8Quant, LlamaIndexer, LlamaParams, MlpKind, ModelConfig, RawConfig, RopeConfig, RopeScaling,
+    TokenIds,
+};
 pub use schedule::{IndexSchedule, LayerIndexer, ScheduleError, ScheduleOverride};

@@ -14,10 +14,17 @@ use crate::error::ModelError;
 use indexcache_config::{IndexSchedule, ModelConfig};
 use indexcache_ops::{Backend, Positions, RopeTable};
 
+/// What a layer caches per token for its attention.
+pub enum LayerKv<B: Backend> {
+    /// MLA: `[capacity, R+P]`, rows `[c_kv | k_pe]`.
+    Latent(B::Tensor),
+    /// Grouped-query attention: keys (RoPE applied) and values, `[capacity, Hkv*D]` each.
+    Gqa { k: B::Tensor, v: B::Tensor },
+}
+
 pub struct LayerCache<B: Backend> {
-    /// `[capacity, R+P]`: rows `[c_kv | k_pe]`.
-    pub latent: B::Tensor,
-    /// `[capacity, D]` on Full layers; `None` on Shared layers.
+    pub kv: LayerKv<B>,
+    /// `[capacity, D]` on Full layers; `None` on Shared layers (and under dense attention).
     pub index_keys: Option<B::Tensor>,
 }
 
@@ -53,7 +60,13 @@ pub struct Cache<B: Backend> {
 }
 
 impl<B: Backend> Cache<B> {
-    pub(crate) fn new(b: &B, cfg: &ModelConfig, schedule: IndexSchedule, capacity: usize) -> Result<Self, ModelError> {
+    pub(crate) fn new(
+        b: &B,
+        cfg: &ModelConfig,
+        schedule: IndexSchedule,
+        capacity: usize,
+        index_keys: bool,
+    ) -> Result<Self, ModelError> {
         if capacity > cfg.max_position_embeddings {
             return Err(ModelError::ContextTooLong {
                 needed: capacity,
@@ -65,12 +78,21 @@ impl<B: Backend> Cache<B> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let cache_err = |e| ModelError::Cache { layer: l, capacity, source: e };
-            let latent = b.zeros(capacity, width).map_err(cache_err)?;
-            let index_keys = match schedule.is_full(l) {
+            let kv = match cfg.arch.is_mla() {
+                true => LayerKv::Latent(b.zeros(capacity, width).map_err(cache_err)?),
+                false => {
+                    let w = cfg.num_key_value_heads * cfg.head_dim;
+                    LayerKv::Gqa {
+                        k: b.zeros(capacity, w).map_err(cache_err)?,
+                        v: b.zeros(capacity, w).map_err(cache_err)?,
+                    }
+                }
+            };
+            let index_keys = match index_keys && schedule.is_full(l) {
                 true => Some(b.zeros(capacity, cfg.index_head_dim).map_err(cache_err)?),
                 false => None,
             };
-            layers.push(LayerCache { latent, index_keys });
+            layers.push(LayerCache { kv, index_keys });
         }
         let table = RopeTable::new(&cfg.rope.inv_freq(), cfg.rope.attention_factor(), capacity);
         let rope = b.rope_table(&table)?;
@@ -128,7 +150,12 @@ pub struct CacheBytes {
 pub fn cache_bytes_per_token(cfg: &ModelConfig, schedule: &IndexSchedule) -> CacheBytes {
     let (r, p, d) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim);
     let layers = cfg.num_hidden_layers;
-    let full = schedule.num_full();
+    let full = if cfg.index_n_heads > 0 { schedule.num_full() } else { 0 };
+    if !cfg.arch.is_mla() {
+        // K and V of every KV head; the FP8 layout stores them as e4m3 (+ the indexer key).
+        let kv = 2 * cfg.num_key_value_heads * cfg.head_dim;
+        return CacheBytes { engine_f32: 4 * (kv * layers + d * full), production_fp8: kv * layers + (d + 4) * full };
+    }
     CacheBytes {
         engine_f32: 4 * ((r + p) * layers + d * full),
         production_fp8: (r + 4 * r.div_ceil(128) + 2 * p) * layers + (d + 4) * full,

@@ -15,7 +15,7 @@ pub mod model;
 pub mod sampler;
 pub mod weights;
 
-pub use cache::{Cache, CacheBytes, cache_bytes_per_token};
+pub use cache::{Cache, CacheBytes, LayerKv, cache_bytes_per_token};
 pub use error::ModelError;
 pub use generate::{GenStats, generate};
 pub use model::{

@@ -13,10 +13,11 @@
 //! x += o_proj(o); x += ffn(rms_norm(x))             dense SwiGLU or MoE
 //! ```
 
-use crate::cache::{Cache, LayerCache, StepGraph};
+use crate::cache::{Cache, LayerCache, LayerKv, StepGraph};
 use crate::error::ModelError;
 use crate::weights::{
-    CheckpointSource, FfnWeights, IndexerSelection, ModelWeights, RandomSource, WeightSource, load_weights,
+    AttentionWeights, CheckpointSource, FfnWeights, IndexerSelection, ModelWeights, RandomSource, WeightSource,
+    load_weights,
 };
 use indexcache_config::{IndexSchedule, LayerIndexer, ModelConfig, ScheduleOverride};
 use indexcache_ops::{Backend, Positions, RopeLayout, TopK};
@@ -178,6 +179,11 @@ pub struct DsaModel<B: Backend> {
     step_graphs: std::sync::atomic::AtomicBool,
     /// Identifies this model in the steps recorded over its caches.
     id: u64,
+    /// Dense attention (a GQA model without indexers, or `--attention dense`): every layer
+    /// attends to all earlier tokens and no indexer runs; the schedule is ignored.
+    dense_attention: bool,
+    /// RoPE layout of a GQA model's q/k (interleaved for a GGUF's permuted weights).
+    gqa_layout: RopeLayout,
 }
 
 /// Launch shapes of a recorded decode step cover positions below this or the next power of two
@@ -245,9 +251,22 @@ impl<B: Backend> DsaModel<B> {
         if schedule.len() != cfg.num_hidden_layers {
             return Err(ModelError::ScheduleLength { expected: cfg.num_hidden_layers, got: schedule.len() });
         }
-        check_indexers(&cfg, &schedule, |n| src.has(n))?;
-        let full: Vec<bool> = (0..cfg.num_hidden_layers).map(|l| schedule.is_full(l)).collect();
+        let dense_attention = indexers == IndexerSelection::None || cfg.index_n_heads == 0;
+        if dense_attention && cfg.arch.is_mla() {
+            return Err(ModelError::Invalid(format!(
+                "dense attention needs a grouped-query (llama) model; {} attends sparsely over its indexers",
+                cfg.arch.model_type()
+            )));
+        }
+        let full: Vec<bool> = match dense_attention {
+            true => vec![false; cfg.num_hidden_layers],
+            false => {
+                check_indexers(&cfg, &schedule, |n| src.has(n))?;
+                (0..cfg.num_hidden_layers).map(|l| schedule.is_full(l)).collect()
+            }
+        };
         let weights = load_weights(&backend, &cfg, src, &full, indexers)?;
+        let gqa_layout = if cfg.rope_interleave { RopeLayout::Interleaved } else { RopeLayout::HalfSplit };
         let indexer_layout = if cfg.indexer_rope_interleave { RopeLayout::Interleaved } else { RopeLayout::HalfSplit };
         Ok(Self {
             backend,
@@ -259,6 +278,8 @@ impl<B: Backend> DsaModel<B> {
             stage_timing: std::sync::atomic::AtomicBool::new(false),
             step_graphs: std::sync::atomic::AtomicBool::new(true),
             id: next_model_id(),
+            dense_attention,
+            gqa_layout,
         })
     }
 
@@ -318,7 +339,7 @@ impl<B: Backend> DsaModel<B> {
 
     /// Layers whose indexer weights are loaded.
     pub fn layers_with_indexer(&self) -> Vec<usize> {
-        (0..self.cfg.num_hidden_layers).filter(|&l| self.weights.layers[l].attn.indexer.is_some()).collect()
+        (0..self.cfg.num_hidden_layers).filter(|&l| self.weights.layers[l].indexer.is_some()).collect()
     }
 
     /// A cache for `capacity` tokens with the model's schedule.
@@ -329,13 +350,22 @@ impl<B: Backend> DsaModel<B> {
     /// A cache with another schedule (every Full layer needs its indexer loaded).
     pub fn new_cache_with(&self, schedule: IndexSchedule, capacity: usize) -> Result<Cache<B>, ModelError> {
         self.check_schedule(&schedule)?;
-        Cache::new(&self.backend, &self.cfg, schedule, capacity)
+        Cache::new(&self.backend, &self.cfg, schedule, capacity, !self.dense_attention)
     }
 
-    /// Can this model run `schedule`? Right length, and every Full layer's indexer loaded.
+    /// Does every layer attend densely (no indexer runs)?
+    pub fn dense_attention(&self) -> bool {
+        self.dense_attention
+    }
+
+    /// Can this model run `schedule`? Right length, and every Full layer's indexer loaded
+    /// (anything goes under dense attention, which ignores the schedule).
     pub fn check_schedule(&self, schedule: &IndexSchedule) -> Result<(), ModelError> {
         if schedule.len() != self.cfg.num_hidden_layers {
             return Err(ModelError::ScheduleLength { expected: self.cfg.num_hidden_layers, got: schedule.len() });
+        }
+        if self.dense_attention {
+            return Ok(());
         }
         let loaded = self.layers_with_indexer();
         match schedule.full_layers().into_iter().find(|l| !loaded.contains(l)) {
@@ -623,33 +653,59 @@ impl<B: Backend> DsaModel<B> {
     ) -> Result<(B::Tensor, Option<(B::Mark, B::Mark)>), ModelError> {
         let b = &self.backend;
         let c = &self.cfg;
-        let w = &self.weights.layers[l].attn;
-        let (heads, nope, p, r) = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank);
+        let lw = &self.weights.layers[l];
+        let p = c.qk_rope_head_dim;
         let Cache { schedule, layers, rope, .. } = cache;
         let lc: &mut LayerCache<B> = &mut layers[l];
 
-        // Queries: latent qr (shared with the indexer), then per head [nope | rope].
-        let qr = b.rms_norm(&b.matmul_t(h, &w.q_a)?, &w.q_a_norm, LATENT_NORM_EPS)?; // [T, q_lora]
-        let q = b.matmul_t(&qr, &w.q_b)?; // [T, H*(nope+P)]
-        // q_nope [T, H*nope], q_pe [T, H*P] (RoPE'd)
-        let (q_nope, q_pe) = b.split_heads_rope(&q, heads, nope, p, RopeLayout::Interleaved, positions, rope)?;
-        let q_lat = b.matmul_heads(&q_nope, &w.w_uk)?; // [T, H*R] absorbed
-
-        // Keys/values: the latent row [rms_norm(c_kv) | rope(k_pe)] goes straight into the cache.
-        let kv = b.matmul_t(h, &w.kv_a)?; // [T, R+P]
-        let il = RopeLayout::Interleaved;
-        b.latent_store(&kv, r, &w.kv_a_norm, LATENT_NORM_EPS, il, positions, rope, &mut lc.latent)?;
+        // Queries and this step's keys/values (into the cache); `q_in` feeds the indexer's
+        // query projection: the MLA q latent, or the normalised hidden state of a dense model.
+        enum Q<T> {
+            Mla { q_lat: T, q_pe: T, qr: T },
+            Gqa { q: T },
+        }
+        let q = match (&lw.attn, &mut lc.kv) {
+            (AttentionWeights::Mla(w), LayerKv::Latent(latent)) => {
+                let (heads, nope, r) = (c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank);
+                // Latent qr (shared with the indexer), then per head [nope | rope].
+                let qr = b.rms_norm(&b.matmul_t(h, &w.q_a)?, &w.q_a_norm, LATENT_NORM_EPS)?; // [T, q_lora]
+                let q = b.matmul_t(&qr, &w.q_b)?; // [T, H*(nope+P)]
+                // q_nope [T, H*nope], q_pe [T, H*P] (RoPE'd)
+                let il = RopeLayout::Interleaved;
+                let (q_nope, q_pe) = b.split_heads_rope(&q, heads, nope, p, il, positions, rope)?;
+                let q_lat = b.matmul_heads(&q_nope, &w.w_uk)?; // [T, H*R] absorbed
+                // The latent row [rms_norm(c_kv) | rope(k_pe)] goes straight into the cache.
+                let kv = b.matmul_t(h, &w.kv_a)?; // [T, R+P]
+                b.latent_store(&kv, r, &w.kv_a_norm, LATENT_NORM_EPS, il, positions, rope, latent)?;
+                Q::Mla { q_lat, q_pe, qr }
+            }
+            (AttentionWeights::Gqa(w), LayerKv::Gqa { k: kc, v: vc }) => {
+                let d = c.head_dim;
+                let mut q = b.matmul_t(h, &w.q)?; // [T, H*D]
+                b.rope_inplace(&mut q, d, d, self.gqa_layout, positions, rope)?;
+                let mut k = b.matmul_t(h, &w.k)?; // [T, Hkv*D]
+                b.rope_inplace(&mut k, d, d, self.gqa_layout, positions, rope)?;
+                b.write_rows(kc, positions, 0, &k)?;
+                b.write_rows(vc, positions, 0, &b.matmul_t(h, &w.v)?)?;
+                Q::Gqa { q }
+            }
+            _ => return Err(ModelError::Invalid(format!("layer {l}: the cache does not match the attention kind"))),
+        };
 
         // IndexCache: a Full layer runs its indexer and publishes the top-k; a Shared layer
-        // reuses it.
+        // reuses it. Dense attention runs no indexer.
         let mut indexer_marks = None;
-        if let LayerIndexer::Full = schedule.layer(l) {
-            let (Some(ix), Some(keys)) = (&w.indexer, lc.index_keys.as_mut()) else {
+        if !self.dense_attention && schedule.layer(l) == LayerIndexer::Full {
+            let (Some(ix), Some(keys)) = (&lw.indexer, lc.index_keys.as_mut()) else {
                 return Err(ModelError::Invalid(format!("layer {l} is Full but has no indexer loaded")));
             };
             let m0 = self.mark()?;
             let (hi, d) = (c.index_n_heads, c.index_head_dim);
-            let mut qi = b.matmul_t(&qr, &ix.wq_b)?; // [T, HI*D]
+            let q_in = match &q {
+                Q::Mla { qr, .. } => qr,
+                Q::Gqa { .. } => h,
+            };
+            let mut qi = b.matmul_t(q_in, &ix.wq_b)?; // [T, HI*D]
             b.rope_inplace(&mut qi, d, p, self.indexer_layout, positions, rope)?;
             let mut ki = b.layer_norm(&b.matmul_t(h, &ix.wk)?, &ix.k_norm_w, &ix.k_norm_b, INDEXER_NORM_EPS)?;
             b.rope_inplace(&mut ki, d, p, self.indexer_layout, positions, rope)?;
@@ -664,13 +720,29 @@ impl<B: Backend> DsaModel<B> {
             *shared = Some(Arc::new(sel));
             indexer_marks = m0.zip(self.mark()?);
         }
-        let sel = shared
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid(format!("layer {l} is Shared but no Full layer precedes it")))?;
+        let sel =
+            match self.dense_attention {
+                true => None,
+                false => Some(shared.as_ref().ok_or_else(|| {
+                    ModelError::Invalid(format!("layer {l} is Shared but no Full layer precedes it"))
+                })?),
+            };
 
-        let o_lat = b.sparse_mla(&q_lat, &q_pe, &lc.latent, sel, c.softmax_scale)?; // [T, H*R]
-        let o = b.matmul_heads(&o_lat, &w.w_uv)?; // [T, H*v]
-        Ok((b.matmul_t(&o, &w.o)?, indexer_marks))
+        let out = match (q, &lw.attn, &lc.kv) {
+            (Q::Mla { q_lat, q_pe, .. }, AttentionWeights::Mla(w), LayerKv::Latent(latent)) => {
+                let sel = sel.ok_or_else(|| ModelError::Invalid("MLA attention needs a selection".into()))?;
+                let o_lat = b.sparse_mla(&q_lat, &q_pe, latent, sel, c.softmax_scale)?; // [T, H*R]
+                let o = b.matmul_heads(&o_lat, &w.w_uv)?; // [T, H*v]
+                b.matmul_t(&o, &w.o)?
+            }
+            (Q::Gqa { q }, AttentionWeights::Gqa(w), LayerKv::Gqa { k, v }) => {
+                let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+                let o = b.gqa_attention(&q, k, v, heads, kv_heads, positions, sel.map(|s| &**s), c.softmax_scale)?;
+                b.matmul_t(&o, &w.o)?
+            }
+            _ => return Err(ModelError::Invalid(format!("layer {l}: the cache does not match the attention kind"))),
+        };
+        Ok((out, indexer_marks))
     }
 }
 

@@ -12,7 +12,8 @@ use indexcache_weights::WeightStore;
 
 /// Lightning indexer of one Full layer.
 pub struct IndexerWeights<B: Backend> {
-    /// `[HI*D, q_lora]` — on the MLA q latent.
+    /// `[HI*D, q_lora]` on the MLA q latent; `[HI*D, hidden]` on the normalised hidden state of
+    /// a dense (GQA) model, which has no q latent.
     pub wq_b: B::Weight,
     /// `[D, hidden]`
     pub wk: B::Weight,
@@ -24,7 +25,7 @@ pub struct IndexerWeights<B: Backend> {
 }
 
 /// Multi-head latent attention of one layer.
-pub struct AttentionWeights<B: Backend> {
+pub struct MlaWeights<B: Backend> {
     /// `[q_lora, hidden]`
     pub q_a: B::Weight,
     pub q_a_norm: B::Vector,
@@ -39,8 +40,24 @@ pub struct AttentionWeights<B: Backend> {
     pub w_uv: B::Weight,
     /// `[hidden, H*v]`
     pub o: B::Weight,
-    /// `None` on layers whose indexer is not loaded (Shared layers, or absent in the checkpoint).
-    pub indexer: Option<IndexerWeights<B>>,
+}
+
+/// Grouped-query attention of one layer of a dense (llama) model.
+pub struct GqaWeights<B: Backend> {
+    /// `[H*D, hidden]`
+    pub q: B::Weight,
+    /// `[Hkv*D, hidden]`
+    pub k: B::Weight,
+    /// `[Hkv*D, hidden]`
+    pub v: B::Weight,
+    /// `[hidden, H*D]`
+    pub o: B::Weight,
+}
+
+/// The attention block of a layer.
+pub enum AttentionWeights<B: Backend> {
+    Mla(MlaWeights<B>),
+    Gqa(GqaWeights<B>),
 }
 
 pub enum FfnWeights<B: Backend> {
@@ -51,6 +68,9 @@ pub enum FfnWeights<B: Backend> {
 pub struct LayerWeights<B: Backend> {
     pub input_norm: B::Vector,
     pub attn: AttentionWeights<B>,
+    /// `None` on layers whose indexer is not loaded (Shared layers, absent in the checkpoint,
+    /// or a dense model without indexers).
+    pub indexer: Option<IndexerWeights<B>>,
     pub post_attn_norm: B::Vector,
     pub ffn: FfnWeights<B>,
 }
@@ -150,6 +170,8 @@ pub enum IndexerSelection {
     Full,
     /// Every indexer the checkpoint has (needed to evaluate several schedules, e.g. search).
     All,
+    /// None: dense attention (`--attention dense`; grouped-query models only).
+    None,
 }
 
 pub(crate) fn load_weights<B: Backend>(
@@ -166,6 +188,7 @@ pub(crate) fn load_weights<B: Backend>(
         let want_indexer = match selection {
             IndexerSelection::Full => full,
             IndexerSelection::All => full || src.has(&indexer_probe(l)),
+            IndexerSelection::None => false,
         };
         layers.push(load_layer(b, cfg, src, l, want_indexer)?);
     }
@@ -214,8 +237,9 @@ fn load_layer<B: Backend>(
     let indexer = if want_indexer {
         let ip = format!("{a}.indexer");
         let (hi, d) = (cfg.index_n_heads, cfg.index_head_dim);
+        let q_in = if cfg.arch.is_mla() { cfg.q_lora_rank } else { hid };
         Some(IndexerWeights {
-            wq_b: matrix(b, src, &format!("{ip}.wq_b.weight"), hi * d, cfg.q_lora_rank)?,
+            wq_b: matrix(b, src, &format!("{ip}.wq_b.weight"), hi * d, q_in)?,
             wk: matrix(b, src, &format!("{ip}.wk.weight"), d, hid)?,
             k_norm_w: vector(b, src, &format!("{ip}.k_norm.weight"), d)?,
             k_norm_b: vector(b, src, &format!("{ip}.k_norm.bias"), d)?,
@@ -225,23 +249,16 @@ fn load_layer<B: Backend>(
         None
     };
 
-    let (w_uk, w_uv) = load_kv_b(b, cfg, src, &format!("{a}.kv_b_proj.weight"))?;
-    let attn = AttentionWeights {
-        q_a: matrix(b, src, &format!("{a}.q_a_proj.weight"), cfg.q_lora_rank, hid)?,
-        q_a_norm: vector(b, src, &format!("{a}.q_a_layernorm.weight"), cfg.q_lora_rank)?,
-        q_b: matrix(
-            b,
-            src,
-            &format!("{a}.q_b_proj.weight"),
-            cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim),
-            cfg.q_lora_rank,
-        )?,
-        kv_a: matrix(b, src, &format!("{a}.kv_a_proj_with_mqa.weight"), cfg.kv_lora_rank + cfg.qk_rope_head_dim, hid)?,
-        kv_a_norm: vector(b, src, &format!("{a}.kv_a_layernorm.weight"), cfg.kv_lora_rank)?,
-        w_uk,
-        w_uv,
-        o: matrix(b, src, &format!("{a}.o_proj.weight"), hid, cfg.num_attention_heads * cfg.v_head_dim)?,
-        indexer,
+    let attn = if cfg.arch.is_mla() {
+        AttentionWeights::Mla(load_mla(b, cfg, src, &a)?)
+    } else {
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        AttentionWeights::Gqa(GqaWeights {
+            q: matrix(b, src, &format!("{a}.q_proj.weight"), h * d, hid)?,
+            k: matrix(b, src, &format!("{a}.k_proj.weight"), kv * d, hid)?,
+            v: matrix(b, src, &format!("{a}.v_proj.weight"), kv * d, hid)?,
+            o: matrix(b, src, &format!("{a}.o_proj.weight"), hid, h * d)?,
+        })
     };
 
     let ffn = match cfg.mlp_layer_types[l] {
@@ -276,8 +293,36 @@ fn load_layer<B: Backend>(
     Ok(LayerWeights {
         input_norm: vector(b, src, &format!("{p}.input_layernorm.weight"), hid)?,
         attn,
+        indexer,
         post_attn_norm: vector(b, src, &format!("{p}.post_attention_layernorm.weight"), hid)?,
         ffn,
+    })
+}
+
+/// The MLA projections of one layer (`a` = `model.layers.{l}.self_attn`).
+fn load_mla<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+    a: &str,
+) -> Result<MlaWeights<B>, ModelError> {
+    let hid = cfg.hidden_size;
+    let (w_uk, w_uv) = load_kv_b(b, cfg, src, &format!("{a}.kv_b_proj.weight"))?;
+    Ok(MlaWeights {
+        q_a: matrix(b, src, &format!("{a}.q_a_proj.weight"), cfg.q_lora_rank, hid)?,
+        q_a_norm: vector(b, src, &format!("{a}.q_a_layernorm.weight"), cfg.q_lora_rank)?,
+        q_b: matrix(
+            b,
+            src,
+            &format!("{a}.q_b_proj.weight"),
+            cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim),
+            cfg.q_lora_rank,
+        )?,
+        kv_a: matrix(b, src, &format!("{a}.kv_a_proj_with_mqa.weight"), cfg.kv_lora_rank + cfg.qk_rope_head_dim, hid)?,
+        kv_a_norm: vector(b, src, &format!("{a}.kv_a_layernorm.weight"), cfg.kv_lora_rank)?,
+        w_uk,
+        w_uv,
+        o: matrix(b, src, &format!("{a}.o_proj.weight"), hid, cfg.num_attention_heads * cfg.v_head_dim)?,
     })
 }
 
@@ -364,22 +409,29 @@ fn load_experts<B: Backend>(
 }
 
 /// Parameters of the model described by `cfg` (embedding, layers with an indexer on every
-/// layer, final norm, LM head unless tied); MTP layers excluded.
+/// layer — none on a dense model without indexers —, final norm, LM head unless tied); MTP
+/// layers excluded.
 pub fn parameter_count(cfg: &ModelConfig) -> u64 {
     let (hid, h) = (cfg.hidden_size as u64, cfg.num_attention_heads as u64);
     let (nope, rope, v, r) =
         (cfg.qk_nope_head_dim as u64, cfg.qk_rope_head_dim as u64, cfg.v_head_dim as u64, cfg.kv_lora_rank as u64);
     let ql = cfg.q_lora_rank as u64;
     let (hi, d) = (cfg.index_n_heads as u64, cfg.index_head_dim as u64);
-    let attn = hid * ql + ql + ql * h * (nope + rope) + hid * (r + rope) + r + r * h * (nope + v) + h * v * hid;
-    let indexer = ql * hi * d + hid * d + 2 * d + hi * hid;
+    let (attn, indexer) = if cfg.arch.is_mla() {
+        let attn = hid * ql + ql + ql * h * (nope + rope) + hid * (r + rope) + r + r * h * (nope + v) + h * v * hid;
+        (attn, ql * hi * d + hid * d + 2 * d + hi * hid)
+    } else {
+        let (kv, hd) = (cfg.num_key_value_heads as u64, cfg.head_dim as u64);
+        let attn = 2 * hid * h * hd + 2 * hid * kv * hd;
+        (attn, hid * hi * d + hid * d + 2 * d + hi * hid)
+    };
     let mlp = |inter: u64| 3 * hid * inter;
     let mut total = cfg.vocab_size as u64 * hid + hid;
     if !cfg.tie_word_embeddings {
         total += cfg.vocab_size as u64 * hid;
     }
     for kind in &cfg.mlp_layer_types {
-        total += 2 * hid + attn + indexer;
+        total += 2 * hid + attn + if cfg.index_n_heads > 0 { indexer } else { 0 };
         total += match kind {
             MlpKind::Dense => mlp(cfg.intermediate_size as u64),
             MlpKind::Moe => {

@@ -112,9 +112,13 @@ fn malformed_config_is_named() {
     std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"glm_moe_dsa\", \"hidden_size\": }").unwrap();
     let e = err(dir.path(), None);
     assert!(e.contains("config.json") && e.contains("malformed"), "{e}");
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"mistral\"}").unwrap();
+    let e = err(dir.path(), None);
+    assert!(e.contains("unsupported model_type \"mistral\""), "{e}");
+    // llama is read from its GGUF file, and the message says so.
     std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"llama\"}").unwrap();
     let e = err(dir.path(), None);
-    assert!(e.contains("unsupported model_type \"llama\""), "{e}");
+    assert!(e.contains("model_type") && e.contains("\"llama\" is read from its GGUF file"), "{e}");
 }
 
 /// Tensors of the MTP layer (`model.layers.{num_hidden_layers}`) are skipped and reported, like

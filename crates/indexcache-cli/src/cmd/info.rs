@@ -2,7 +2,7 @@
 
 use crate::args::{ModelArgs, ScheduleArgs};
 use anyhow::{Context, Result};
-use indexcache_config::{Arch, IndexSchedule, ModelConfig};
+use indexcache_config::{IndexSchedule, ModelConfig};
 use indexcache_model::{cache_bytes_per_token, check_indexers};
 use indexcache_weights::WeightStore;
 use serde::Serialize;
@@ -74,10 +74,7 @@ pub fn run(a: Args) -> Result<()> {
     let all_full = IndexSchedule::all_full(n_layers);
     let (full_b, sched_b) = (cache_bytes_per_token(&cfg, &all_full), cache_bytes_per_token(&cfg, &schedule));
     let info = Info {
-        model_type: match cfg.arch {
-            Arch::DeepseekV32 => "deepseek_v32",
-            Arch::GlmMoeDsa => "glm_moe_dsa",
-        },
+        model_type: cfg.arch.model_type(),
         layers: n_layers,
         hidden_size: cfg.hidden_size,
         heads: cfg.num_attention_heads,
