@@ -11,6 +11,7 @@ pub mod cache;
 pub mod conformance;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod model;
 pub mod sampler;
 pub mod weights;

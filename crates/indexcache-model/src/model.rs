@@ -205,6 +205,13 @@ impl<B: Backend> DsaModel<B> {
         opts: &LoadOptions,
         on_tensor: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<(Self, LoadReport), ModelError> {
+        // A llama GGUF file, or a directory whose config.json names one (DSA on a dense model).
+        if dir.is_file() || dir.extension().is_some_and(|e| e == "gguf") {
+            return Self::load_gguf(dir, None, backend, opts, on_tensor);
+        }
+        if let Some(md) = crate::gguf::read_model_dir(dir)? {
+            return Self::load_gguf(&md.gguf, Some(&md), backend, opts, on_tensor);
+        }
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let mut store = WeightStore::open(dir)?;
         if let Some(q) = cfg.quantization {
@@ -237,6 +244,52 @@ impl<B: Backend> DsaModel<B> {
             }
         }
         report.tensors_loaded = store.len() - report.skipped_mtp.len() - report.unused.len();
+        Ok((model, report))
+    }
+
+    /// A llama model from its GGUF file; `dir` adds the indexers a model directory declares.
+    fn load_gguf(
+        path: &Path,
+        dir: Option<&crate::gguf::GgufModelDir>,
+        backend: B,
+        opts: &LoadOptions,
+        on_tensor: &mut dyn FnMut(&str, usize, usize),
+    ) -> Result<(Self, LoadReport), ModelError> {
+        use crate::gguf::{GgufSource, llama_params, with_indexer};
+        if !path.exists() {
+            return Err(ModelError::Invalid(format!(
+                "{}: no such GGUF file (the default model is fetched by `bash scripts/fetch_smollm2.sh`)",
+                path.display()
+            )));
+        }
+        let g = indexcache_weights::GgufFile::open(path).map_err(|e| ModelError::Weights(e.into()))?;
+        let origin = path.display().to_string();
+        let mut params = llama_params(&g)?;
+        if let Some((md, spec)) = dir.and_then(|md| md.indexer.as_ref().map(|s| (md, s))) {
+            params = with_indexer(params, spec, &md.gguf.display().to_string())?;
+        }
+        let cfg = ModelConfig::llama(&params, &origin)?;
+        let side = match dir.and_then(|md| md.indexers.as_ref()) {
+            Some(file) => Some(WeightStore::open(file.parent().unwrap_or(Path::new(".")))?),
+            None => None,
+        };
+        let schedule = match &opts.schedule {
+            Some(o) => o.apply(cfg.num_hidden_layers)?,
+            None => cfg.schedule.clone(),
+        };
+        let total = g.len() + side.as_ref().map_or(0, |s| s.len());
+        let mut loaded = std::collections::HashSet::new();
+        let mut progress = |name: &str| {
+            loaded.insert(name.to_string());
+            on_tensor(name, loaded.len(), total);
+        };
+        let mut src = GgufSource { gguf: &g, side: side.as_ref(), on_tensor: &mut progress };
+        let model = Self::from_source(cfg, backend, schedule, &mut src, opts.indexers)?;
+        let mut report = LoadReport { tensors_loaded: loaded.len(), ..Default::default() };
+        report.unused = g.names().into_iter().filter(|n| !loaded.contains(*n)).map(str::to_string).collect();
+        if let Some(side) = &side {
+            report.unused.extend(side.unused());
+        }
         Ok((model, report))
     }
 
