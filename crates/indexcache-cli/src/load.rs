@@ -57,6 +57,19 @@ pub struct ExecArgs {
     /// reference: Hadamard rotation + UE8M0-scaled e4m3 q and k, as production engines select).
     #[arg(long, value_enum, default_value = "exact")]
     pub indexer_numerics: IndexerNumerics,
+    /// Attention: sparse (the lightning indexers pick the top-k, IndexCache schedules apply), or
+    /// dense (every token attends to all earlier ones, no indexer runs: the baseline of a dense
+    /// model with indexers added; grouped-query models only). A model without indexers (a plain
+    /// GGUF) always runs dense.
+    #[arg(long, value_enum, default_value = "sparse")]
+    pub attention: AttentionArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionArg {
+    #[default]
+    Sparse,
+    Dense,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -179,6 +192,7 @@ pub fn load_model<B: Backend>(
 ) -> Result<DsaModel<B>> {
     let t0 = Instant::now();
     let bar = progress_bar("loading weights", "{wide_msg}", 0);
+    let indexers = if exec.attention == AttentionArg::Dense { IndexerSelection::None } else { indexers };
     let opts = LoadOptions { schedule, indexers };
     let mut on_tensor = |name: &str, done: usize, total: usize| {
         bar.set_length(total as u64);
@@ -205,13 +219,19 @@ pub fn load_model<B: Backend>(
             if report.unused.len() > 8 { ", …" } else { "" }
         );
     }
+    let attention = match model.dense_attention() {
+        true => "dense attention (no indexer)".to_string(),
+        false => format!(
+            "schedule {} ({} Full of {})",
+            model.schedule(),
+            model.schedule().num_full(),
+            model.schedule().len()
+        ),
+    };
     tracing::info!(
-        "loaded {} tensors in {:.2}s; schedule {} ({} Full of {}); backend {}",
+        "loaded {} tensors in {:.2}s; {attention}; backend {}",
         report.tensors_loaded,
         t0.elapsed().as_secs_f64(),
-        model.schedule(),
-        model.schedule().num_full(),
-        model.schedule().len(),
         model.backend().name(),
     );
     Ok(model)

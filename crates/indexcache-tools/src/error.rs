@@ -1,5 +1,6 @@
 use indexcache_config::{ConfigError, ScheduleError};
 use indexcache_model::ModelError;
+use indexcache_weights::GgufError;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -10,6 +11,9 @@ pub enum ToolError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
+    /// A GGUF file could not be read or its metadata is missing, mistyped or unsupported.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("{0}")]

@@ -8,6 +8,7 @@
 //! * [`overlap`] — |T_i ∩ T_j| / k between every pair of layers' top-k;
 //! * [`eval`] — synthetic long-context retrieval (passkey, needle-in-a-haystack);
 //! * [`export`] — the pattern as transformers / SGLang / vLLM configuration;
+//! * [`gguf_tokenizer`] — a tokenizer and chat template from a GGUF file's metadata;
 //! * [`plot`] — heatmaps and curves (PNG + SVG).
 
 pub mod data;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod gguf_tokenizer;
 pub mod loss;
 pub mod overlap;
 pub mod plot;
