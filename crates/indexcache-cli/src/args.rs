@@ -138,7 +138,7 @@ pub struct DataArgs {
     /// Use at most this many windows.
     #[arg(long)]
     pub max_windows: Option<usize>,
-    /// tokenizer.json (default: the model directory's).
+    /// tokenizer.json (default: a GGUF model's own, or the model directory's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
 }
@@ -153,15 +153,7 @@ impl DataArgs {
         if stride == 0 || stride > self.ctx {
             bail!("--stride must be between 1 and --ctx ({})", self.ctx);
         }
-        let tok_path = self.tokenizer.clone().unwrap_or_else(|| model_dir.join("tokenizer.json"));
-        let tokenizer = if tok_path.is_file() {
-            Some(
-                tokenizers::Tokenizer::from_file(&tok_path)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?,
-            )
-        } else {
-            None
-        };
+        let tokenizer = indexcache_tools::gguf_tokenizer::model_tokenizer(model_dir, self.tokenizer.as_deref())?;
         let streams = indexcache_tools::data::load_token_streams(&self.data, tokenizer.as_ref())?;
         let w = indexcache_tools::data::windows(&streams, self.ctx, stride, self.max_windows);
         if w.is_empty() {

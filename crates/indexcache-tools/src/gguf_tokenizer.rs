@@ -862,3 +862,40 @@ fn python_method(_state: &mut State, value: &Value, method: &str, args: &[Value]
     }
     Err(unknown())
 }
+
+/// The GGUF a model path stands for: the path itself (a `.gguf` file), or the base model a
+/// model directory's `config.json` names; `None` for a safetensors checkpoint directory.
+pub fn model_gguf(model: &std::path::Path) -> Result<Option<std::path::PathBuf>, ToolError> {
+    if model.is_file() || model.extension().is_some_and(|e| e == "gguf") {
+        return Ok(Some(model.to_path_buf()));
+    }
+    Ok(indexcache_model::gguf::read_model_dir(model)?.map(|d| d.gguf))
+}
+
+/// The tokenizer of a model: `explicit` (a `tokenizer.json`) when given; a GGUF model's own
+/// (built from its metadata); else the checkpoint directory's `tokenizer.json`. `None` when the
+/// model has none.
+pub fn model_tokenizer(
+    model: &std::path::Path,
+    explicit: Option<&std::path::Path>,
+) -> Result<Option<Tokenizer>, ToolError> {
+    if let Some(p) = explicit {
+        return Tokenizer::from_file(p).map(Some).map_err(|e| ToolError::file(p, e));
+    }
+    if let Some(g) = model_gguf(model)? {
+        return Ok(Some(tokenizer_from_gguf(&GgufFile::open(&g)?)?));
+    }
+    let p = model.join("tokenizer.json");
+    match p.is_file() {
+        true => Tokenizer::from_file(&p).map(Some).map_err(|e| ToolError::file(&p, e)),
+        false => Ok(None),
+    }
+}
+
+/// A GGUF model's chat template (`tokenizer.chat_template`), if it has one.
+pub fn model_chat_template(model: &std::path::Path) -> Result<Option<ChatTemplate>, ToolError> {
+    match model_gguf(model)? {
+        Some(g) => ChatTemplate::from_gguf(&GgufFile::open(&g)?),
+        None => Ok(None),
+    }
+}

@@ -57,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.max_new_tokens {
         cfg.max_new_tokens = n;
     }
-    let tok = load_tokenizer(&a.tokenizer.clone().unwrap_or_else(|| a.model.model.join("tokenizer.json")))?;
+    let tok = load_tokenizer(&a.model.model, a.tokenizer.as_deref())?;
     let schedule = a.schedule.to_override()?;
     with_backend!(a.exec.backend()?, |b| {
         run_with(load_model(&a.model.model, b, schedule, IndexerSelection::Full, &a.exec)?, &a, &cfg, &tok)

@@ -20,9 +20,13 @@ pub struct Args {
     pub schedule: ScheduleArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// tokenizer.json (default: the one in the model directory).
+    /// tokenizer.json (default: a GGUF model's own, or the one in the model directory).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Wrap the prompt as a user message in the model's chat template (a GGUF's
+    /// `tokenizer.chat_template`) and answer it as the assistant.
+    #[arg(long)]
+    pub chat: bool,
     #[command(flatten)]
     pub exec: ExecArgs,
 }
@@ -58,8 +62,12 @@ impl SamplingArgs {
     }
 }
 
-pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()))
+/// The model's tokenizer: `explicit` if given, a GGUF model's own, or the model directory's
+/// `tokenizer.json`.
+pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<Tokenizer> {
+    indexcache_tools::gguf_tokenizer::model_tokenizer(model, explicit)?.ok_or_else(|| {
+        anyhow!("{}: the model has no tokenizer (no tokenizer.json); pass --tokenizer FILE", model.display())
+    })
 }
 
 /// Prefill `prompt` in chunks of `chunk` tokens, then decode until `max_tokens` or an EOS;
@@ -86,8 +94,7 @@ pub fn generate<B: Backend>(
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.model.join("tokenizer.json"));
-    let tokenizer = load_tokenizer(&tok_path)?;
+    let tokenizer = load_tokenizer(&a.model.model, a.tokenizer.as_deref())?;
     a.sampling.params()?;
     let schedule = a.schedule.to_override()?;
     with_backend!(a.exec.backend()?, |b| {
@@ -96,10 +103,22 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_with<B: Backend>(model: DsaModel<B>, a: &Args, tokenizer: &Tokenizer) -> Result<()> {
-    let enc = tokenizer.encode(a.prompt.as_str(), true).map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+    // The text the model continues: the prompt, or the chat template's rendering of it (which
+    // holds its own special tokens, so none are added).
+    let (text, add_special) = match a.chat {
+        false => (a.prompt.clone(), true),
+        true => {
+            use indexcache_tools::gguf_tokenizer::{ChatMessage, model_chat_template};
+            let template = model_chat_template(&a.model.model)?.ok_or_else(|| {
+                anyhow!("--chat: {} has no chat template (tokenizer.chat_template)", a.model.model.display())
+            })?;
+            (template.render(&[ChatMessage::new("user", &a.prompt)], true)?, false)
+        }
+    };
+    let enc = tokenizer.encode(text.as_str(), add_special).map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
     let prompt: Vec<u32> = enc.get_ids().to_vec();
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", a.prompt)?;
+    write!(stdout, "{text}")?;
     let mut stream = TextStream::new(tokenizer);
     let (_, stats) = generate(&model, &prompt, &a.sampling, a.exec.chunk(model.backend()), |id| {
         let piece = stream.push(id)?;
