@@ -64,7 +64,7 @@ fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {
     );
 
     println!("\n== generate (greedy; random weights, so the text is gibberish by design)");
-    let tokenizer = load_tokenizer(&dir, None)?;
+    let tokenizer = load_tokenizer(dir, None)?;
     let prompt = "The lightning indexer picks the tokens that matter.";
     let ids = tokenizer.encode(prompt, true).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
     let sampling = SamplingArgs { max_tokens: 24, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };

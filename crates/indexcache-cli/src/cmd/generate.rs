@@ -194,8 +194,8 @@ mod tests {
     use super::*;
 
     fn tiny_tokenizer() -> Tokenizer {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-dsa/tokenizer.json");
-        load_tokenizer(&p).unwrap()
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-dsa");
+        load_tokenizer(&p, None).unwrap()
     }
 
     fn streamed(tok: &Tokenizer, ids: &[u32]) -> String {
