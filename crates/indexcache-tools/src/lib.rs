@@ -12,6 +12,7 @@
 //! * [`plot`] — heatmaps and curves (PNG + SVG).
 
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod export;
