@@ -31,6 +31,9 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Mean next-token NLL and perplexity over windows of text.
     Ppl(cmd::ppl::Args),
+    /// Train lightning indexers on a dense GGUF model by distilling its attention (warm-up, or
+    /// multi-layer IndexCache distillation with --pattern/--keep).
+    Distill(cmd::distill::Args),
     /// Greedy search for the layers that keep their indexer (paper Algorithm 1).
     Search(cmd::search::Args),
     /// Top-k overlap between every pair of layers (all indexers run), with heatmap and curve.
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Ppl(a) => cmd::ppl::run(a),
+        Command::Distill(a) => cmd::distill::run(a),
         Command::Search(a) => cmd::search::run(a),
         Command::Overlap(a) => cmd::overlap::run(a),
         Command::Eval(a) => cmd::eval::run(a),

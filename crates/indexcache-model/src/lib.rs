@@ -20,7 +20,8 @@ pub use cache::{Cache, CacheBytes, LayerKv, cache_bytes_per_token};
 pub use error::ModelError;
 pub use generate::{GenStats, generate};
 pub use model::{
-    DsaModel, ForwardOptions, ForwardOutput, LoadOptions, LoadReport, Logits, StageTimes, StepState, check_indexers,
+    DsaModel, ForwardOptions, ForwardOutput, LayerTap, LoadOptions, LoadReport, Logits, StageTimes, StepState,
+    check_indexers,
 };
 pub use sampler::{Sampler, SamplingParams};
 pub use weights::{IndexerSelection, RandomSource, WeightSource, parameter_count};

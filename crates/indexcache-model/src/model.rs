@@ -108,24 +108,36 @@ struct LayerMarks<M> {
     ffn_end: M,
 }
 
+/// What a grouped-query layer computed for one pass, on the host (distillation targets and
+/// inputs): the normalised hidden states (the indexer's input) `[T, hidden]` and the rotated
+/// queries `[T, H*D]` and keys `[T, Hkv*D]` of the pass's tokens.
+#[derive(Debug, Clone)]
+pub struct LayerTap {
+    pub h: Vec<f32>,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+}
+
 /// State carried from layer to layer within one forward pass.
 pub struct StepState<B: Backend> {
     /// The top-k of the latest Full layer (the IndexCache share buffer), on the device. Shared
     /// layers (and tools that snapshot a pass) hold it by reference count.
     pub shared: Option<Arc<B::Selection>>,
     marks: Vec<LayerMarks<B::Mark>>,
+    /// Collect a [`LayerTap`] per layer (grouped-query models).
+    taps: Option<Vec<LayerTap>>,
 }
 
 impl<B: Backend> Default for StepState<B> {
     fn default() -> Self {
-        Self { shared: None, marks: Vec::new() }
+        Self { shared: None, marks: Vec::new(), taps: None }
     }
 }
 
 impl<B: Backend> StepState<B> {
     /// A state that starts from another pass's share buffer.
     pub fn with_shared(shared: Option<Arc<B::Selection>>) -> Self {
-        Self { shared, marks: Vec::new() }
+        Self { shared, marks: Vec::new(), taps: None }
     }
 
     /// Stage times of the layers run so far (waits for the device).
@@ -600,6 +612,22 @@ impl<B: Backend> DsaModel<B> {
         self.nll_rows(&hidden.x, targets)
     }
 
+    /// Run `ids` and return every layer's [`LayerTap`] (grouped-query models; the cache
+    /// advances as in [`Self::forward`]). From an empty cache, the taps' keys are all the keys
+    /// the pass's queries attend to.
+    pub fn forward_taps(&self, ids: &[u32], cache: &mut Cache<B>) -> Result<Vec<LayerTap>, ModelError> {
+        if self.cfg.arch.is_mla() {
+            return Err(ModelError::Invalid("layer taps are implemented for grouped-query models only".into()));
+        }
+        let (mut x, positions) = self.begin(ids, cache)?;
+        let mut state = StepState { taps: Some(Vec::new()), ..StepState::default() };
+        for l in 0..self.cfg.num_hidden_layers {
+            self.layer(l, &mut x, cache, &positions, &mut state)?;
+        }
+        cache.advance(ids.len());
+        Ok(state.taps.unwrap_or_default())
+    }
+
     /// Per-row NLL of `targets` from final hidden states `x` (`None` rows are skipped).
     pub fn nll_rows(&self, x: &B::Tensor, targets: &[Option<u32>]) -> Result<Vec<Option<f64>>, ModelError> {
         let b = &self.backend;
@@ -674,7 +702,7 @@ impl<B: Backend> DsaModel<B> {
         let eps = self.cfg.rms_norm_eps;
         let start = self.mark()?;
         let h = b.rms_norm(x, &lw.input_norm, eps)?;
-        let (attn, indexer) = self.attention(l, &h, cache, positions, &mut state.shared)?;
+        let (attn, indexer) = self.attention(l, &h, cache, positions, &mut state.shared, state.taps.as_mut())?;
         let h = b.add_rms_norm(x, &attn, &lw.post_attn_norm, eps)?;
         let attention_end = self.mark()?;
         let ffn = match &lw.ffn {
@@ -703,6 +731,7 @@ impl<B: Backend> DsaModel<B> {
         cache: &mut Cache<B>,
         positions: &Positions<B::PosData>,
         shared: &mut Option<Arc<B::Selection>>,
+        taps: Option<&mut Vec<LayerTap>>,
     ) -> Result<(B::Tensor, Option<(B::Mark, B::Mark)>), ModelError> {
         let b = &self.backend;
         let c = &self.cfg;
@@ -740,6 +769,9 @@ impl<B: Backend> DsaModel<B> {
                 b.rope_inplace(&mut k, d, d, self.gqa_layout, positions, rope)?;
                 b.write_rows(kc, positions, 0, &k)?;
                 b.write_rows(vc, positions, 0, &b.matmul_t(h, &w.v)?)?;
+                if let Some(taps) = taps {
+                    taps.push(LayerTap { h: b.download(h)?, q: b.download(&q)?, k: b.download(&k)? });
+                }
                 Q::Gqa { q }
             }
             _ => return Err(ModelError::Invalid(format!("layer {l}: the cache does not match the attention kind"))),

@@ -640,3 +640,104 @@ mod tests {
         assert_eq!(p1, p2);
     }
 }
+
+// ---- training driver ---------------------------------------------------------------------------
+
+/// How a distillation run is set up.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub dims: Dims,
+    /// Which layers keep an indexer and which layers each serves: `None` = warm-up (every layer
+    /// its own indexer, trained on its own attention); `Some(schedule)` = multi-layer (each Full
+    /// layer trained on the mean attention of itself and the Shared layers after it).
+    pub schedule: Option<indexcache_config::IndexSchedule>,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub seed: u64,
+}
+
+/// The layers trained and, for each, the layers whose attention it imitates.
+pub fn served_layers(n_layers: usize, schedule: Option<&indexcache_config::IndexSchedule>) -> Vec<(usize, Vec<usize>)> {
+    match schedule {
+        None => (0..n_layers).map(|l| (l, vec![l])).collect(),
+        Some(s) => {
+            let mut out: Vec<(usize, Vec<usize>)> = Vec::new();
+            for l in 0..n_layers {
+                if s.is_full(l) {
+                    out.push((l, vec![l]));
+                } else if let Some(last) = out.last_mut() {
+                    last.1.push(l);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Indexers being trained: parameters and optimiser state per trained layer.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    /// `(layer, served layers, params, optimiser)`.
+    pub layers: Vec<(usize, Vec<usize>, Params<f32>, AdamW)>,
+    /// Mean loss of every step (over the trained layers).
+    pub history: Vec<f64>,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, n_layers: usize) -> Self {
+        let layers = served_layers(n_layers, cfg.schedule.as_ref())
+            .into_iter()
+            .map(|(l, served)| (l, served, init_params(cfg.dims, cfg.seed, l), AdamW::new(cfg.lr, cfg.weight_decay)))
+            .collect();
+        Trainer { cfg, layers, history: Vec::new() }
+    }
+
+    /// One step on one window's taps (`taps[l]` of every layer of a pass over `t` tokens from an
+    /// empty cache): per trained layer, its target, loss, gradient and AdamW update. Returns the
+    /// per-layer losses.
+    pub fn step(
+        &mut self,
+        taps: &[indexcache_model::LayerTap],
+        t: usize,
+        attn: (usize, usize, usize, f32),
+        table: &RopeTable,
+        layout: RopeLayout,
+    ) -> Vec<f64> {
+        let (heads, kv_heads, d, scale) = attn;
+        let dims = self.cfg.dims;
+        let mut losses = Vec::with_capacity(self.layers.len());
+        for (l, served, params, opt) in self.layers.iter_mut() {
+            let mut target = vec![0.0f32; t * t];
+            for &m in served.iter() {
+                let p = attention_target(&taps[m].q, &taps[m].k, t, heads, kv_heads, d, scale);
+                for (a, b) in target.iter_mut().zip(&p) {
+                    *a += b / served.len() as f32;
+                }
+            }
+            let (loss, g) = loss_and_grad(params, dims, &taps[*l].h, t, &target, table, layout);
+            let grads: Vec<&Vec<f32>> = g.tensors().into_iter().map(|x| x.1).collect();
+            opt.update(&mut params.tensors_mut(), &grads);
+            losses.push(loss);
+        }
+        self.history.push(losses.iter().sum::<f64>() / losses.len().max(1) as f64);
+        losses
+    }
+
+    /// The trained indexers as checkpoint tensors (`model.layers.{l}.self_attn.indexer.*`).
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>, &Vec<f32>)> {
+        let d = self.cfg.dims;
+        let shape = |name: &str| match name {
+            "wq_b.weight" => vec![d.heads * d.d, d.hidden],
+            "wk.weight" => vec![d.d, d.hidden],
+            "weights_proj.weight" => vec![d.heads, d.hidden],
+            _ => vec![d.d],
+        };
+        let mut out = Vec::new();
+        for (l, _, p, _) in &self.layers {
+            for (name, v) in p.tensors() {
+                out.push((format!("model.layers.{l}.self_attn.indexer.{name}"), shape(name), v));
+            }
+        }
+        out
+    }
+}

@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod demo;
+pub mod distill;
 pub mod eval;
 pub mod export;
 pub mod forward;
