@@ -32,7 +32,8 @@ fn fails(args: &[&str]) -> String {
 
 #[test]
 fn help_everywhere() {
-    for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search", "overlap", "eval", "export"] {
+    for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search", "overlap", "eval", "export", "distill"]
+    {
         let out = ok(&[cmd, "--help"]);
         assert!(out.contains(&format!("Usage: indexcache {cmd}")), "{cmd}: {out}");
         // Every command that loads a model chooses its device, dtype and prefill chunk.
@@ -42,7 +43,8 @@ fn help_everywhere() {
         }
     }
     let top = ok(&["--help"]);
-    for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search", "overlap", "eval", "export"] {
+    for cmd in ["info", "forward", "generate", "demo", "bench", "ppl", "search", "overlap", "eval", "export", "distill"]
+    {
         assert!(top.contains(cmd), "{cmd} missing from the top-level help");
     }
 }
@@ -671,4 +673,117 @@ fn fp8_indexer_numerics_run_and_stay_close() {
     let (exact, fp8) = (ppl("exact"), ppl("fp8"));
     assert!(exact.is_finite() && fp8.is_finite());
     assert!((exact - fp8).abs() / exact < 0.05, "exact {exact} vs fp8 {fp8}");
+}
+
+/// The default model's GGUF, when `scripts/fetch_smollm2.sh` has run (CI runs it).
+fn smollm2() -> Option<String> {
+    let p = root().join("data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p.display().to_string())
+    } else {
+        eprintln!("skipped: {} absent (run scripts/fetch_smollm2.sh)", p.display());
+        None
+    }
+}
+
+/// A real model answers through its chat template and stops at its end-of-turn token.
+#[test]
+fn smollm2_chat_answers() {
+    let Some(m) = smollm2() else { return };
+    let out = ok(&[
+        "generate",
+        "-m",
+        &m,
+        "--device",
+        "cpu",
+        "--chat",
+        "-p",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+    ]);
+    assert!(out.contains("<|im_start|>assistant\n"), "{out}");
+    let answer = out.rsplit("<|im_start|>assistant\n").next().unwrap();
+    assert!(answer.contains("Paris"), "{answer}");
+}
+
+/// distill: a short warm-up run, interrupted and resumed, gives the same bytes as one run; the
+/// result is a model directory every command loads (sparse attention with its indexers, or
+/// --attention dense).
+#[test]
+fn smollm2_distill_resumes_bit_for_bit_and_loads() {
+    let Some(m) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, std::fs::read_to_string(root().join("README.md")).unwrap().repeat(3)).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let base = |out: &std::path::Path, steps: &str| {
+        vec![
+            "distill".to_string(),
+            "-m".into(),
+            m.clone(),
+            "--data".into(),
+            text.display().to_string(),
+            "--ctx".into(),
+            "64".into(),
+            "--max-windows".into(),
+            "8".into(),
+            "--steps".into(),
+            steps.into(),
+            "--checkpoint-every".into(),
+            "2".into(),
+            "--index-heads".into(),
+            "2".into(),
+            "--topk".into(),
+            "16".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ]
+    };
+    let call = |v: Vec<String>| ok(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    call(base(&a, "4"));
+    call(base(&b, "2"));
+    let mut resumed = base(&b, "4");
+    resumed.push("--resume".into());
+    call(resumed);
+    let (fa, fb) = (
+        std::fs::read(a.join("indexers.safetensors")).unwrap(),
+        std::fs::read(b.join("indexers.safetensors")).unwrap(),
+    );
+    assert!(fa == fb, "a resumed run must equal an uninterrupted one");
+
+    let dir = a.display().to_string();
+    let sparse = ok(&[
+        "ppl",
+        "-m",
+        &dir,
+        "--device",
+        "cpu",
+        "--data",
+        &text.display().to_string(),
+        "--ctx",
+        "64",
+        "--max-windows",
+        "2",
+        "--json",
+    ]);
+    let dense = ok(&[
+        "ppl",
+        "-m",
+        &dir,
+        "--device",
+        "cpu",
+        "--attention",
+        "dense",
+        "--data",
+        &text.display().to_string(),
+        "--ctx",
+        "64",
+        "--max-windows",
+        "2",
+        "--json",
+    ]);
+    let nll = |out: &str| serde_json::from_str::<serde_json::Value>(out).unwrap()["mean_nll"].as_f64().unwrap();
+    let (ns, nd) = (nll(&sparse), nll(&dense));
+    assert!(ns.is_finite() && nd.is_finite() && ns != nd, "top-16 of 64 keys must change the loss: {ns} vs {nd}");
 }
