@@ -7,8 +7,22 @@ use std::path::Path;
 
 /// A named tensor to write.
 pub enum OutTensor {
-    F32 { name: String, shape: Vec<usize>, data: Vec<f32> },
-    I32 { name: String, shape: Vec<usize>, data: Vec<i32> },
+    F32 {
+        name: String,
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    },
+    I32 {
+        name: String,
+        shape: Vec<usize>,
+        data: Vec<i32>,
+    },
+    /// bf16 bit patterns (round to nearest even from f32 with `half::bf16::from_f32`).
+    BF16 {
+        name: String,
+        shape: Vec<usize>,
+        data: Vec<u16>,
+    },
 }
 
 /// Create the directory `path` goes into (every `--out` may name a directory that does not exist
@@ -42,6 +56,7 @@ pub fn write_safetensors(path: &Path, tensors: &[OutTensor]) -> Result<()> {
             let (name, dtype, shape, bytes): (&String, Dtype, &Vec<usize>, &[u8]) = match t {
                 OutTensor::F32 { name, shape, data } => (name, Dtype::F32, shape, bytemuck::cast_slice(data)),
                 OutTensor::I32 { name, shape, data } => (name, Dtype::I32, shape, bytemuck::cast_slice(data)),
+                OutTensor::BF16 { name, shape, data } => (name, Dtype::BF16, shape, bytemuck::cast_slice(data)),
             };
             let view = TensorView::new(dtype, shape.clone(), bytes).with_context(|| format!("tensor {name}"))?;
             Ok((name.clone(), view))

@@ -1,6 +1,9 @@
-//! `indexcache demo`: the README's main job, on the tiny random model shipped in `models/`.
-//! Shows the schedule, generates a little text, then times plain DSA against IndexCache 1/4
-//! on a long synthetic prompt.
+//! `indexcache demo`: the README's main job. On SmolLM2-135M-DSA (`models/smollm2-135m-dsa`: the
+//! SmolLM2 GGUF fetched by `scripts/fetch_smollm2.sh` + the lightning indexers distilled into it,
+//! shipped in the repository) it answers a question through the chat template with sparse
+//! attention and IndexCache, then times plain DSA against IndexCache 1/4 (the searched pattern
+//! when the directory has one) on a long prompt. Without the GGUF it runs the tiny random model
+//! (`models/tiny-dsa`) and says how to fetch the real one.
 
 use crate::cmd::bench::{measure, synthetic_prompt};
 use crate::cmd::generate::{SamplingArgs, generate, load_tokenizer};
@@ -26,15 +29,33 @@ pub struct Args {
     pub exec: ExecArgs,
 }
 
-fn default_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-dsa")
+fn models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
+}
+
+/// SmolLM2-135M-DSA when its GGUF has been fetched, else the tiny random model.
+fn default_model_dir() -> Result<PathBuf> {
+    let real = models().join("smollm2-135m-dsa");
+    if let Some(md) = indexcache_model::gguf::read_model_dir(&real)?
+        && md.gguf.exists()
+    {
+        return Ok(real);
+    }
+    println!(
+        "(the default model, SmolLM2-135M-DSA, needs its GGUF: `bash scripts/fetch_smollm2.sh`; \
+         running the tiny random model instead)"
+    );
+    Ok(models().join("tiny-dsa"))
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.decode == 0 {
         bail!("--decode must be at least 1: the timing run reports decode tokens/s");
     }
-    let dir = a.model.clone().unwrap_or_else(default_model_dir);
+    let dir = match &a.model {
+        Some(m) => m.clone(),
+        None => default_model_dir()?,
+    };
     println!("== model: {}", dir.display());
     with_backend!(a.exec.backend()?, |b| run_with(load_model(&dir, b, None, IndexerSelection::All, &a.exec)?, &a, &dir))
 }
@@ -63,11 +84,24 @@ fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {
         base.backend().name()
     );
 
-    println!("\n== generate (greedy; random weights, so the text is gibberish by design)");
     let tokenizer = load_tokenizer(dir, None)?;
-    let prompt = "The lightning indexer picks the tokens that matter.";
-    let ids = tokenizer.encode(prompt, true).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
-    let sampling = SamplingArgs { max_tokens: 24, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+    let template = indexcache_tools::gguf_tokenizer::model_chat_template(dir)?;
+    let (prompt, ids) = match &template {
+        Some(t) => {
+            println!("\n== chat (greedy, sparse attention with this schedule)");
+            let msg = indexcache_tools::gguf_tokenizer::ChatMessage::new("user", "What is the capital of France?");
+            let text = t.render(&[msg], true)?;
+            let ids = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+            (text, ids.get_ids().to_vec())
+        }
+        None => {
+            println!("\n== generate (greedy; random weights, so the text is gibberish by design)");
+            let text = "The lightning indexer picks the tokens that matter.".to_string();
+            let ids = tokenizer.encode(text.as_str(), true).map_err(|e| anyhow!("tokenizing: {e}"))?;
+            (text, ids.get_ids().to_vec())
+        }
+    };
+    let sampling = SamplingArgs { max_tokens: 48, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
     let (out, stats) = generate(&base, &ids, &sampling, chunk, |_| Ok(()))?;
     let text = tokenizer.decode(&out, true).map_err(|e| anyhow!("detokenizing: {e}"))?;
     println!("{prompt}{text}");
@@ -89,9 +123,13 @@ fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {
         measure(&base, &mut cache, warm, 2, chunk)?;
     }
     let mut rows = Vec::new();
-    for (label, o) in
-        [("DSA (all Full)", ScheduleOverride::Off), ("IndexCache 1/4", ScheduleOverride::Keep { num: 1, den: 4 })]
-    {
+    // The searched 1/4 pattern when the model directory ships one, else uniform 1/4.
+    let searched = dir.join("pattern-1-4.json");
+    let quarter = match searched.is_file() {
+        true => ScheduleOverride::Pattern(crate::args::pattern_arg(&searched.display().to_string())?),
+        false => ScheduleOverride::Keep { num: 1, den: 4 },
+    };
+    for (label, o) in [("DSA (all Full)", ScheduleOverride::Off), ("IndexCache 1/4", quarter)] {
         let schedule = o.apply(cfg.num_hidden_layers)?;
         let mut cache = base.new_cache_with(schedule.clone(), context + a.decode)?;
         let m = measure(&base, &mut cache, &long, a.decode, chunk)?;

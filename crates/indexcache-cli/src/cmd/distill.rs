@@ -58,6 +58,9 @@ pub struct Args {
     /// Continue the run saved in --out.
     #[arg(long)]
     pub resume: bool,
+    /// Also write the indexers in bf16 to this file (half the size; what a repository ships).
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub export_bf16: Option<PathBuf>,
     #[command(flatten)]
     pub exec: ExecArgs,
 }
@@ -186,6 +189,18 @@ fn save(a: &Args, base: &Path, tr: &Trainer, step: usize, head_dim: usize, patte
         .map(|(name, shape, data)| OutTensor::F32 { name, shape, data: data.clone() })
         .collect();
     write_safetensors(&out.join(indexcache_model::gguf::INDEXERS_FILE), &tensors)?;
+    if let Some(path) = &a.export_bf16 {
+        let bf16: Vec<OutTensor> = tr
+            .tensors()
+            .into_iter()
+            .map(|(name, shape, data)| OutTensor::BF16 {
+                name,
+                shape,
+                data: data.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(),
+            })
+            .collect();
+        write_safetensors(path, &bf16)?;
+    }
     let mut moments = Vec::new();
     for (l, _, _, opt) in &tr.layers {
         for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
