@@ -58,6 +58,10 @@ pub struct Args {
     /// Continue the run saved in --out.
     #[arg(long)]
     pub resume: bool,
+    /// Start from the indexers of another model directory (e.g. a run at a shorter --ctx) instead
+    /// of a seeded initialisation; the optimiser starts fresh.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub init: Option<PathBuf>,
     /// Also write the indexers in bf16 to this file (half the size; what a repository ships).
     #[arg(long, value_name = "FILE.safetensors")]
     pub export_bf16: Option<PathBuf>,
@@ -106,6 +110,10 @@ pub fn run(a: Args) -> Result<()> {
     shuffle(&mut order, a.seed);
 
     let mut start = 0;
+    if let Some(dir) = &a.init {
+        load_params(dir, &mut trainer).with_context(|| format!("--init {}", dir.display()))?;
+        tracing::info!("indexers initialised from {}", dir.display());
+    }
     if a.resume {
         start = resume(&a.out, &mut trainer, &State::expected(&a, cfg.head_dim, pattern.clone()))?;
         tracing::info!("resumed at step {start} from {}", a.out.display());
@@ -129,6 +137,10 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    if start >= a.steps {
+        // Nothing to train (e.g. `--init DIR --steps 0 --export-bf16 FILE`): write what we have.
+        save(&a, &base, &trainer, start, cfg.head_dim, pattern.clone())?;
+    }
     let h = &trainer.history;
     if let (Some(first), Some(last)) = (h.first(), h.last()) {
         println!("distilled {} indexers over {} steps: mean KL {first:.4} -> {last:.4}", trainer.layers.len(), h.len());
@@ -248,27 +260,33 @@ fn resume(out: &Path, tr: &mut Trainer, want: &State) -> Result<usize> {
             out.display()
         );
     }
-    let store = WeightStore::open(out)?;
+    load_params(out, tr)?;
     let moments = WeightStore::open(&out.join("train"))?;
-    let d = tr.cfg.dims;
     for (l, _, params, opt) in tr.layers.iter_mut() {
-        let shapes =
-            [vec![d.heads * d.d, d.hidden], vec![d.d, d.hidden], vec![d.d], vec![d.d], vec![d.heads, d.hidden]];
-        let names = ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"];
-        for ((dst, name), shape) in params.tensors_mut().into_iter().zip(names).zip(&shapes) {
-            *dst = store.load_f32(&format!("model.layers.{l}.self_attn.indexer.{name}"), shape)?;
-        }
         opt.step = st.adam_step;
         opt.m.clear();
         opt.v.clear();
-        for (i, shape) in shapes.iter().enumerate() {
-            let n: usize = shape.iter().product();
-            opt.m.push(moments.load_f32(&format!("{l}.{i}.m"), &[n])?);
-            opt.v.push(moments.load_f32(&format!("{l}.{i}.v"), &[n])?);
+        for (i, p) in params.tensors_mut().into_iter().enumerate() {
+            opt.m.push(moments.load_f32(&format!("{l}.{i}.m"), &[p.len()])?);
+            opt.v.push(moments.load_f32(&format!("{l}.{i}.v"), &[p.len()])?);
         }
     }
     tr.history = st.history;
     Ok(st.step)
+}
+
+/// Read the indexers of the trained layers from the model directory `dir`.
+fn load_params(dir: &Path, tr: &mut Trainer) -> Result<()> {
+    let store = WeightStore::open(dir)?;
+    let d = tr.cfg.dims;
+    let shapes = [vec![d.heads * d.d, d.hidden], vec![d.d, d.hidden], vec![d.d], vec![d.d], vec![d.heads, d.hidden]];
+    let names = ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"];
+    for (l, _, params, _) in tr.layers.iter_mut() {
+        for ((dst, name), shape) in params.tensors_mut().into_iter().zip(names).zip(&shapes) {
+            *dst = store.load_f32(&format!("model.layers.{l}.self_attn.indexer.{name}"), shape)?;
+        }
+    }
+    Ok(())
 }
 
 /// `path` as seen from `dir` (absolute when no relative path is found).
