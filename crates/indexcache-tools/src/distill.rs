@@ -31,7 +31,8 @@ use rayon::prelude::*;
 
 /// The float type of the distillation arithmetic (f32 for training, f64 for gradient checks).
 pub trait Real:
-    Copy
+    'static
+    + Copy
     + Send
     + Sync
     + PartialOrd
@@ -157,38 +158,58 @@ pub fn init_params(d: Dims, seed: u64, layer: usize) -> Params<f32> {
     }
 }
 
+/// `C [m, n] = beta · A · B` for strided operands: element `(i, j)` of a matrix at
+/// `base + i·rs + j·cs` (row-major `[r, c]`: `rs = c, cs = 1`; its transpose: `rs = 1, cs = c`).
+#[allow(clippy::too_many_arguments)]
+fn mm<R: Real>(m: usize, n: usize, k: usize, a: (&[R], usize, usize), b: (&[R], usize, usize), c: &mut [R], beta: R) {
+    debug_assert!(c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].iter_mut().for_each(|v| *v = R::ZERO);
+        return;
+    }
+    // SAFETY: the callers pass operands whose strided extents lie inside the slices (checked in
+    // debug builds by the slice lengths below) and a row-major [m, n] output.
+    debug_assert!((m - 1) * a.1 + (k - 1) * a.2 < a.0.len());
+    debug_assert!((k - 1) * b.1 + (n - 1) * b.2 < b.0.len());
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            R::ZERO,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
 /// `y [T, out] = x [T, in] · wᵀ` (`w [out, in]`).
 fn linear<R: Real>(x: &[R], t: usize, n_in: usize, w: &[R], n_out: usize) -> Vec<R> {
     let mut y = vec![R::ZERO; t * n_out];
-    y.par_chunks_mut(n_out).enumerate().for_each(|(r, yr)| {
-        let xr = &x[r * n_in..(r + 1) * n_in];
-        for (o, v) in yr.iter_mut().enumerate() {
-            let wr = &w[o * n_in..(o + 1) * n_in];
-            let mut acc = R::ZERO;
-            for i in 0..n_in {
-                acc += xr[i] * wr[i];
-            }
-            *v = acc;
-        }
-    });
+    mm(t, n_out, n_in, (x, n_in, 1), (w, 1, n_in), &mut y, R::ONE);
     y
 }
 
 /// `∂w [out, in] = ∂yᵀ [out, T] · x [T, in]`.
 fn linear_grad_w<R: Real>(dy: &[R], x: &[R], t: usize, n_in: usize, n_out: usize) -> Vec<R> {
     let mut g = vec![R::ZERO; n_out * n_in];
-    g.par_chunks_mut(n_in).enumerate().for_each(|(o, gr)| {
-        for r in 0..t {
-            let d = dy[r * n_out + o];
-            if d.to_f64() == 0.0 {
-                continue;
-            }
-            let xr = &x[r * n_in..(r + 1) * n_in];
-            for i in 0..n_in {
-                gr[i] += d * xr[i];
-            }
-        }
-    });
+    mm(n_out, n_in, t, (dy, 1, n_out), (x, n_in, 1), &mut g, R::ONE);
     g
 }
 
@@ -263,35 +284,42 @@ fn forward<R: Real>(p: &Params<R>, dm: Dims, h: &[R], t: usize, table: &RopeTabl
     Forward { q, k, khat, kinv, w }
 }
 
-/// The indexer scores `I [T, T]` (row `t` valid at `s ≤ t`, the rest 0) of the parameters `p`.
-pub fn scores<R: Real>(p: &Params<R>, dm: Dims, h: &[R], t: usize, table: &RopeTable, layout: RopeLayout) -> Vec<R> {
-    let f = forward(p, dm, h, t, table, layout);
-    let (hi, d) = (dm.heads, dm.d);
-    let scale = R::from_f64((d as f64).powf(-0.5));
-    let mut out = vec![R::ZERO; t * t];
-    out.par_chunks_mut(t).enumerate().for_each(|(r, row)| {
-        for (s, o) in row.iter_mut().enumerate().take(r + 1) {
-            *o = score(&f, r, s, hi, d, scale);
+/// `z [T·HI, T] = D^-½ · q · kᵀ` (row `t·HI + j`: head `j` of query `t` against every key).
+fn logits_z<R: Real>(f: &Forward<R>, t: usize, hi: usize, d: usize) -> Vec<R> {
+    let mut z = vec![R::ZERO; t * hi * t];
+    mm(t * hi, t, d, (&f.q, d, 1), (&f.k, 1, d), &mut z, R::from_f64((d as f64).powf(-0.5)));
+    z
+}
+
+/// `I[t, s] = Σ_j w[t,j] · ReLU(z[t,j,s])` for `s < n`, from row `t`'s head logits
+/// `zr [HI, T]` and head weights `wr [HI]`.
+fn causal_scores<R: Real>(zr: &[R], wr: &[R], n: usize, t: usize) -> Vec<R> {
+    let mut out = vec![R::ZERO; n];
+    for (j, &wj) in wr.iter().enumerate() {
+        for (o, &zz) in out.iter_mut().zip(&zr[j * t..j * t + n]) {
+            if zz > R::ZERO {
+                *o += wj * zz;
+            }
         }
-    });
+    }
     out
 }
 
-fn score<R: Real>(f: &Forward<R>, r: usize, s: usize, hi: usize, d: usize, scale: R) -> R {
-    let ks = &f.k[s * d..(s + 1) * d];
-    let mut acc = R::ZERO;
-    for j in 0..hi {
-        let qj = &f.q[(r * hi + j) * d..(r * hi + j + 1) * d];
-        let mut z = R::ZERO;
-        for c in 0..d {
-            z += qj[c] * ks[c];
-        }
-        let z = z * scale;
-        if z > R::ZERO {
-            acc += f.w[r * hi + j] * z;
-        }
-    }
-    acc
+/// The indexer scores `I [T, T]` (row `t` valid at `s ≤ t`, the rest 0) of the parameters `p`.
+pub fn scores<R: Real>(p: &Params<R>, dm: Dims, h: &[R], t: usize, table: &RopeTable, layout: RopeLayout) -> Vec<R> {
+    let f = forward(p, dm, h, t, table, layout);
+    let z = logits_z(&f, t, dm.heads, dm.d);
+    let mut out = vec![R::ZERO; t * t];
+    out.par_chunks_mut(t).enumerate().for_each(|(r, row)| {
+        let hi = dm.heads;
+        row[..r + 1].copy_from_slice(&causal_scores(
+            &z[r * hi * t..(r + 1) * hi * t],
+            &f.w[r * hi..(r + 1) * hi],
+            r + 1,
+            t,
+        ));
+    });
+    out
 }
 
 /// Mean over rows of `KL(p_t ‖ softmax(I_t))` over `s ≤ t`, and its gradient with respect to
@@ -310,25 +338,23 @@ pub fn loss_and_grad<R: Real>(
     let f = forward(p, dm, h, t, table, layout);
     let scale = R::from_f64((d as f64).powf(-0.5));
     let inv_t = R::from_f64(1.0 / t as f64);
-    // Per row: loss, ∂w[t, :], ∂q[t, :, :] and this row's contribution to ∂k (summed after).
-    struct Row<R> {
-        loss: f64,
-        dw: Vec<R>,
-        dq: Vec<R>,
-        dk: Vec<R>,
-    }
-    let rows: Vec<Row<R>> = (0..t)
-        .into_par_iter()
-        .map(|r| {
+    // Head logits z, then per row: the loss, ∂w, and ∂z (in place of z: G·w·[z>0], zero past t).
+    let mut z = logits_z(&f, t, hi, d);
+    let mut dw = vec![R::ZERO; t * hi];
+    let losses: Vec<f64> = z
+        .par_chunks_mut(hi * t)
+        .zip(dw.par_chunks_mut(hi))
+        .enumerate()
+        .map(|(r, (zr, dwr))| {
             let n = r + 1;
-            let logits: Vec<R> = (0..n).map(|s| score(&f, r, s, hi, d, scale)).collect();
+            let logits = causal_scores(zr, &f.w[r * hi..(r + 1) * hi], n, t);
             let m = logits.iter().fold(logits[0], |a, &b| if b > a { b } else { a });
             let e: Vec<R> = logits.iter().map(|&v| (v - m).exp()).collect();
-            let mut z = R::ZERO;
+            let mut zsum = R::ZERO;
             for &v in &e {
-                z += v;
+                zsum += v;
             }
-            let log_z = z.to_f64().ln() + m.to_f64();
+            let log_z = zsum.to_f64().ln() + m.to_f64();
             let pt = &target[r * t..r * t + n];
             let mut loss = 0.0f64;
             for s in 0..n {
@@ -337,44 +363,31 @@ pub fn loss_and_grad<R: Real>(
                     loss += ps * (ps.ln() - (logits[s].to_f64() - log_z));
                 }
             }
-            let mut dw = vec![R::ZERO; hi];
-            let mut dq = vec![R::ZERO; hi * d];
-            let mut dk = vec![R::ZERO; n * d];
-            for s in 0..n {
-                let g = (e[s] / z - pt[s]) * inv_t;
-                let ks = &f.k[s * d..(s + 1) * d];
-                for j in 0..hi {
-                    let qj = &f.q[(r * hi + j) * d..(r * hi + j + 1) * d];
-                    let mut zz = R::ZERO;
-                    for c in 0..d {
-                        zz += qj[c] * ks[c];
-                    }
-                    let zz = zz * scale;
-                    if zz > R::ZERO {
-                        dw[j] += g * zz;
-                        let dz = g * f.w[r * hi + j] * scale;
-                        for c in 0..d {
-                            dq[j * d + c] += dz * ks[c];
-                            dk[s * d + c] += dz * qj[c];
-                        }
+            for j in 0..hi {
+                let wj = f.w[r * hi + j];
+                let row = &mut zr[j * t..(j + 1) * t];
+                let mut acc = R::ZERO;
+                for s in 0..n {
+                    let g = (e[s] / zsum - pt[s]) * inv_t;
+                    if row[s] > R::ZERO {
+                        acc += g * row[s];
+                        row[s] = g * wj;
+                    } else {
+                        row[s] = R::ZERO;
                     }
                 }
+                row[n..].iter_mut().for_each(|v| *v = R::ZERO);
+                dwr[j] = acc;
             }
-            Row { loss: loss / t as f64, dw, dq, dk }
+            loss / t as f64
         })
         .collect();
-
-    let loss: f64 = rows.iter().map(|r| r.loss).sum();
-    let mut dw = vec![R::ZERO; t * hi];
+    let loss: f64 = losses.iter().sum();
+    // ∂q = D^-½ ∂z · k, ∂k = D^-½ ∂zᵀ · q.
     let mut dq = vec![R::ZERO; t * hi * d];
+    mm(t * hi, d, t, (&z, t, 1), (&f.k, d, 1), &mut dq, scale);
     let mut dk = vec![R::ZERO; t * d];
-    for (r, row) in rows.iter().enumerate() {
-        dw[r * hi..(r + 1) * hi].copy_from_slice(&row.dw);
-        dq[r * hi * d..(r + 1) * hi * d].copy_from_slice(&row.dq);
-        for (i, &v) in row.dk.iter().enumerate() {
-            dk[i] += v;
-        }
-    }
+    mm(t, d, t * hi, (&z, 1, t), (&f.q, d, 1), &mut dk, scale);
     // Back through RoPE (the inverse rotation is the transpose).
     for r in 0..t {
         for j in 0..hi {
@@ -428,23 +441,20 @@ pub fn attention_target(
 ) -> Vec<f32> {
     let rep = heads / kv_heads;
     let mut out = vec![0.0f32; t * t];
-    out.par_chunks_mut(t).enumerate().for_each(|(r, row)| {
-        let n = r + 1;
-        let mut logit = vec![0.0f32; n];
-        for h in 0..heads {
-            let g = h / rep;
-            let qh = &q[(r * heads + h) * d..(r * heads + h + 1) * d];
-            for (s, l) in logit.iter_mut().enumerate() {
-                let ks = &k[(s * kv_heads + g) * d..(s * kv_heads + g + 1) * d];
-                *l = scale * qh.iter().zip(ks).map(|(a, b)| a * b).sum::<f32>();
+    let mut logits = vec![0.0f32; t * t];
+    for h in 0..heads {
+        let g = h / rep;
+        // S_h = scale · Q_h · K_gᵀ; Q_h rows at q[t·H·D + h·D], K_g rows at k[s·Hkv·D + g·D].
+        mm(t, t, d, (&q[h * d..], heads * d, 1), (&k[g * d..], 1, kv_heads * d), &mut logits, scale);
+        out.par_chunks_mut(t).zip(logits.par_chunks(t)).enumerate().for_each(|(r, (row, l))| {
+            let l = &l[..r + 1];
+            let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = l.iter().map(|&x| (x - m).exp()).sum();
+            for (o, &x) in row.iter_mut().zip(l) {
+                *o += (x - m).exp() / z / heads as f32;
             }
-            let m = logit.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = logit.iter().map(|&l| (l - m).exp()).sum();
-            for (s, &l) in logit.iter().enumerate() {
-                row[s] += (l - m).exp() / z / heads as f32;
-            }
-        }
-    });
+        });
+    }
     out
 }
 
@@ -608,6 +618,37 @@ mod tests {
             let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
             let den: f64 = b.iter().map(|y| y * y).sum();
             assert!((num / den.max(1e-30)).sqrt() < 1e-4, "{name}");
+        }
+    }
+
+    /// The GEMM attention target against a plain per-head softmax (GQA 6/2).
+    #[test]
+    fn attention_target_is_the_head_mean_of_causal_softmaxes() {
+        let (t, heads, kv, d) = (11usize, 6usize, 2usize, 8usize);
+        let q = indexcache_ops::random::fill(1, 1.0, t * heads * d);
+        let k = indexcache_ops::random::fill(2, 1.0, t * kv * d);
+        let got = attention_target(&q, &k, t, heads, kv, d, 0.5);
+        for r in 0..t {
+            let mut want = vec![0.0f64; r + 1];
+            for h in 0..heads {
+                let g = h / (heads / kv);
+                let l: Vec<f64> = (0..=r)
+                    .map(|s| {
+                        0.5 * (0..d)
+                            .map(|c| q[(r * heads + h) * d + c] as f64 * k[(s * kv + g) * d + c] as f64)
+                            .sum::<f64>()
+                    })
+                    .collect();
+                let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = l.iter().map(|x| (x - m).exp()).sum();
+                for s in 0..=r {
+                    want[s] += (l[s] - m).exp() / z / heads as f64;
+                }
+            }
+            for s in 0..t {
+                let w = if s <= r { want[s] } else { 0.0 };
+                assert!((got[r * t + s] as f64 - w).abs() < 1e-6, "row {r} key {s}: {} vs {w}", got[r * t + s]);
+            }
         }
     }
 
