@@ -6,6 +6,7 @@
 //! `R+P` numbers (576 for DeepSeek-V3.2 / GLM-5). That is what sparse kernels (FlashMLA) gather
 //! per selected position — one row shared by all heads — and it is `2·H·(nope+v)/(R+P)`× smaller
 //! than expanded K/V (≈ 57× for DeepSeek-V3.2). Queries are absorbed instead (`q_nope·W_UK`).
+//! A grouped-query (llama) layer caches its RoPE'd keys and its values, `Hkv·D` each.
 //!
 //! **IndexCache.** Only Full layers own an indexer-key cache (`D` per token). The schedule is
 //! fixed for the life of the cache: a Shared layer has no keys to fall back on.

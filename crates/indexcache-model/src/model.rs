@@ -12,6 +12,9 @@
 //! o = W_UV · sparse_attn(q_nope·W_UK, rope(q_pe), cache, sel)
 //! x += o_proj(o); x += ffn(rms_norm(x))             dense SwiGLU or MoE
 //! ```
+//! A dense llama model (a GGUF, `gguf.rs`) runs the same layer with grouped-query attention:
+//! `q, k = rope(W_q h), rope(W_k h)`, `v = W_v h` into the cache, attention over all earlier keys
+//! (dense) or over the selection of an indexer whose query reads `h` (DSA on a dense model).
 
 use crate::cache::{Cache, LayerCache, LayerKv, StepGraph};
 use crate::error::ModelError;
