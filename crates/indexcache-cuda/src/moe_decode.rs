@@ -340,7 +340,7 @@ fn bench_ids(tokens: usize, top_k: usize, distinct: usize, base: usize, n_exp: u
 
 /// The 30B decode shape (hidden 2048, I 1536, 64 experts, top-4, bf16): the whole call at T = 1, 8
 /// and 16 (4, 24 and 40 distinct experts), the whole call at T = 1 with a fused shared expert of
-/// width 1536 (rotating over [`SHARED_SETS`] copies, as every layer has its own), and each kernel
+/// width 1536 (rotating over `SHARED_SETS` copies, as every layer has its own), and each kernel
 /// alone at T = 1 with and without L2 prefetch. GB/s count the distinct experts' weights (and the
 /// shared expert's) read once; consecutive calls use disjoint experts (the expert tensors are
 /// 1.2 GB, far beyond L2), so the weights come from HBM.
