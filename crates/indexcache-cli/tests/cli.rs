@@ -404,8 +404,9 @@ fn device_dtype_and_chunk_errors_are_clear() {
 fn demo_decode_errors_are_clear() {
     let err = fails(&["demo", "--decode", "0"]);
     assert!(err.contains("--decode must be at least 1"), "{err}");
-    // tiny-dsa: 16384 positions.
-    let err = fails(&["demo", "--decode", "20000"]);
+    // tiny-dsa: 16384 positions (the default model is SmolLM2-135M-DSA once its GGUF is fetched).
+    let tiny = root().join("models/tiny-dsa").display().to_string();
+    let err = fails(&["demo", "-m", &tiny, "--decode", "20000"]);
     assert!(err.contains("leaves no room for a prompt") && err.contains("16384"), "{err}");
     let err = fails(&["demo", "--context", "0"]);
     assert!(err.contains("at least 1"), "{err}");
