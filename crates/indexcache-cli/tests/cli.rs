@@ -708,6 +708,15 @@ fn smollm2_chat_answers() {
     assert!(answer.contains("Paris"), "{answer}");
 }
 
+/// export targets DSA checkpoints; on a GGUF-based model it says why it cannot, without a panic.
+#[test]
+fn smollm2_export_is_refused_clearly() {
+    let Some(_) = smollm2() else { return };
+    let dir = root().join("models/smollm2-135m-dsa").display().to_string();
+    let err = fails(&["export", "--pattern", "FSSS", "--format", "vllm", "-m", &dir]);
+    assert!(err.contains("no transformers, SGLang or vLLM format"), "{err}");
+}
+
 /// distill: a short warm-up run, interrupted and resumed, gives the same bytes as one run; the
 /// result is a model directory every command loads (sparse attention with its indexers, or
 /// --attention dense).

@@ -32,6 +32,16 @@ pub fn run(a: Args) -> Result<()> {
     if matches!(format, ExportFormat::Hf) && (a.model.is_none() || a.out.is_none()) {
         bail!("--format hf needs --model DIR and --out DIR");
     }
+    if let Some(m) = &a.model
+        && indexcache_tools::gguf_tokenizer::model_gguf(m)?.is_some()
+    {
+        bail!(
+            "{}: export writes DeepSeek-V3.2 / GLM-5 checkpoints and serving flags; a GGUF model (or lightning \
+             indexers added to one) has no transformers, SGLang or vLLM format to export to — use its pattern \
+             file with this engine (`--pattern FILE`)",
+            m.display()
+        );
+    }
     let r = export(&ExportOptions { format, pattern: a.pattern, model: a.model, out: a.out, force: a.force })?;
     for w in &r.warnings {
         tracing::warn!("{w}");
