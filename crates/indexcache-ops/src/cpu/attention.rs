@@ -12,6 +12,22 @@ use crate::TopK;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+/// Softmax of each `n`-wide row of `logits`, in place (max-subtracted, f32).
+fn softmax_rows(logits: &mut [f32], n: usize) {
+    for row in logits.chunks_mut(n) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut z = 0.0f32;
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+            z += *v;
+        }
+        let inv = 1.0 / z;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
 pub fn sparse_mla(q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &TopK, scale: f32) -> CpuTensor {
     let rows = q_lat.rows;
     let width = cache.cols; // R + P
@@ -64,18 +80,7 @@ pub fn sparse_mla(q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &
                     Parallelism::None,
                 );
             }
-            for row in logits.chunks_mut(n) {
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0.0f32;
-                for v in row.iter_mut() {
-                    *v = (*v - m).exp();
-                    z += *v;
-                }
-                let inv = 1.0 / z;
-                for v in row.iter_mut() {
-                    *v *= inv;
-                }
-            }
+            softmax_rows(logits, n);
             // SAFETY: logits heads×n; g viewed as n×r with row stride width; o heads×r.
             unsafe {
                 gemm(
@@ -179,18 +184,7 @@ pub fn gqa(
                     Parallelism::None,
                 );
             }
-            for row in logits.chunks_mut(n) {
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0.0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - m).exp();
-                    z += *x;
-                }
-                let inv = 1.0 / z;
-                for x in row.iter_mut() {
-                    *x *= inv;
-                }
-            }
+            softmax_rows(logits, n);
             // SAFETY: logits rep×n; the values are n rows of dv at stride vs; o is rep×dv.
             unsafe {
                 gemm(
