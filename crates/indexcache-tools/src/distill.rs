@@ -136,6 +136,11 @@ impl<R: Real> Params<R> {
         ]
     }
 
+    /// The shapes of [`Self::tensors`], in the same order.
+    pub fn shapes(d: Dims) -> [Vec<usize>; 5] {
+        [vec![d.heads * d.d, d.hidden], vec![d.d, d.hidden], vec![d.d], vec![d.d], vec![d.heads, d.hidden]]
+    }
+
     pub fn tensors_mut(&mut self) -> [&mut Vec<R>; 5] {
         [&mut self.wq, &mut self.wk, &mut self.ln_w, &mut self.ln_b, &mut self.wp]
     }
@@ -767,16 +772,11 @@ impl Trainer {
     /// The trained indexers as checkpoint tensors (`model.layers.{l}.self_attn.indexer.*`).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, &Vec<f32>)> {
         let d = self.cfg.dims;
-        let shape = |name: &str| match name {
-            "wq_b.weight" => vec![d.heads * d.d, d.hidden],
-            "wk.weight" => vec![d.d, d.hidden],
-            "weights_proj.weight" => vec![d.heads, d.hidden],
-            _ => vec![d.d],
-        };
+        let shapes = Params::<f32>::shapes(d);
         let mut out = Vec::new();
         for (l, _, p, _) in &self.layers {
-            for (name, v) in p.tensors() {
-                out.push((format!("model.layers.{l}.self_attn.indexer.{name}"), shape(name), v));
+            for ((name, v), shape) in p.tensors().into_iter().zip(&shapes) {
+                out.push((format!("model.layers.{l}.self_attn.indexer.{name}"), shape.clone(), v));
             }
         }
         out

@@ -278,10 +278,9 @@ fn resume(out: &Path, tr: &mut Trainer, want: &State) -> Result<usize> {
 /// Read the indexers of the trained layers from the model directory `dir`.
 fn load_params(dir: &Path, tr: &mut Trainer) -> Result<()> {
     let store = WeightStore::open(dir)?;
-    let d = tr.cfg.dims;
-    let shapes = [vec![d.heads * d.d, d.hidden], vec![d.d, d.hidden], vec![d.d], vec![d.d], vec![d.heads, d.hidden]];
-    let names = ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"];
+    let shapes = indexcache_tools::distill::Params::<f32>::shapes(tr.cfg.dims);
     for (l, _, params, _) in tr.layers.iter_mut() {
+        let names: Vec<&str> = params.tensors().iter().map(|t| t.0).collect();
         for ((dst, name), shape) in params.tensors_mut().into_iter().zip(names).zip(&shapes) {
             *dst = store.load_f32(&format!("model.layers.{l}.self_attn.indexer.{name}"), shape)?;
         }
