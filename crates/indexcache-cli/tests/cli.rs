@@ -708,13 +708,37 @@ fn smollm2_chat_answers() {
     assert!(answer.contains("Paris"), "{answer}");
 }
 
-/// export targets DSA checkpoints; on a GGUF-based model it says why it cannot, without a panic.
+/// export on a GGUF-based model: the serving formats are refused with the reason; `--format
+/// indexcache` writes a directory with the pattern and only the Full layers' indexers, which runs
+/// that pattern exactly as the source model does with `--pattern`, and names the missing indexer
+/// when asked for a schedule it cannot run.
 #[test]
-fn smollm2_export_is_refused_clearly() {
+fn smollm2_export_indexcache_dir() {
     let Some(_) = smollm2() else { return };
     let dir = root().join("models/smollm2-135m-dsa").display().to_string();
-    let err = fails(&["export", "--pattern", "FSSS", "--format", "vllm", "-m", &dir]);
-    assert!(err.contains("no transformers, SGLang or vLLM format"), "{err}");
+    let pattern = format!("FSSFSSSF{}", "S".repeat(22));
+    let err = fails(&["export", "--pattern", &pattern, "--format", "vllm", "-m", &dir]);
+    assert!(err.contains("no vllm format") && err.contains("--format indexcache"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ic");
+    let o = out.display().to_string();
+    ok(&["export", "--pattern", &pattern, "--format", "indexcache", "-m", &dir, "--out", &o]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", "-m", &o, "--json"])).unwrap();
+    assert_eq!(info["schedule"], pattern.as_str());
+    assert_eq!(info["indexer_weights_on_layers"], serde_json::json!([0, 3, 7]));
+
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, std::fs::read_to_string(root().join("README.md")).unwrap()).unwrap();
+    let t = text.display().to_string();
+    let ppl = |args: &[&str]| -> f64 {
+        let mut v = vec!["ppl", "--data", &t, "--ctx", "256", "--max-windows", "2", "--json"];
+        v.extend_from_slice(args);
+        serde_json::from_str::<serde_json::Value>(&ok(&v)).unwrap()["mean_nll"].as_f64().unwrap()
+    };
+    assert_eq!(ppl(&["-m", &o]), ppl(&["-m", &dir, "--pattern", &pattern]));
+    let err = fails(&["ppl", "-m", &o, "--data", &t, "--ctx", "64", "--index-cache", "off"]);
+    assert!(err.contains("model.layers.1.self_attn.indexer"), "{err}");
 }
 
 /// distill: a short warm-up run, interrupted and resumed, gives the same bytes as one run; the

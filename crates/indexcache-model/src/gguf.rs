@@ -206,6 +206,24 @@ pub fn read_model_dir(dir: &Path) -> Result<Option<GgufModelDir>, ModelError> {
     Ok(Some(GgufModelDir { gguf: dir.join(base), indexers: side.exists().then_some(side), indexer }))
 }
 
+/// The [`BASE_GGUF_KEY`] value for a model directory `dir` built on `gguf`: the GGUF's path as
+/// seen from `dir` (`../../data/m.gguf`), or its path as given when either cannot be resolved.
+pub fn base_gguf_value(gguf: &Path, dir: &Path) -> String {
+    let (Ok(p), Ok(d)) = (gguf.canonicalize(), dir.canonicalize()) else {
+        return gguf.display().to_string();
+    };
+    let (pc, dc): (Vec<_>, Vec<_>) = (p.components().collect(), d.components().collect());
+    let common = pc.iter().zip(&dc).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    for _ in common..dc.len() {
+        rel.push("..");
+    }
+    for c in &pc[common..] {
+        rel.push(c);
+    }
+    rel.display().to_string()
+}
+
 /// [`LlamaParams`] with the indexers a model directory declares.
 pub fn with_indexer(
     mut p: LlamaParams,
@@ -220,4 +238,23 @@ pub fn with_indexer(
     };
     p.indexer = Some(LlamaIndexer { n_heads: *n_heads, head_dim: *head_dim, topk: *topk, schedule });
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_gguf_is_relative_to_the_model_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, out) = (tmp.path().join("data"), tmp.path().join("runs/out"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        let g = data.join("m.gguf");
+        std::fs::write(&g, b"").unwrap();
+        assert_eq!(base_gguf_value(&g, &out), "../../data/m.gguf");
+        assert_eq!(base_gguf_value(&g, &data), "m.gguf");
+        let missing = tmp.path().join("nope.gguf");
+        assert_eq!(base_gguf_value(&missing, &out), missing.display().to_string());
+    }
 }

@@ -30,7 +30,13 @@
 
 use crate::error::ToolError;
 use indexcache_config::{Arch, IndexSchedule, ModelConfig};
-use indexcache_weights::WeightStore;
+use indexcache_model::ModelError;
+use indexcache_model::gguf::{
+    BASE_GGUF_KEY, GgufModelDir, INDEXERS_FILE, base_gguf_value, llama_params, read_model_dir,
+};
+use indexcache_model::weights::indexer_probe;
+use indexcache_weights::{DType, GgufFile, WeightStore};
+use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
@@ -47,6 +53,11 @@ pub enum ExportFormat {
     Sglang,
     /// vLLM `--hf-overrides`.
     Vllm,
+    /// A model directory for this engine with the pattern as its schedule: for a checkpoint the
+    /// same as [`ExportFormat::Hf`]; for lightning indexers on a GGUF base model, `config.json`
+    /// (base re-pointed, `index_topk_pattern` set) and `indexers.safetensors` holding only the
+    /// Full layers' indexers.
+    Indexcache,
 }
 
 impl FromStr for ExportFormat {
@@ -56,7 +67,10 @@ impl FromStr for ExportFormat {
             "hf" | "transformers" | "huggingface" => Ok(Self::Hf),
             "sglang" => Ok(Self::Sglang),
             "vllm" => Ok(Self::Vllm),
-            _ => Err(ToolError::Invalid(format!("unknown export format {s:?} (expected hf, sglang or vllm)"))),
+            "indexcache" => Ok(Self::Indexcache),
+            _ => Err(ToolError::Invalid(format!(
+                "unknown export format {s:?} (expected hf, sglang, vllm or indexcache)"
+            ))),
         }
     }
 }
@@ -67,6 +81,7 @@ impl fmt::Display for ExportFormat {
             Self::Hf => "hf",
             Self::Sglang => "sglang",
             Self::Vllm => "vllm",
+            Self::Indexcache => "indexcache",
         })
     }
 }
@@ -195,6 +210,11 @@ pub struct ExportResult {
 /// Validates the pattern and exports it (see the module documentation).
 pub fn export(opts: &ExportOptions) -> Result<ExportResult, ToolError> {
     let input = read_pattern(&opts.pattern)?;
+    if let Some(m) = &opts.model
+        && let Some(base) = gguf_base(m)?
+    {
+        return export_gguf(opts, m, base, input);
+    }
     let mut warnings = input.warnings.clone();
 
     let model = match &opts.model {
@@ -220,9 +240,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportResult, ToolError> {
     };
 
     match opts.format {
-        ExportFormat::Hf => {
-            let model = model.as_ref().ok_or_else(|| ToolError::Invalid("hf export needs --model DIR".into()))?;
-            let out = opts.out.as_deref().ok_or_else(|| ToolError::Invalid("hf export needs --out DIR".into()))?;
+        ExportFormat::Hf | ExportFormat::Indexcache => {
+            let needs = |what| ToolError::Invalid(format!("{} export needs {what}", opts.format));
+            let model = model.as_ref().ok_or_else(|| needs("--model DIR"))?;
+            let out = opts.out.as_deref().ok_or_else(|| needs("--out DIR"))?;
             if model.cfg.arch == Arch::DeepseekV32 {
                 warnings.push(
                     "model_type deepseek_v32: transformers added the IndexCache keys for glm_moe_dsa \
@@ -236,7 +257,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportResult, ToolError> {
         }
         ExportFormat::Sglang | ExportFormat::Vllm => {
             if opts.out.is_some() {
-                return Err(ToolError::Invalid(format!("--out is only used by the hf format, not {}", opts.format)));
+                return Err(ToolError::Invalid(format!(
+                    "--out is only used by the hf and indexcache formats, not {}",
+                    opts.format
+                )));
             }
             let mut entries: Vec<(&str, Value)> = Vec::new();
             if opts.format == ExportFormat::Vllm {
@@ -268,6 +292,143 @@ pub fn export(opts: &ExportOptions) -> Result<ExportResult, ToolError> {
     }
     result.warnings = warnings;
     Ok(result)
+}
+
+/// The GGUF base of a model path: `Some` for a model directory whose `config.json` names one;
+/// a bare `.gguf` file is refused (it has no indexers to schedule).
+fn gguf_base(model: &Path) -> Result<Option<GgufModelDir>, ToolError> {
+    if model.is_file() || model.extension().is_some_and(|e| e == "gguf") {
+        return Err(ToolError::file(
+            model,
+            "a GGUF file is a dense model without lightning indexers, so it has no pattern to export; \
+             `indexcache distill` adds indexers and writes a model directory",
+        ));
+    }
+    Ok(read_model_dir(model)?)
+}
+
+/// The layer a tensor name belongs to (`model.layers.{l}.…`).
+fn tensor_layer(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// [`ExportFormat::Indexcache`] for lightning indexers on a GGUF base model; the other formats
+/// are refused with the reason (no transformers, SGLang or vLLM architecture is llama + indexers).
+fn export_gguf(
+    opts: &ExportOptions,
+    dir: &Path,
+    base: GgufModelDir,
+    input: PatternInput,
+) -> Result<ExportResult, ToolError> {
+    if opts.format != ExportFormat::Indexcache {
+        return Err(ToolError::file(
+            dir,
+            format!(
+                "lightning indexers on a GGUF base model have no {} format (transformers, SGLang and vLLM serve \
+                 DeepSeek-V3.2 / GLM-5 checkpoints); `--format indexcache --out DIR` writes a model directory with \
+                 the pattern for this engine, or pass the pattern file to any command (`--pattern FILE`)",
+                opts.format
+            ),
+        ));
+    }
+    let out = opts.out.as_deref().ok_or_else(|| ToolError::Invalid("indexcache export needs --out DIR".into()))?;
+    let config_path = dir.join("config.json");
+    let (Some(_), Some(side_path)) = (&base.indexer, &base.indexers) else {
+        return Err(ToolError::file(
+            &config_path,
+            format!("declares no lightning indexers (index_* keys and {INDEXERS_FILE}); nothing to schedule"),
+        ));
+    };
+    let gguf = GgufFile::open(&base.gguf)?;
+    let n_layers = llama_params(&gguf)?.num_hidden_layers;
+    let schedule = IndexSchedule::from_pattern(&input.pattern, n_layers)?;
+    let side = WeightStore::open_files(std::slice::from_ref(side_path)).map_err(ModelError::from)?;
+    for l in schedule.full_layers() {
+        if !side.contains(&indexer_probe(l)) {
+            return Err(ToolError::file(
+                side_path,
+                format!("layer {l} is Full in the pattern but {} is missing", indexer_probe(l)),
+            ));
+        }
+    }
+    let same = matches!((dir.canonicalize(), out.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if same {
+        return Err(ToolError::file(out, "the output directory is the model directory; choose another --out"));
+    }
+    prepare_out(out, opts.force)?;
+
+    // indexers.safetensors: the Full layers' tensors (and any not tied to a layer), bytes as stored.
+    let mut kept = Vec::new();
+    let mut dropped = 0usize;
+    for name in side.names() {
+        if tensor_layer(name).is_some_and(|l| l >= n_layers || !schedule.is_full(l)) {
+            dropped += 1;
+            continue;
+        }
+        let (dtype, shape, bytes) = side.raw(name).map_err(ModelError::from)?;
+        let dtype = match dtype {
+            DType::F32 => Dtype::F32,
+            DType::F16 => Dtype::F16,
+            DType::BF16 => Dtype::BF16,
+            DType::F8E4M3 => Dtype::F8_E4M3,
+            DType::I32 => Dtype::I32,
+            DType::I64 => Dtype::I64,
+            DType::Other => return Err(ToolError::file(side_path, format!("{name}: unsupported dtype"))),
+        };
+        let view = TensorView::new(dtype, shape.to_vec(), bytes)
+            .map_err(|e| ToolError::file(side_path, format!("{name}: {e}")))?;
+        kept.push((name.to_string(), view));
+    }
+    let side_out = out.join(INDEXERS_FILE);
+    let bytes =
+        safetensors::serialize(kept, None).map_err(|e| ToolError::file(&side_out, format!("serialising: {e}")))?;
+    remove_existing(&side_out)?;
+    std::fs::write(&side_out, bytes).map_err(|e| ToolError::file(&side_out, e))?;
+
+    // config.json: the same keys, the base re-pointed from the new directory, the pattern set.
+    let text = std::fs::read_to_string(&config_path).map_err(|e| ToolError::file(&config_path, e))?;
+    let mut cfg: Value = serde_json::from_str(&text).map_err(|e| ToolError::file(&config_path, e))?;
+    let Value::Object(entries) = &mut cfg else {
+        return Err(ToolError::file(&config_path, "config.json is not a JSON object"));
+    };
+    let gguf_abs = base.gguf.canonicalize().map_err(|e| ToolError::file(&base.gguf, e))?;
+    set_key(entries, BASE_GGUF_KEY, Value::String(base_gguf_value(&gguf_abs, out)));
+    set_key(entries, "index_topk_pattern", Value::String(schedule.to_pattern()));
+    let config_out = out.join("config.json");
+    let text =
+        serde_json::to_string_pretty(&cfg).map_err(|e| ToolError::Invalid(format!("writing config.json: {e}")))?;
+    remove_existing(&config_out)?;
+    std::fs::write(&config_out, text + "\n").map_err(|e| ToolError::file(&config_out, e))?;
+
+    // The engine must read back exactly this base and schedule.
+    let back = read_model_dir(out)?.ok_or_else(|| ToolError::file(&config_out, "does not read back"))?;
+    let back_pattern = back.indexer.as_ref().and_then(|i| i.3.clone());
+    let back_gguf = back.gguf.canonicalize().ok();
+    if back_pattern.as_deref() != Some(schedule.to_pattern().as_str()) || back_gguf.as_deref() != Some(&*gguf_abs) {
+        return Err(ToolError::file(&config_out, "does not read back as the exported base and pattern"));
+    }
+    let mut warnings = input.warnings;
+    if dropped > 0 {
+        warnings.push(format!(
+            "{dropped} indexer tensors of the {} Shared layers left out: the directory runs this pattern, or \
+             schedules whose Full layers are among [{}]",
+            n_layers - schedule.num_full(),
+            schedule.full_layers().iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(ExportResult {
+        format: opts.format,
+        pattern: schedule.to_pattern(),
+        layers: n_layers,
+        full_layers: schedule.full_layers(),
+        args: None,
+        out: Some(out.to_path_buf()),
+        files: vec![
+            ExportedFile { name: "config.json".into(), action: FileAction::Written },
+            ExportedFile { name: INDEXERS_FILE.into(), action: FileAction::Written },
+        ],
+        warnings,
+    })
 }
 
 /// The model directory's config and which layers have indexer weights.
@@ -347,19 +508,7 @@ fn write_hf(
     if same {
         return Err(ToolError::file(out, "the output directory is the model directory; choose another --out"));
     }
-    if out.exists() {
-        if !out.is_dir() {
-            return Err(ToolError::file(out, "exists and is not a directory"));
-        }
-        let non_empty = std::fs::read_dir(out).map_err(|e| ToolError::file(out, e))?.next().is_some();
-        if non_empty && !force {
-            return Err(ToolError::file(
-                out,
-                "output directory exists and is not empty (use --force to write into it)",
-            ));
-        }
-    }
-    std::fs::create_dir_all(out).map_err(|e| ToolError::file(out, e))?;
+    prepare_out(out, force)?;
 
     // config.json
     let mut cfg = model.raw.clone();
@@ -418,6 +567,23 @@ fn write_hf(
         ));
     }
     Ok(files)
+}
+
+/// Creates `out`, refusing an existing non-empty directory unless `force`.
+fn prepare_out(out: &Path, force: bool) -> Result<(), ToolError> {
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(ToolError::file(out, "exists and is not a directory"));
+        }
+        let non_empty = std::fs::read_dir(out).map_err(|e| ToolError::file(out, e))?.next().is_some();
+        if non_empty && !force {
+            return Err(ToolError::file(
+                out,
+                "output directory exists and is not empty (use --force to write into it)",
+            ));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| ToolError::file(out, e))
 }
 
 /// Removes a file (or link) at `p` so that a new one never writes through an old hard link.
@@ -495,5 +661,12 @@ mod tests {
             ("indexer_types", Value::Array(vec![Value::String("full".into()), Value::String("shared".into())])),
         ]);
         assert_eq!(s, r#"{"use_index_cache": true, "indexer_types": ["full", "shared"]}"#);
+    }
+
+    #[test]
+    fn layer_of_tensor_names() {
+        assert_eq!(tensor_layer("model.layers.12.self_attn.indexer.wk.weight"), Some(12));
+        assert_eq!(tensor_layer("model.norm.weight"), None);
+        assert_eq!(tensor_layer("model.layers.x.y"), None);
     }
 }

@@ -184,7 +184,7 @@ impl State {
 fn save(a: &Args, base: &Path, tr: &Trainer, step: usize, head_dim: usize, pattern: Option<String>) -> Result<()> {
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let base_ref = relative_to(base, out);
+    let base_ref = indexcache_model::gguf::base_gguf_value(base, out);
     let mut config = serde_json::json!({
         "base_gguf": base_ref,
         "index_n_heads": a.index_heads,
@@ -286,21 +286,4 @@ fn load_params(dir: &Path, tr: &mut Trainer) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `path` as seen from `dir` (absolute when no relative path is found).
-fn relative_to(path: &Path, dir: &Path) -> String {
-    let (Ok(p), Ok(d)) = (path.canonicalize(), dir.canonicalize()) else {
-        return path.display().to_string();
-    };
-    let (pc, dc): (Vec<_>, Vec<_>) = (p.components().collect(), d.components().collect());
-    let common = pc.iter().zip(&dc).take_while(|(a, b)| a == b).count();
-    let mut rel = PathBuf::new();
-    for _ in common..dc.len() {
-        rel.push("..");
-    }
-    for c in &pc[common..] {
-        rel.push(c);
-    }
-    rel.display().to_string()
 }

@@ -1,4 +1,4 @@
-//! `indexcache export`: a pattern as configuration for transformers, SGLang or vLLM.
+//! `indexcache export`: a pattern as configuration for transformers, SGLang, vLLM or this engine.
 
 use anyhow::{Result, bail};
 use indexcache_tools::export::{ExportFormat, ExportOptions, export};
@@ -10,13 +10,15 @@ pub struct Args {
     #[arg(long)]
     pub pattern: String,
     /// hf: a copy of the checkpoint directory with the pattern in config.json (hard links for the
-    /// weights); sglang: `--json-model-override-args`; vllm: `--hf-overrides`.
-    #[arg(long, value_parser = ["hf", "sglang", "vllm"])]
+    /// weights); sglang: `--json-model-override-args`; vllm: `--hf-overrides`; indexcache: a model
+    /// directory for this engine with the pattern as its schedule (for a checkpoint the same as hf;
+    /// for indexers on a GGUF base model, config.json + only the Full layers' indexers).
+    #[arg(long, value_parser = ["hf", "sglang", "vllm", "indexcache"])]
     pub format: String,
-    /// The checkpoint (required for hf; checks length and indexer weights otherwise).
+    /// The model (required for hf and indexcache; checks length and indexer weights otherwise).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
-    /// Output directory (hf only).
+    /// Output directory (hf and indexcache).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Allow writing into a non-empty --out.
@@ -29,18 +31,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let format: ExportFormat = a.format.parse()?;
-    if matches!(format, ExportFormat::Hf) && (a.model.is_none() || a.out.is_none()) {
-        bail!("--format hf needs --model DIR and --out DIR");
-    }
-    if let Some(m) = &a.model
-        && indexcache_tools::gguf_tokenizer::model_gguf(m)?.is_some()
-    {
-        bail!(
-            "{}: export writes DeepSeek-V3.2 / GLM-5 checkpoints and serving flags; a GGUF model (or lightning \
-             indexers added to one) has no transformers, SGLang or vLLM format to export to — use its pattern \
-             file with this engine (`--pattern FILE`)",
-            m.display()
-        );
+    if matches!(format, ExportFormat::Hf | ExportFormat::Indexcache) && (a.model.is_none() || a.out.is_none()) {
+        bail!("--format {format} needs --model DIR and --out DIR");
     }
     let r = export(&ExportOptions { format, pattern: a.pattern, model: a.model, out: a.out, force: a.force })?;
     for w in &r.warnings {

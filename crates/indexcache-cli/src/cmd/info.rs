@@ -211,8 +211,9 @@ fn report(
         sched_b.engine_f32,
         100.0 * (1.0 - sched_b.engine_f32 as f64 / full_b.engine_f32 as f64)
     );
+    let layout = if cfg.arch.is_mla() { "656 B latent + 132 B indexer @ DS dims" } else { "e4m3 K/V + indexer key" };
     println!(
-        "                production FP8 (656 B latent + 132 B indexer @ DS dims): {} all-Full, {} with this schedule",
+        "                production FP8 ({layout}): {} all-Full, {} with this schedule",
         full_b.production_fp8, sched_b.production_fp8
     );
     Ok(())
