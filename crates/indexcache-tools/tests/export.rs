@@ -108,6 +108,18 @@ fn hf_refuses_non_empty_out_without_force() {
 }
 
 #[test]
+fn indexcache_format_on_a_checkpoint_is_the_hf_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("hf"), tmp.path().join("ic"));
+    let ra = export(&opts(ExportFormat::Hf, "FSSF", Some("ds32-yarn"), Some(&a))).unwrap();
+    let rb = export(&opts(ExportFormat::Indexcache, "FSSF", Some("ds32-yarn"), Some(&b))).unwrap();
+    assert_eq!(ra.files, rb.files);
+    assert_eq!(std::fs::read(a.join("config.json")).unwrap(), std::fs::read(b.join("config.json")).unwrap());
+    let e = export(&opts(ExportFormat::Indexcache, "FSSF", Some("ds32-yarn"), None)).unwrap_err();
+    assert!(e.to_string().contains("indexcache export needs --out"), "{e}");
+}
+
+#[test]
 fn hf_needs_model_and_out() {
     let e = export(&opts(ExportFormat::Hf, "FSSF", None, Some(Path::new("/tmp/x")))).unwrap_err();
     assert!(e.to_string().contains("--model"), "{e}");
@@ -186,7 +198,7 @@ fn bad_patterns_are_errors() {
     assert!(e.to_string().contains("no such pattern file"), "{e}");
     // --out makes no sense for the override flags.
     let e = export(&opts(ExportFormat::Sglang, "FS", None, Some(Path::new("x")))).unwrap_err();
-    assert!(e.to_string().contains("only used by the hf format"), "{e}");
+    assert!(e.to_string().contains("only used by the hf and indexcache formats"), "{e}");
     assert!("onnx".parse::<ExportFormat>().is_err());
     assert_eq!("vLLM".parse::<ExportFormat>().unwrap(), ExportFormat::Vllm);
 }
