@@ -356,6 +356,11 @@ impl<B: Backend> DsaModel<B> {
         Self::from_source(cfg, backend, schedule, &mut RandomSource::new(seed), IndexerSelection::All)
     }
 
+    /// [`Self::random`] with the matrices rounded to bf16 ([`RandomSource::bf16`]).
+    pub fn random_bf16(cfg: ModelConfig, backend: B, schedule: IndexSchedule, seed: u64) -> Result<Self, ModelError> {
+        Self::from_source(cfg, backend, schedule, &mut RandomSource::bf16(seed), IndexerSelection::All)
+    }
+
     /// Select top-k with the FP8 indexer numerics of DeepSeek's reference implementation (as
     /// production engines do) instead of exact scores. A cache filled in one mode must not be
     /// continued in the other (its keys are stored as scored).

@@ -44,6 +44,23 @@ fn main() {
         });
         report(&format!("matmul_t {m}x{k} · ({n}x{k})ᵀ"), s, 2.0 * (m * k * n) as f64);
     }
+    // Decode GEMVs (one token): f32 weights, and the same shapes with bf16-exact weights, which
+    // the backend keeps as bf16 (half the bytes). GB/s counts the weight bytes read.
+    for &(k, n) in &[(1024usize, 1024usize), (1024, 2816), (2048, 8192)] {
+        let x = CpuTensor::new(rand(k, 1), 1, k);
+        for (name, bytes) in [("f32", 4usize), ("bf16", 2)] {
+            let mut v = rand(n * k, 2);
+            if bytes == 2 {
+                v.iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits() & 0xFFFF_0000));
+            }
+            let w = b.weight(WeightInit::Host(v), 1, n, k).unwrap();
+            let s = best_of(|| {
+                std::hint::black_box(b.matmul_t(&x, &w).unwrap());
+            });
+            report(&format!("gemv 1x{k} · ({n}x{k})ᵀ {name}"), s, 2.0 * (k * n) as f64);
+            println!("{:<44} {:>9.1} GB/s of weights", "", (n * k * bytes) as f64 / s / 1e9);
+        }
+    }
     // Indexer + top-k: causal prefill of L tokens, and one decode row at L.
     let (hi, d, topk) = (8usize, 64usize, 256usize);
     for &l in &[4096usize, 16384] {

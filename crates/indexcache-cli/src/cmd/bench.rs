@@ -32,6 +32,10 @@ pub struct Args {
     /// generated on the device).
     #[arg(long, value_name = "CONFIG.json")]
     pub random_weights: Option<PathBuf>,
+    /// With --random-weights: bf16 rounds the matrices to bf16, as a bf16 checkpoint holds them
+    /// (the CPU then keeps them in bf16, half the bytes; generated on the host).
+    #[arg(long, value_parser = ["f32", "bf16"], default_value = "f32", requires = "random_weights")]
+    pub random_dtype: String,
     /// Prompt lengths: token counts, or multiples of 1024 with a k suffix (1k,4k,16k; note "10k"
     /// is 10240: write 10000 for ten thousand).
     #[arg(long, default_value = "1k,4k")]
@@ -149,12 +153,15 @@ fn load<B: Backend>(a: &Args, backend: B) -> Result<(DsaModel<B>, String)> {
             check_weights_fit(&cfg, &backend, cfg_path)?;
             let t0 = Instant::now();
             let schedule = cfg.schedule.clone();
-            let mut model = DsaModel::random(cfg, backend, schedule, a.seed)
-                .with_context(|| format!("random weights for {}", cfg_path.display()))?;
+            let mut model = match a.random_dtype.as_str() {
+                "bf16" => DsaModel::random_bf16(cfg, backend, schedule, a.seed),
+                _ => DsaModel::random(cfg, backend, schedule, a.seed),
+            }
+            .with_context(|| format!("random weights for {}", cfg_path.display()))?;
             a.exec.configure(&mut model)?;
             model.backend().synchronize()?;
             tracing::info!("random weights in {:.2}s on {}", t0.elapsed().as_secs_f64(), model.backend().name());
-            Ok((model, format!("random weights, {}", cfg_path.display())))
+            Ok((model, format!("random {} weights, {}", a.random_dtype, cfg_path.display())))
         }
         (None, Some(dir)) => {
             Ok((load_model(dir, backend, None, IndexerSelection::All, &a.exec)?, dir.display().to_string()))

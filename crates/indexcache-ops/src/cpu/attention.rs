@@ -36,78 +36,105 @@ pub fn sparse_mla(q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &
     let (r, p) = (q_lat.cols / heads, q_pe.cols / heads);
     debug_assert_eq!(r + p, width);
     debug_assert_eq!(sel.rows, rows);
+    // Q_t rows h0..h1: [h1-h0, R+P], head h = [q_lat_h | q_pe_h].
+    let gather_q = |q: &mut Vec<f32>, t: usize, h0: usize, h1: usize| {
+        q.clear();
+        for h in h0..h1 {
+            q.extend_from_slice(&q_lat.row(t)[h * r..(h + 1) * r]);
+            q.extend_from_slice(&q_pe.row(t)[h * p..(h + 1) * p]);
+        }
+    };
+    let gather_g = |g: &mut Vec<f32>, t: usize| {
+        g.clear();
+        for s in sel.valid(t) {
+            g.extend_from_slice(cache.row(s));
+        }
+    };
     let mut out = vec![0.0f32; rows * heads * r];
+    if rows == 1 {
+        // One row (decode): gather its positions once, spread the heads over the threads.
+        let mut g = Vec::new();
+        gather_g(&mut g, 0);
+        let per = heads.div_ceil(rayon::current_num_threads()).max(1);
+        out.par_chunks_mut(per * r).enumerate().for_each_init(
+            || (Vec::<f32>::new(), Vec::<f32>::new()),
+            |(q, logits), (c, o)| {
+                let (h0, h1) = (c * per, (c * per + per).min(heads));
+                gather_q(q, 0, h0, h1);
+                attend(q, &g, width, r, scale, logits, o);
+            },
+        );
+        return CpuTensor::new(out, rows, heads * r);
+    }
     out.par_chunks_mut(heads * r).enumerate().for_each_init(
         || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
         |(q, g, logits), (t, o)| {
-            // Q_t: [H, R+P], head h = [q_lat_h | q_pe_h].
-            q.clear();
-            for h in 0..heads {
-                q.extend_from_slice(&q_lat.row(t)[h * r..(h + 1) * r]);
-                q.extend_from_slice(&q_pe.row(t)[h * p..(h + 1) * p]);
-            }
-            g.clear();
-            for s in sel.valid(t) {
-                g.extend_from_slice(cache.row(s));
-            }
-            let n = g.len() / width;
-            if n == 0 {
-                return;
-            }
-            logits.clear();
-            logits.resize(heads * n, 0.0);
-            // SAFETY: q is heads×width, g is n×width, logits heads×n, all row-major.
-            unsafe {
-                gemm(
-                    heads,
-                    n,
-                    width,
-                    logits.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    width as isize,
-                    g.as_ptr(),
-                    width as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            softmax_rows(logits, n);
-            // SAFETY: logits heads×n; g viewed as n×r with row stride width; o heads×r.
-            unsafe {
-                gemm(
-                    heads,
-                    r,
-                    n,
-                    o.as_mut_ptr(),
-                    1,
-                    r as isize,
-                    false,
-                    logits.as_ptr(),
-                    1,
-                    n as isize,
-                    g.as_ptr(),
-                    1,
-                    width as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+            gather_q(q, t, 0, heads);
+            gather_g(g, t);
+            attend(q, g, width, r, scale, logits, o);
         },
     );
     CpuTensor::new(out, rows, heads * r)
+}
+
+/// `o [h, r] = softmax(scale · q gᵀ) · g[:, :r]` for `q [h, width]` and the gathered rows
+/// `g [n, width]` (nothing written when `n` = 0: the caller's zeros stand).
+fn attend(q: &[f32], g: &[f32], width: usize, r: usize, scale: f32, logits: &mut Vec<f32>, o: &mut [f32]) {
+    let (heads, n) = (q.len() / width, g.len() / width);
+    if n == 0 {
+        return;
+    }
+    logits.clear();
+    logits.resize(heads * n, 0.0);
+    // SAFETY: q is heads×width, g is n×width, logits heads×n, all row-major.
+    unsafe {
+        gemm(
+            heads,
+            n,
+            width,
+            logits.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            q.as_ptr(),
+            1,
+            width as isize,
+            g.as_ptr(),
+            width as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+    softmax_rows(logits, n);
+    // SAFETY: logits heads×n; g viewed as n×r with row stride width; o heads×r.
+    unsafe {
+        gemm(
+            heads,
+            r,
+            n,
+            o.as_mut_ptr(),
+            1,
+            r as isize,
+            false,
+            logits.as_ptr(),
+            1,
+            n as isize,
+            g.as_ptr(),
+            1,
+            width as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
 }
 
 /// Grouped-query attention (see `Backend::gqa_attention`). Work item = (row `t`, KV head `g`): the
@@ -263,6 +290,14 @@ mod tests {
                 reference::sparse_mla_masked(&q_lat.data, &q_pe.data, &cache.data, heads, r, p, &positions, sel, 0.3);
             for (g, w) in got.data.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+            }
+            // One row (the decode path: heads spread over threads) gives that row's result.
+            let last = t - 1;
+            let one = |x: &CpuTensor| CpuTensor::new(x.row(last).to_vec(), 1, x.cols);
+            let sel1 = TopK { rows: 1, k: sel.k, data: sel.data[last * sel.k..].to_vec() };
+            let got1 = sparse_mla(&one(&q_lat), &one(&q_pe), &cache, &sel1, 0.3);
+            for (g, w) in got1.data.iter().zip(&want[last * heads * r..]) {
+                assert!((g - w).abs() < 1e-5, "one row: {g} vs {w}");
             }
         }
     }

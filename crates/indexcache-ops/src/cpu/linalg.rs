@@ -1,25 +1,76 @@
 //! Dense linear algebra on host f32: `x · wᵀ` through `gemm` (runtime ISA dispatch), and a
 //! row-parallel GEMV for single-token decode, where `gemm` is memory-bound and poorly threaded.
+//! The GEMV is SIMD through `pulp` (AVX2+FMA / AVX-512 / NEON chosen at run time, never by
+//! build flags) and reads bf16 weights as stored; `dot_plain` is its reference.
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// A row-major weight matrix as stored: f32, or bf16 (the upper half of an f32's bits).
+#[derive(Debug, Clone, Copy)]
+pub enum Mat<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Mat<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Mat::F32(v) => v.len(),
+            Mat::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `start..start + len`.
+    pub fn slice(self, start: usize, len: usize) -> Mat<'a> {
+        match self {
+            Mat::F32(v) => Mat::F32(&v[start..start + len]),
+            Mat::Bf16(v) => Mat::Bf16(&v[start..start + len]),
+        }
+    }
+
+    /// The values as f32 (borrowed when stored as f32).
+    pub fn to_f32(self) -> Cow<'a, [f32]> {
+        match self {
+            Mat::F32(v) => Cow::Borrowed(v),
+            Mat::Bf16(v) => Cow::Owned(v.iter().map(|&b| bf16_to_f32(b)).collect()),
+        }
+    }
+
+    /// Writes the values as f32 into `dst` (same length).
+    pub fn to_f32_into(self, dst: &mut [f32]) {
+        match self {
+            Mat::F32(v) => dst.copy_from_slice(v),
+            Mat::Bf16(v) => dst.iter_mut().zip(v).for_each(|(d, &b)| *d = bf16_to_f32(b)),
+        }
+    }
+}
+
+#[inline(always)]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
 
 /// `x [m, k] · wᵀ` with `w [n, k]` → `[m, n]`. `threads` > 1 lets `gemm` use rayon; pass 1 when
-/// already inside a parallel loop.
-pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, threads: usize) -> Vec<f32> {
+/// already inside a parallel loop. bf16 weights go through `gemm` as f32 for m > 1 (converted
+/// once per call) and are read as stored by the GEMV for m = 1.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: Mat, n: usize, threads: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     let mut out = vec![0.0f32; m * n];
-    if m == 0 || n == 0 {
-        return out;
-    }
-    if k == 0 {
+    if m == 0 || n == 0 || k == 0 {
         return out;
     }
     if m == 1 {
         gemv_t(x, w, k, &mut out, threads > 1);
         return out;
     }
+    let w = w.to_f32();
     let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the pointers cover m*k, n*k and m*n f32s (asserted above), strides describe
     // row-major x [m,k], wᵀ viewed as [k,n] (element (kk, j) at w[j*k + kk]), out [m,n].
@@ -49,41 +100,149 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, threads: usi
     out
 }
 
+/// Most rows per parallel task of the GEMV (one SIMD dispatch each); fewer when that would
+/// leave threads idle (a 512-row expert projection on 16 threads).
+const GEMV_ROWS: usize = 64;
+
 /// `out[j] = x · w[j]` for each row `j` of `w [n, k]`.
-fn gemv_t(x: &[f32], w: &[f32], k: usize, out: &mut [f32], parallel: bool) {
-    const CHUNK: usize = 64;
+fn gemv_t(x: &[f32], w: Mat, k: usize, out: &mut [f32], parallel: bool) {
+    let rows = if parallel { (out.len() / (4 * rayon::current_num_threads())).clamp(4, GEMV_ROWS) } else { GEMV_ROWS };
+    let task = |c: usize, o: &mut [f32]| {
+        let block = w.slice(c * rows * k, o.len() * k);
+        pulp::Arch::new().dispatch(Gemv { x, w: block, out: o });
+    };
     if parallel {
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            for (i, v) in o.iter_mut().enumerate() {
-                let j = c * CHUNK + i;
-                *v = dot(x, &w[j * k..(j + 1) * k]);
-            }
-        });
+        out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| task(c, o));
     } else {
-        for (j, v) in out.iter_mut().enumerate() {
-            *v = dot(x, &w[j * k..(j + 1) * k]);
+        out.chunks_mut(rows).enumerate().for_each(|(c, o)| task(c, o));
+    }
+}
+
+/// One block of GEMV rows at the SIMD width chosen at run time.
+struct Gemv<'a> {
+    x: &'a [f32],
+    w: Mat<'a>,
+    out: &'a mut [f32],
+}
+
+/// bf16 elements widened per step of the bf16 GEMV (stays in L1).
+const WIDEN: usize = 256;
+
+impl pulp::WithSimd for Gemv<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let k = self.x.len();
+        match self.w {
+            Mat::F32(w) => {
+                for (j, o) in self.out.iter_mut().enumerate() {
+                    *o = dot_simd(simd, self.x, &w[j * k..(j + 1) * k]);
+                }
+            }
+            Mat::Bf16(w) => {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    for (j, o) in self.out.iter_mut().enumerate() {
+                        // SAFETY: AVX2 and FMA were detected just above.
+                        *o = unsafe { x86::dot_bf16_avx2(self.x, &w[j * k..(j + 1) * k]) };
+                    }
+                    return;
+                }
+                let mut buf = [0.0f32; WIDEN];
+                for (j, o) in self.out.iter_mut().enumerate() {
+                    let row = &w[j * k..(j + 1) * k];
+                    let mut acc = 0.0f32;
+                    for (xs, ws) in self.x.chunks(WIDEN).zip(row.chunks(WIDEN)) {
+                        let b = &mut buf[..ws.len()];
+                        for (d, &v) in b.iter_mut().zip(ws) {
+                            *d = bf16_to_f32(v);
+                        }
+                        acc += dot_simd(simd, xs, b);
+                    }
+                    *o = acc;
+                }
+            }
         }
     }
 }
 
-/// Dot product with 8 independent accumulators so the compiler can vectorise it.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `x · w` for a bf16 row `w`: 8 bf16 widened to f32 per load (zero-extend, shift left 16),
+    /// four FMA accumulators, the tail in scalar.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16_avx2(x: &[f32], w: &[u16]) -> f32 {
+        debug_assert_eq!(x.len(), w.len());
+        let n = x.len();
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let widen = |i: usize| {
+            // SAFETY: callers pass i + 8 <= n.
+            unsafe {
+                let h = _mm_loadu_si128(wp.add(i) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        };
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (a, acc) in acc.iter_mut().enumerate() {
+                let o = i + 8 * a;
+                // SAFETY: o + 8 <= i + 32 <= n.
+                *acc = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(xp.add(o)) }, widen(o), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            acc[0] = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(xp.add(i)) }, widen(i), acc[0]);
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+        let mut s = _mm_cvtss_f32(q);
+        while i < n {
+            s += x[i] * super::bf16_to_f32(w[i]);
+            i += 1;
+        }
+        s
+    }
+}
+
+/// `a · b` with four SIMD accumulators (fused multiply-add where the CPU has it).
+#[inline(always)]
+fn dot_simd<S: pulp::Simd>(simd: S, a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
+    let (va, ta) = S::as_simd_f32s(a);
+    let (vb, tb) = S::as_simd_f32s(b);
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [zero; 4];
+    let (ca, cb) = (va.chunks_exact(4), vb.chunks_exact(4));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        for i in 0..4 {
+            acc[i] = simd.mul_add_e_f32s(x[i], y[i], acc[i]);
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ra.iter().zip(rb) {
+        acc[0] = simd.mul_add_e_f32s(*x, *y, acc[0]);
+    }
+    let v = simd.add_f32s(simd.add_f32s(acc[0], acc[1]), simd.add_f32s(acc[2], acc[3]));
+    let mut s = simd.reduce_sum_f32s(v);
+    for (x, y) in ta.iter().zip(tb) {
         s += x * y;
     }
     s
+}
+
+/// The plain dot product the SIMD GEMV is checked against.
+#[cfg(test)]
+fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]
@@ -97,16 +256,66 @@ mod tests {
     }
 
     #[test]
+    fn simd_dot_matches_plain() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for n in [0, 1, 7, 8, 31, 64, 257, 1024, 1031] {
+            let (a, b) = (rand_vec(&mut rng, n), rand_vec(&mut rng, n));
+            let want = dot_plain(&a, &b);
+            let got = dot_simd(pulp::Scalar::new(), &a, &b); // the fallback ISA
+            assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "n={n}: {got} vs {want}");
+            let mut out = [0.0f32];
+            pulp::Arch::new().dispatch(Gemv { x: &a, w: Mat::F32(&b), out: &mut out });
+            assert!((out[0] - want).abs() <= 1e-5 * (1.0 + want.abs()), "n={n}: {} vs {want}", out[0]);
+        }
+    }
+
+    #[test]
+    fn bf16_gemv_kernels_match_plain() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for n in [0, 1, 7, 8, 31, 33, 64, 257, 1024, 1031] {
+            let x = rand_vec(&mut rng, n);
+            let w16: Vec<u16> = rand_vec(&mut rng, n).iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let wf: Vec<f32> = w16.iter().map(|&b| bf16_to_f32(b)).collect();
+            let want = dot_plain(&x, &wf);
+            let mut out = [0.0f32];
+            pulp::Arch::new().dispatch(Gemv { x: &x, w: Mat::Bf16(&w16), out: &mut out });
+            assert!((out[0] - want).abs() <= 1e-5 * (1.0 + want.abs()), "n={n}: {} vs {want}", out[0]);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: detected.
+                let got = unsafe { x86::dot_bf16_avx2(&x, &w16) };
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "avx2 n={n}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_are_stored_compact_only_when_lossless() {
+        use crate::DType;
+        use crate::cpu::CpuWeight;
+        let exact: Vec<f32> = [1.0f32, -0.5, 3.0, 0.0].repeat(3);
+        assert_eq!(CpuWeight::new(exact, 1, 3, 4).dtype(), DType::BF16);
+        let mut inexact: Vec<f32> = [1.0f32, -0.5, 3.0, 0.0].repeat(3);
+        inexact[5] = 0.1;
+        assert_eq!(CpuWeight::new(inexact, 1, 3, 4).dtype(), DType::F32);
+    }
+
+    #[test]
     fn matmul_matches_reference_for_many_shapes() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &(m, k, n) in &[(1, 7, 5), (1, 300, 129), (3, 17, 9), (64, 96, 33), (130, 64, 200)] {
+        for &(m, k, n) in &[(1, 7, 5), (1, 300, 129), (1, 1029, 70), (3, 17, 9), (64, 96, 33), (130, 64, 200)] {
             let x = rand_vec(&mut rng, m * k);
             let w = rand_vec(&mut rng, n * k);
-            let want = reference::matmul_t(&x, m, k, &w, n);
-            for threads in [1, 2] {
-                let got = matmul_t(&x, m, k, &w, n, threads);
-                for (g, e) in got.iter().zip(&want) {
-                    assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "m={m} k={k} n={n}: {g} vs {e}");
+            // The same values as bf16, exactly: the bf16 path must give the f32 path's numbers.
+            let w16: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let wr: Vec<f32> = w16.iter().map(|&b| bf16_to_f32(b)).collect();
+            for (w, stored) in [(&w, Mat::F32(&w)), (&wr, Mat::Bf16(&w16))] {
+                let want = reference::matmul_t(&x, m, k, w, n);
+                for threads in [1, 2] {
+                    let got = matmul_t(&x, m, k, stored, n, threads);
+                    for (g, e) in got.iter().zip(&want) {
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "m={m} k={k} n={n}: {g} vs {e}");
+                    }
                 }
             }
         }

@@ -54,20 +54,56 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// A weight `[groups, rows, cols]` in host f32.
+/// A weight `[groups, rows, cols]` in host memory, stored as bf16 when every value is exactly a
+/// bf16 (a bf16 checkpoint, losslessly: half the bytes a decode step reads), else as f32.
+/// Arithmetic is f32 either way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuWeight {
-    pub data: Vec<f32>,
+    data: WeightData,
     pub groups: usize,
     pub rows: usize,
     pub cols: usize,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+enum WeightData {
+    F32(Vec<f32>),
+    /// The upper 16 bits of each f32.
+    Bf16(Vec<u16>),
+}
+
 impl CpuWeight {
-    /// Group `g` as a `[rows, cols]` slice.
-    pub fn group(&self, g: usize) -> &[f32] {
+    /// Stores `data` (`groups * rows * cols` values), as bf16 when that loses nothing.
+    pub fn new(data: Vec<f32>, groups: usize, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), groups * rows * cols, "CpuWeight: data length != groups*rows*cols");
+        let data = if data.iter().all(|v| v.to_bits() & 0xFFFF == 0) {
+            WeightData::Bf16(data.iter().map(|v| (v.to_bits() >> 16) as u16).collect())
+        } else {
+            WeightData::F32(data)
+        };
+        Self { data, groups, rows, cols }
+    }
+
+    /// The storage dtype.
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            WeightData::F32(_) => DType::F32,
+            WeightData::Bf16(_) => DType::BF16,
+        }
+    }
+
+    /// Group `g` as a `[rows, cols]` matrix.
+    pub fn group(&self, g: usize) -> linalg::Mat<'_> {
         let n = self.rows * self.cols;
-        &self.data[g * n..(g + 1) * n]
+        self.all().slice(g * n, n)
+    }
+
+    /// Every group, `[groups * rows, cols]`.
+    pub fn all(&self) -> linalg::Mat<'_> {
+        match &self.data {
+            WeightData::F32(v) => linalg::Mat::F32(v),
+            WeightData::Bf16(v) => linalg::Mat::Bf16(v),
+        }
     }
 }
 
@@ -130,7 +166,7 @@ impl Backend for CpuBackend {
             }
             WeightInit::Random { seed, bound } => crate::random::fill(seed, bound, n),
         };
-        Ok(CpuWeight { data, groups, rows, cols })
+        Ok(CpuWeight::new(data, groups, rows, cols))
     }
 
     fn vector(&self, data: &[f32]) -> OpResult<Vec<f32>> {
@@ -236,10 +272,9 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> OpResult<CpuTensor> {
-        let mut data = Vec::with_capacity(ids.len() * table.cols);
-        for &id in ids {
-            let r = id as usize;
-            data.extend_from_slice(&table.data[r * table.cols..(r + 1) * table.cols]);
+        let mut data = vec![0.0f32; ids.len() * table.cols];
+        for (&id, dst) in ids.iter().zip(data.chunks_exact_mut(table.cols)) {
+            table.all().slice(id as usize * table.cols, table.cols).to_f32_into(dst);
         }
         Ok(CpuTensor::new(data, ids.len(), table.cols))
     }
@@ -313,7 +348,7 @@ impl Backend for CpuBackend {
     fn matmul_t(&self, x: &CpuTensor, w: &CpuWeight) -> OpResult<CpuTensor> {
         debug_assert_eq!(w.groups, 1);
         debug_assert_eq!(x.cols, w.cols, "matmul_t: inner dims");
-        let out = linalg::matmul_t(&x.data, x.rows, x.cols, &w.data, w.rows, self.threads);
+        let out = linalg::matmul_t(&x.data, x.rows, x.cols, w.all(), w.rows, self.threads);
         Ok(CpuTensor::new(out, x.rows, w.rows))
     }
 
@@ -413,7 +448,7 @@ impl Backend for CpuBackend {
     }
 
     fn mlp(&self, x: &CpuTensor, mlp: &Mlp<CpuWeight>) -> OpResult<CpuTensor> {
-        Ok(self.swiglu(x, &mlp.gate.data, &mlp.up.data, &mlp.down.data, mlp.gate.rows))
+        Ok(self.swiglu(x, mlp.gate.all(), mlp.up.all(), mlp.down.all(), mlp.gate.rows))
     }
 
     fn moe(&self, x: &CpuTensor, moe: &Moe<CpuWeight, Vec<f32>>) -> OpResult<CpuTensor> {
@@ -443,7 +478,7 @@ impl Backend for CpuBackend {
                 xs.extend_from_slice(x.row(t));
             }
             let gu = moe.experts.gate_up.group(e);
-            let (gate, up) = gu.split_at(inter * hidden);
+            let (gate, up) = (gu.slice(0, inter * hidden), gu.slice(inter * hidden, inter * hidden));
             let y = self.swiglu(&CpuTensor::new(xs, toks.len(), hidden), gate, up, moe.experts.down.group(e), inter);
             for (i, &(t, w)) in toks.iter().enumerate() {
                 let dst = &mut out[t * hidden..(t + 1) * hidden];
@@ -494,7 +529,7 @@ impl Backend for CpuBackend {
 
 impl CpuBackend {
     /// `down(silu(x·gateᵀ) * x·upᵀ)` with `gate`/`up` `[inter, hidden]`, `down` `[hidden, inter]`.
-    fn swiglu(&self, x: &CpuTensor, gate: &[f32], up: &[f32], down: &[f32], inter: usize) -> CpuTensor {
+    fn swiglu(&self, x: &CpuTensor, gate: linalg::Mat, up: linalg::Mat, down: linalg::Mat, inter: usize) -> CpuTensor {
         let mut a = linalg::matmul_t(&x.data, x.rows, x.cols, gate, inter, self.threads);
         let u = linalg::matmul_t(&x.data, x.rows, x.cols, up, inter, self.threads);
         a.par_iter_mut().zip(u.par_iter()).for_each(|(gv, uv)| *gv = silu(*gv) * uv);
