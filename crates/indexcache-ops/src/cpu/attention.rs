@@ -61,7 +61,8 @@ pub fn sparse_mla(q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &
             |(q, logits), (c, o)| {
                 let (h0, h1) = (c * per, (c * per + per).min(heads));
                 gather_q(q, 0, h0, h1);
-                attend(q, &g, width, r, scale, logits, o);
+                let n = g.len() / width;
+                attend(q, Rows::new(&g, n, width, width), Rows::new(&g, n, r, width), scale, logits, o);
             },
         );
         return CpuTensor::new(out, rows, heads * r);
@@ -71,36 +72,57 @@ pub fn sparse_mla(q_lat: &CpuTensor, q_pe: &CpuTensor, cache: &CpuTensor, sel: &
         |(q, g, logits), (t, o)| {
             gather_q(q, t, 0, heads);
             gather_g(g, t);
-            attend(q, g, width, r, scale, logits, o);
+            let n = g.len() / width;
+            attend(q, Rows::new(g, n, width, width), Rows::new(g, n, r, width), scale, logits, o);
         },
     );
     CpuTensor::new(out, rows, heads * r)
 }
 
-/// `o [h, r] = softmax(scale · q gᵀ) · g[:, :r]` for `q [h, width]` and the gathered rows
-/// `g [n, width]` (nothing written when `n` = 0: the caller's zeros stand).
-fn attend(q: &[f32], g: &[f32], width: usize, r: usize, scale: f32, logits: &mut Vec<f32>, o: &mut [f32]) {
-    let (heads, n) = (q.len() / width, g.len() / width);
+/// `n` rows of `width` values, `stride` apart, from the start of `data`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    n: usize,
+    width: usize,
+    stride: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn new(data: &'a [f32], n: usize, width: usize, stride: usize) -> Self {
+        assert!(n == 0 || data.len() >= (n - 1) * stride + width, "Rows: {n} rows of {width} at stride {stride}");
+        Self { data, n, width, stride }
+    }
+}
+
+/// One attention block: `o [h, dv] = softmax(scale · q kᵀ) · v` for `q [h, d]` (row-major) and
+/// `n` key / value rows (nothing written when `n` = 0: the caller's zeros stand).
+fn attend(q: &[f32], keys: Rows, vals: Rows, scale: f32, logits: &mut Vec<f32>, o: &mut [f32]) {
+    let (d, dv, n) = (keys.width, vals.width, keys.n);
+    debug_assert_eq!(keys.n, vals.n);
+    let heads = q.len() / d;
+    debug_assert_eq!(o.len(), heads * dv);
     if n == 0 {
         return;
     }
     logits.clear();
     logits.resize(heads * n, 0.0);
-    // SAFETY: q is heads×width, g is n×width, logits heads×n, all row-major.
+    // SAFETY: q is heads×d (row stride d); the keys are n rows of d at stride keys.stride inside
+    // keys.data (checked by Rows::new); logits heads×n.
     unsafe {
         gemm(
             heads,
             n,
-            width,
+            d,
             logits.as_mut_ptr(),
             1,
             n as isize,
             false,
             q.as_ptr(),
             1,
-            width as isize,
-            g.as_ptr(),
-            width as isize,
+            d as isize,
+            keys.data.as_ptr(),
+            keys.stride as isize,
             1,
             0.0,
             scale,
@@ -111,22 +133,23 @@ fn attend(q: &[f32], g: &[f32], width: usize, r: usize, scale: f32, logits: &mut
         );
     }
     softmax_rows(logits, n);
-    // SAFETY: logits heads×n; g viewed as n×r with row stride width; o heads×r.
+    // SAFETY: logits heads×n; the values are n rows of dv at stride vals.stride (Rows::new);
+    // o is heads×dv.
     unsafe {
         gemm(
             heads,
-            r,
+            dv,
             n,
             o.as_mut_ptr(),
             1,
-            r as isize,
+            dv as isize,
             false,
             logits.as_ptr(),
             1,
             n as isize,
-            g.as_ptr(),
+            vals.data.as_ptr(),
             1,
-            width as isize,
+            vals.stride as isize,
             0.0,
             1.0,
             false,
@@ -164,12 +187,11 @@ pub fn gqa(
         |(kg, vg, logits), (i, o)| {
             let (t, g) = (i / kv_heads, i % kv_heads);
             let qg = &q.row(t)[g * rep * d..(g + 1) * rep * d];
-            // Keys and values of the group: in place (causal) or gathered (selection), with row
-            // strides `ks` / `vs`.
-            let (kp, ks, vp, vs, n) = match sel {
+            // Keys and values of the group: in place (causal) or gathered (selection).
+            let (keys, vals) = match sel {
                 None => {
                     let n = pos[t] + 1;
-                    (k.data[g * d..].as_ptr(), kw, v.data[g * dv..].as_ptr(), vw, n)
+                    (Rows::new(&k.data[g * d..], n, d, kw), Rows::new(&v.data[g * dv..], n, dv, vw))
                 }
                 Some(sel) => {
                     kg.clear();
@@ -178,64 +200,11 @@ pub fn gqa(
                         kg.extend_from_slice(&k.row(s)[g * d..(g + 1) * d]);
                         vg.extend_from_slice(&v.row(s)[g * dv..(g + 1) * dv]);
                     }
-                    (kg.as_ptr(), d, vg.as_ptr(), dv, kg.len() / d)
+                    let n = kg.len() / d;
+                    (Rows::new(kg, n, d, d), Rows::new(vg, n, dv, dv))
                 }
             };
-            if n == 0 {
-                return;
-            }
-            logits.clear();
-            logits.resize(rep * n, 0.0);
-            // SAFETY: qg is rep×d (row stride d); the keys are n rows of d at stride ks (inside
-            // the cache: rows 0..=pos[t] < k.rows, or the gathered buffer); logits rep×n.
-            unsafe {
-                gemm(
-                    rep,
-                    n,
-                    d,
-                    logits.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    qg.as_ptr(),
-                    1,
-                    d as isize,
-                    kp,
-                    ks as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            softmax_rows(logits, n);
-            // SAFETY: logits rep×n; the values are n rows of dv at stride vs; o is rep×dv.
-            unsafe {
-                gemm(
-                    rep,
-                    dv,
-                    n,
-                    o.as_mut_ptr(),
-                    1,
-                    dv as isize,
-                    false,
-                    logits.as_ptr(),
-                    1,
-                    n as isize,
-                    vp,
-                    1,
-                    vs as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+            attend(qg, keys, vals, scale, logits, o);
         },
     );
     CpuTensor::new(out, rows, heads * dv)
