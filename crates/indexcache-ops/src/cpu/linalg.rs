@@ -172,7 +172,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// `x · w` for a bf16 row `w`: 8 bf16 widened to f32 per load (zero-extend, shift left 16),
-    /// four FMA accumulators, the tail in scalar.
+    /// eight FMA accumulators (64 weights per step), the tail in scalar.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_bf16_avx2(x: &[f32], w: &[u16]) -> f32 {
         debug_assert_eq!(x.len(), w.len());
@@ -185,22 +185,25 @@ mod x86 {
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
             }
         };
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = [_mm256_setzero_ps(); 8];
         let mut i = 0;
-        while i + 32 <= n {
+        while i + 64 <= n {
             for (a, acc) in acc.iter_mut().enumerate() {
                 let o = i + 8 * a;
-                // SAFETY: o + 8 <= i + 32 <= n.
+                // SAFETY: o + 8 <= i + 64 <= n.
                 *acc = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(xp.add(o)) }, widen(o), *acc);
             }
-            i += 32;
+            i += 64;
         }
         while i + 8 <= n {
             // SAFETY: i + 8 <= n.
             acc[0] = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(xp.add(i)) }, widen(i), acc[0]);
             i += 8;
         }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let v = _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+            _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])),
+        );
         let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
