@@ -468,33 +468,18 @@ impl Backend for CpuBackend {
             }
         }
         let hidden = x.cols;
-        // One expert's SwiGLU over its tokens, `threads` wide.
-        let expert = |e: usize, toks: &[(usize, f32)], threads: usize| {
+        let mut out = vec![0.0f32; x.rows * hidden];
+        for (e, toks) in assigned.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
             let mut xs = Vec::with_capacity(toks.len() * hidden);
             for &(t, _) in toks {
                 xs.extend_from_slice(x.row(t));
             }
             let gu = moe.experts.gate_up.group(e);
             let (gate, up) = (gu.slice(0, inter * hidden), gu.slice(inter * hidden, inter * hidden));
-            let xs = CpuTensor::new(xs, toks.len(), hidden);
-            self.swiglu_threads(&xs, gate, up, moe.experts.down.group(e), inter, threads)
-        };
-        // Decode (a token or a few): each expert's GEMVs use every thread. Prefill: the experts
-        // run side by side, one thread each (small per-expert GEMMs do not scale across 16
-        // threads; 16+ experts do). Summed in expert order either way.
-        let busy = assigned.iter().filter(|a| !a.is_empty()).count();
-        let outputs: Vec<Option<CpuTensor>> = if x.rows >= 2 * self.threads && busy >= self.threads {
-            assigned.par_iter().enumerate().map(|(e, toks)| (!toks.is_empty()).then(|| expert(e, toks, 1))).collect()
-        } else {
-            assigned
-                .iter()
-                .enumerate()
-                .map(|(e, toks)| (!toks.is_empty()).then(|| expert(e, toks, self.threads)))
-                .collect()
-        };
-        let mut out = vec![0.0f32; x.rows * hidden];
-        for (toks, y) in assigned.iter().zip(&outputs) {
-            let Some(y) = y else { continue };
+            let y = self.swiglu(&CpuTensor::new(xs, toks.len(), hidden), gate, up, moe.experts.down.group(e), inter);
             for (i, &(t, w)) in toks.iter().enumerate() {
                 let dst = &mut out[t * hidden..(t + 1) * hidden];
                 for (d, v) in dst.iter_mut().zip(y.row(i)) {
@@ -545,28 +530,10 @@ impl Backend for CpuBackend {
 impl CpuBackend {
     /// `down(silu(x·gateᵀ) * x·upᵀ)` with `gate`/`up` `[inter, hidden]`, `down` `[hidden, inter]`.
     fn swiglu(&self, x: &CpuTensor, gate: linalg::Mat, up: linalg::Mat, down: linalg::Mat, inter: usize) -> CpuTensor {
-        self.swiglu_threads(x, gate, up, down, inter, self.threads)
-    }
-
-    /// [`Self::swiglu`] on `threads` threads (1: serial, for use inside a parallel loop).
-    fn swiglu_threads(
-        &self,
-        x: &CpuTensor,
-        gate: linalg::Mat,
-        up: linalg::Mat,
-        down: linalg::Mat,
-        inter: usize,
-        threads: usize,
-    ) -> CpuTensor {
-        let mut a = linalg::matmul_t(&x.data, x.rows, x.cols, gate, inter, threads);
-        let u = linalg::matmul_t(&x.data, x.rows, x.cols, up, inter, threads);
-        let act = |(gv, uv): (&mut f32, &f32)| *gv = silu(*gv) * uv;
-        if threads > 1 {
-            a.par_iter_mut().zip(u.par_iter()).for_each(act);
-        } else {
-            a.iter_mut().zip(u.iter()).for_each(act);
-        }
-        let y = linalg::matmul_t(&a, x.rows, inter, down, x.cols, threads);
+        let mut a = linalg::matmul_t(&x.data, x.rows, x.cols, gate, inter, self.threads);
+        let u = linalg::matmul_t(&x.data, x.rows, x.cols, up, inter, self.threads);
+        a.par_iter_mut().zip(u.par_iter()).for_each(|(gv, uv)| *gv = silu(*gv) * uv);
+        let y = linalg::matmul_t(&a, x.rows, inter, down, x.cols, self.threads);
         CpuTensor::new(y, x.rows, x.cols)
     }
 }
