@@ -441,10 +441,6 @@ struct ModelInfo {
     indexer_layers: Option<Vec<bool>>,
 }
 
-fn indexer_tensor(l: usize) -> String {
-    format!("model.layers.{l}.self_attn.indexer.wk.weight")
-}
-
 impl ModelInfo {
     fn read(dir: &Path, warnings: &mut Vec<String>) -> Result<Self, ToolError> {
         if !dir.is_dir() {
@@ -456,7 +452,7 @@ impl ModelInfo {
         let raw: Value = serde_json::from_str(&text).map_err(|e| ToolError::file(&config_path, e))?;
         let has_indexer_types = raw.get("indexer_types").is_some_and(|v| !matches!(v, Value::Null));
         let indexer_layers = match WeightStore::open(dir) {
-            Ok(store) => Some((0..cfg.num_hidden_layers).map(|l| store.contains(&indexer_tensor(l))).collect()),
+            Ok(store) => Some((0..cfg.num_hidden_layers).map(|l| store.contains(&indexer_probe(l))).collect()),
             Err(e) => {
                 warnings.push(format!("could not open the checkpoint's weights to check its indexers: {e}"));
                 None
@@ -479,7 +475,7 @@ impl ModelInfo {
                     "layer {l} is Full in the pattern but the checkpoint has no indexer weights for it ({} is missing; \
                      layers with indexers: [{}]); runtimes that build indexers only where the checkpoint has them \
                      will fail or run an uninitialised indexer",
-                    indexer_tensor(l),
+                    indexer_probe(l),
                     available.join(", ")
                 )
             })

@@ -78,7 +78,7 @@ fn gguf_model(model: &std::path::Path) -> Result<Option<GgufInfo>> {
             }
         }
         with_indexer = (0..cfg.num_hidden_layers)
-            .filter(|l| store.contains(&format!("model.layers.{l}.self_attn.indexer.wk.weight")))
+            .filter(|l| store.contains(&indexcache_model::weights::indexer_probe(*l)))
             .collect();
     }
     Ok(Some((cfg, parameters, dtypes, with_indexer)))
@@ -116,7 +116,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let with_indexer: Vec<usize> =
-        (0..n_layers).filter(|l| store.contains(&format!("model.layers.{l}.self_attn.indexer.wk.weight"))).collect();
+        (0..n_layers).filter(|l| store.contains(&indexcache_model::weights::indexer_probe(*l))).collect();
     report(&a, &cfg, &schedule, parameters, dtypes, with_indexer)
 }
 
