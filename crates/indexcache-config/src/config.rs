@@ -829,8 +829,8 @@ fn resolve_quantization(value: Option<&Value>, e: &Errs<'_>) -> Result<Option<Fp
         }
         Some(other) => return Err(e.invalid(key, format!("expected [rows, cols], got {other}"))),
     };
-    // `activation_scheme` ("dynamic") and `scale_fmt` ("ue8m0") are accepted as they are: the
-    // engine always quantises activations dynamically per 1×128 block.
+    // `activation_scheme` ("dynamic") and `scale_fmt` ("ue8m0") are accepted and ignored: the
+    // engine dequantises FP8 weights at load and keeps activations in f32 (CPU) or bf16 (GPU).
     Ok(Some(Fp8Quant { block }))
 }
 
