@@ -216,25 +216,27 @@ mod x86 {
     }
 }
 
-/// `a · b` with four SIMD accumulators (fused multiply-add where the CPU has it).
+/// `a · b` with eight SIMD accumulators (fused multiply-add where the CPU has it), enough
+/// independent chains to cover the FMA latency and keep loads in flight.
 #[inline(always)]
 fn dot_simd<S: pulp::Simd>(simd: S, a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let (va, ta) = S::as_simd_f32s(a);
     let (vb, tb) = S::as_simd_f32s(b);
     let zero = simd.splat_f32s(0.0);
-    let mut acc = [zero; 4];
-    let (ca, cb) = (va.chunks_exact(4), vb.chunks_exact(4));
+    let mut acc = [zero; 8];
+    let (ca, cb) = (va.chunks_exact(8), vb.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..4 {
+        for i in 0..8 {
             acc[i] = simd.mul_add_e_f32s(x[i], y[i], acc[i]);
         }
     }
-    for (x, y) in ra.iter().zip(rb) {
-        acc[0] = simd.mul_add_e_f32s(*x, *y, acc[0]);
+    for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[i] = simd.mul_add_e_f32s(*x, *y, acc[i]);
     }
-    let v = simd.add_f32s(simd.add_f32s(acc[0], acc[1]), simd.add_f32s(acc[2], acc[3]));
+    let pair = |i: usize| simd.add_f32s(acc[i], acc[i + 1]);
+    let v = simd.add_f32s(simd.add_f32s(pair(0), pair(2)), simd.add_f32s(pair(4), pair(6)));
     let mut s = simd.reduce_sum_f32s(v);
     for (x, y) in ta.iter().zip(tb) {
         s += x * y;
