@@ -1,7 +1,7 @@
 //! Dense linear algebra on host f32: `x · wᵀ` through `gemm` (runtime ISA dispatch), and a
 //! row-parallel GEMV for single-token decode, where `gemm` is memory-bound and poorly threaded.
-//! The GEMV is SIMD through `pulp` (AVX2+FMA / AVX-512 / NEON chosen at run time, never by
-//! build flags) and reads bf16 weights as stored; `dot_plain` is its reference.
+//! The GEMV is SIMD through `pulp` (the widest instruction set found at run time — AVX2+FMA on
+//! x86-64 — never build flags) and reads bf16 weights as stored; `dot_plain` is its reference.
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
