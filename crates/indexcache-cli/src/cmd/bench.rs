@@ -1,5 +1,5 @@
 //! `indexcache bench`: prefill time, time-to-first-token and decode speed per IndexCache pattern
-//! and context, with the share of time spent in the lightning indexer and the peak device memory.
+//! and context, with the share of time spent in the lightning indexer and the peak memory.
 //! Works on a checkpoint or on seeded random weights at any config's real shapes (generated where
 //! they live: on the GPU for `--device cuda`).
 //!
@@ -89,8 +89,8 @@ struct Row {
     decode_stages_s: [f64; 3],
     /// Cache bytes allocated for this row (`context + decode` tokens).
     cache_bytes: u64,
-    /// Most device memory in use during this row (weights included); `null` where the backend
-    /// does not count (cpu).
+    /// Most memory in use during this row, weights included: the device's allocations on a GPU,
+    /// the process's resident set on the CPU; `null` where it cannot be read.
     peak_memory_bytes: Option<u64>,
     /// Against the all-Full row of the same context (`null` without one).
     prefill_speedup: Option<f64>,
@@ -106,7 +106,8 @@ struct Report {
     threads: usize,
     decode_steps: usize,
     repeats: usize,
-    /// Device memory in use after loading (the weights); `null` on the cpu.
+    /// Memory in use after loading (mostly the weights): the device's allocations on a GPU, the
+    /// process's resident set on the CPU; `null` where it cannot be read.
     weights_bytes: Option<u64>,
     rows: Vec<Row>,
 }
