@@ -206,6 +206,12 @@ pub fn read_model_dir(dir: &Path) -> Result<Option<GgufModelDir>, ModelError> {
     Ok(Some(GgufModelDir { gguf: dir.join(base), indexers: side.exists().then_some(side), indexer }))
 }
 
+/// Whether a model path names a GGUF file itself (an existing file, or a `.gguf` path that may
+/// not exist yet, so its error names the file) rather than a model directory.
+pub fn is_gguf_file(model: &Path) -> bool {
+    model.is_file() || model.extension().is_some_and(|e| e == "gguf")
+}
+
 /// The [`BASE_GGUF_KEY`] value for a model directory `dir` built on `gguf`: the GGUF's path as
 /// seen from `dir` (`../../data/m.gguf`), or its path as given when either cannot be resolved.
 pub fn base_gguf_value(gguf: &Path, dir: &Path) -> String {

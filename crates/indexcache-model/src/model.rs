@@ -221,7 +221,7 @@ impl<B: Backend> DsaModel<B> {
         on_tensor: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<(Self, LoadReport), ModelError> {
         // A llama GGUF file, or a directory whose config.json names one (DSA on a dense model).
-        if dir.is_file() || dir.extension().is_some_and(|e| e == "gguf") {
+        if crate::gguf::is_gguf_file(dir) {
             return Self::load_gguf(dir, None, backend, opts, on_tensor);
         }
         if let Some(md) = crate::gguf::read_model_dir(dir)? {

@@ -32,7 +32,7 @@ use crate::error::ToolError;
 use indexcache_config::{Arch, IndexSchedule, ModelConfig};
 use indexcache_model::ModelError;
 use indexcache_model::gguf::{
-    BASE_GGUF_KEY, GgufModelDir, INDEXERS_FILE, base_gguf_value, llama_params, read_model_dir,
+    BASE_GGUF_KEY, GgufModelDir, INDEXERS_FILE, base_gguf_value, is_gguf_file, llama_params, read_model_dir,
 };
 use indexcache_model::weights::indexer_probe;
 use indexcache_weights::{DType, GgufFile, WeightStore};
@@ -297,7 +297,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportResult, ToolError> {
 /// The GGUF base of a model path: `Some` for a model directory whose `config.json` names one;
 /// a bare `.gguf` file is refused (it has no indexers to schedule).
 fn gguf_base(model: &Path) -> Result<Option<GgufModelDir>, ToolError> {
-    if model.is_file() || model.extension().is_some_and(|e| e == "gguf") {
+    if is_gguf_file(model) {
         return Err(ToolError::file(
             model,
             "a GGUF file is a dense model without lightning indexers, so it has no pattern to export; \

@@ -866,7 +866,7 @@ fn python_method(_state: &mut State, value: &Value, method: &str, args: &[Value]
 /// The GGUF a model path stands for: the path itself (a `.gguf` file), or the base model a
 /// model directory's `config.json` names; `None` for a safetensors checkpoint directory.
 pub fn model_gguf(model: &std::path::Path) -> Result<Option<std::path::PathBuf>, ToolError> {
-    if model.is_file() || model.extension().is_some_and(|e| e == "gguf") {
+    if indexcache_model::gguf::is_gguf_file(model) {
         return Ok(Some(model.to_path_buf()));
     }
     Ok(indexcache_model::gguf::read_model_dir(model)?.map(|d| d.gguf))
