@@ -27,8 +27,5 @@ pub use error::ToolError;
 
 /// The host's `MemAvailable` in bytes (Linux `/proc/meminfo`); `None` where unknown.
 pub fn host_mem_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    indexcache_ops::cpu::proc_kib(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemAvailable:")
 }

@@ -524,7 +524,8 @@ impl Backend for CpuBackend {
     /// there is no procfs): on the CPU the model, caches and activations are all host memory.
     fn memory(&self) -> MemoryStats {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        MemoryStats { current: proc_kib(&status, "VmRSS:"), peak: proc_kib(&status, "VmHWM:"), total: None }
+        let kib = |key| proc_kib(&status, key).unwrap_or(0);
+        MemoryStats { current: kib("VmRSS:"), peak: kib("VmHWM:"), total: None }
     }
 
     /// Resets `VmHWM` to the current resident size (`/proc/self/clear_refs`, Linux ≥ 4.0).
@@ -533,13 +534,13 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The value of a `Key:   123 kB` line of a procfs status file, in bytes (0 when absent).
-fn proc_kib(status: &str, key: &str) -> u64 {
-    status
-        .lines()
+/// The value of a `Key:   123 kB` line of a procfs file (`/proc/self/status`, `/proc/meminfo`),
+/// in bytes.
+pub fn proc_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |k| k * 1024)
+        .map(|k| k * 1024)
 }
 
 impl CpuBackend {
@@ -596,9 +597,9 @@ mod tests {
     #[test]
     fn procfs_sizes_parse_and_track_the_process() {
         let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t   1024 kB\n";
-        assert_eq!(proc_kib(status, "VmRSS:"), 1024 * 1024);
-        assert_eq!(proc_kib(status, "VmHWM:"), 2048 * 1024);
-        assert_eq!(proc_kib(status, "VmSwap:"), 0);
+        assert_eq!(proc_kib(status, "VmRSS:"), Some(1024 * 1024));
+        assert_eq!(proc_kib(status, "VmHWM:"), Some(2048 * 1024));
+        assert_eq!(proc_kib(status, "VmSwap:"), None);
         let m = CpuBackend::new().memory();
         if cfg!(target_os = "linux") {
             assert!(m.current > 0 && m.peak >= m.current, "{m:?}");
