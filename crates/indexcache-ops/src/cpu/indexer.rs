@@ -53,10 +53,36 @@ fn indexer_topk_tiled(
     if k == 0 {
         return TopK { rows, k, data };
     }
-    // Few query blocks (decode, short chunks): let the GEMM itself use the threads instead.
+    let tiles = Tiles { q, head_w, keys, positions, heads, d, scale };
     let blocks = rows.div_ceil(BLOCK_ROWS);
-    let threads = rayon::current_num_threads();
-    let gemm_par = if blocks < threads { Parallelism::Rayon(threads) } else { Parallelism::None };
+    if blocks < rayon::current_num_threads() {
+        // Few query rows (decode, short chunks): the threads split the keys instead, one tile
+        // each with a single-threaded GEMM (a threaded GEMM per 512-key tile spent most of a
+        // decode step handing work to threads).
+        let s_len = positions.iter().max().map_or(0, |&p| p + 1);
+        let mut scores = vec![0.0f32; rows * s_len];
+        let parts: Vec<Vec<f32>> = (0..s_len)
+            .step_by(key_tile)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map_init(Vec::new, |dots, s0| {
+                let n = key_tile.min(s_len - s0);
+                let mut part = vec![0.0f32; rows * n];
+                tiles.fold(0, rows, s0, n, dots, &mut part, n);
+                part
+            })
+            .collect();
+        for (t, part) in parts.iter().enumerate() {
+            let (s0, n) = (t * key_tile, part.len() / rows);
+            for i in 0..rows {
+                scores[i * s_len + s0..i * s_len + s0 + n].copy_from_slice(&part[i * n..(i + 1) * n]);
+            }
+        }
+        data.par_chunks_mut(k).enumerate().for_each_init(Vec::new, |scratch, (i, out)| {
+            select_topk(&scores[i * s_len..i * s_len + positions[i] + 1], k, out, scratch);
+        });
+        return TopK { rows, k, data };
+    }
     data.par_chunks_mut(BLOCK_ROWS * k).enumerate().for_each_init(
         || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<(f32, u32)>::new()),
         |(dots, scores, scratch), (b, out)| {
@@ -64,54 +90,12 @@ fn indexer_topk_tiled(
             let tb = out.len() / k;
             let s_len = positions[t0..t0 + tb].iter().max().map_or(0, |&p| p + 1);
             debug_assert!(s_len <= keys.rows);
-            let m = tb * heads;
             // scores: [tb, s_len], row i valid up to positions[t0+i].
             scores.clear();
             scores.resize(tb * s_len, 0.0);
             for s0 in (0..s_len).step_by(key_tile) {
                 let n = key_tile.min(s_len - s0);
-                dots.clear();
-                dots.resize(m * n, 0.0);
-                // SAFETY: q rows t0..t0+tb hold m = tb*heads contiguous vectors of length d; keys
-                // rows s0..s0+n exist (s0+n ≤ s_len ≤ keys.rows); dots is m × n row-major.
-                unsafe {
-                    gemm(
-                        m,
-                        n,
-                        d,
-                        dots.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        q.data[t0 * heads * d..].as_ptr(),
-                        1,
-                        d as isize,
-                        keys.data[s0 * d..].as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm_par,
-                    );
-                }
-                for i in 0..tb {
-                    let visible = positions[t0 + i] + 1;
-                    if visible <= s0 {
-                        continue;
-                    }
-                    let len = n.min(visible - s0);
-                    let acc = &mut scores[i * s_len + s0..i * s_len + s0 + len];
-                    for h in 0..heads {
-                        let w = head_w.data[(t0 + i) * heads + h];
-                        let row = &dots[(i * heads + h) * n..(i * heads + h) * n + len];
-                        for (a, &v) in acc.iter_mut().zip(row) {
-                            *a += w * (v * scale).max(0.0);
-                        }
-                    }
-                }
+                tiles.fold(t0, tb, s0, n, dots, &mut scores[s0..], s_len);
             }
             for i in 0..tb {
                 let visible = positions[t0 + i] + 1;
@@ -120,6 +104,71 @@ fn indexer_topk_tiled(
         },
     );
     TopK { rows, k, data }
+}
+
+/// The operands of one indexer call, for scoring tiles of (query rows × keys).
+struct Tiles<'a> {
+    q: &'a CpuTensor,
+    head_w: &'a CpuTensor,
+    keys: &'a CpuTensor,
+    positions: &'a [usize],
+    heads: usize,
+    d: usize,
+    scale: f32,
+}
+
+impl Tiles<'_> {
+    /// Adds the scores of query rows `t0..t0+tb` against keys `s0..s0+n` into `acc` (row `i` at
+    /// `acc[i * stride ..][..n]`): one single-threaded `[tb*HI, D] · [D, n]` GEMM into `dots`,
+    /// then ReLU, × head weight, summed over heads, up to each row's last visible key.
+    #[allow(clippy::too_many_arguments)]
+    fn fold(&self, t0: usize, tb: usize, s0: usize, n: usize, dots: &mut Vec<f32>, acc: &mut [f32], stride: usize) {
+        let (heads, d) = (self.heads, self.d);
+        let m = tb * heads;
+        debug_assert!(s0 + n <= self.keys.rows);
+        dots.clear();
+        dots.resize(m * n, 0.0);
+        // SAFETY: q rows t0..t0+tb hold m = tb*heads contiguous vectors of length d; keys rows
+        // s0..s0+n exist (asserted); dots is m × n row-major.
+        unsafe {
+            gemm(
+                m,
+                n,
+                d,
+                dots.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                self.q.data[t0 * heads * d..].as_ptr(),
+                1,
+                d as isize,
+                self.keys.data[s0 * d..].as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+        for i in 0..tb {
+            let visible = self.positions[t0 + i] + 1;
+            if visible <= s0 {
+                continue;
+            }
+            let len = n.min(visible - s0);
+            let row_acc = &mut acc[i * stride..i * stride + len];
+            for h in 0..heads {
+                let w = self.head_w.data[(t0 + i) * heads + h];
+                let row = &dots[(i * heads + h) * n..(i * heads + h) * n + len];
+                for (a, &v) in row_acc.iter_mut().zip(row) {
+                    *a += w * (v * self.scale).max(0.0);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -134,29 +183,34 @@ mod tests {
         let (heads, d, n_keys) = (4, 16, 90);
         let keys: Vec<f32> = (0..n_keys * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let keys = CpuTensor::new(keys, n_keys, d);
-        // A full prefill from 0, and a later chunk starting at position 50.
-        for positions in [(0..n_keys).collect::<Vec<_>>(), (50..70).collect()] {
+        // A full prefill from 0, a later chunk starting at position 50 and a decode row; on one
+        // thread (rows in blocks) and on eight (few blocks: the threads split the keys).
+        let cases = [(0..n_keys).collect::<Vec<_>>(), (50..70).collect(), vec![89]];
+        for (positions, threads) in cases.iter().flat_map(|p| [(p, 1), (p, 8)]) {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let t = positions.len();
             let q: Vec<f32> = (0..t * heads * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             let w: Vec<f32> = (0..t * heads).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             for (topk, tile) in [(1, KEY_TILE), (8, KEY_TILE), (8, 16), (200, 7)] {
-                let fast = indexer_topk_tiled(
-                    &CpuTensor::new(q.clone(), t, heads * d),
-                    &CpuTensor::new(w.clone(), t, heads),
-                    &keys,
-                    &positions,
-                    topk,
-                    0.25,
-                    tile,
-                );
-                let want = reference::indexer_topk(&q, &w, &keys.data, heads, d, &positions, topk, 0.25);
+                let fast = pool.install(|| {
+                    indexer_topk_tiled(
+                        &CpuTensor::new(q.clone(), t, heads * d),
+                        &CpuTensor::new(w.clone(), t, heads),
+                        &keys,
+                        positions,
+                        topk,
+                        0.25,
+                        tile,
+                    )
+                });
+                let want = reference::indexer_topk(&q, &w, &keys.data, heads, d, positions, topk, 0.25);
                 assert_eq!((fast.rows, fast.k), (want.rows, want.k));
                 for (r, &pos) in positions.iter().enumerate() {
                     let mut a: Vec<i32> = fast.row(r).to_vec();
                     let mut b: Vec<i32> = want.row(r).to_vec();
                     a.sort();
                     b.sort();
-                    assert_eq!(a, b, "row {r} topk {topk} tile {tile}");
+                    assert_eq!(a, b, "row {r} topk {topk} tile {tile} threads {threads}");
                     // Never a position the row cannot see.
                     assert!(fast.valid(r).all(|s| s <= pos));
                 }

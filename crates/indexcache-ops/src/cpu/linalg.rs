@@ -5,7 +5,6 @@
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
-use std::borrow::Cow;
 
 /// A row-major weight matrix as stored: f32, or bf16 (the upper half of an f32's bits).
 #[derive(Debug, Clone, Copy)]
@@ -34,14 +33,6 @@ impl<'a> Mat<'a> {
         }
     }
 
-    /// The values as f32 (borrowed when stored as f32).
-    pub fn to_f32(self) -> Cow<'a, [f32]> {
-        match self {
-            Mat::F32(v) => Cow::Borrowed(v),
-            Mat::Bf16(v) => Cow::Owned(v.iter().map(|&b| bf16_to_f32(b)).collect()),
-        }
-    }
-
     /// Writes the values as f32 into `dst` (same length).
     pub fn to_f32_into(self, dst: &mut [f32]) {
         match self {
@@ -57,8 +48,8 @@ fn bf16_to_f32(b: u16) -> f32 {
 }
 
 /// `x [m, k] · wᵀ` with `w [n, k]` → `[m, n]`. `threads` > 1 lets `gemm` use rayon; pass 1 when
-/// already inside a parallel loop. bf16 weights go through `gemm` as f32 for m > 1 (converted
-/// once per call) and are read as stored by the GEMV for m = 1.
+/// already inside a parallel loop. bf16 weights are read as stored by the GEMV for m = 1; for
+/// m > 1 they go through `gemm` as f32 one panel of rows at a time (see [`BF16_PANEL`]).
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: Mat, n: usize, threads: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
@@ -70,16 +61,44 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: Mat, n: usize, threads: usize)
         gemv_t(x, w, k, &mut out, threads > 1);
         return out;
     }
-    let w = w.to_f32();
     let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: the pointers cover m*k, n*k and m*n f32s (asserted above), strides describe
-    // row-major x [m,k], wᵀ viewed as [k,n] (element (kk, j) at w[j*k + kk]), out [m,n].
+    match w {
+        Mat::F32(w) => gemm_panel(x, m, k, w, n, &mut out, 0, par),
+        Mat::Bf16(w) => {
+            // Widen a panel of weight rows into a cache-sized buffer and multiply it while it is
+            // hot, instead of writing (and page-faulting) an f32 copy of the whole matrix.
+            let rows = (BF16_PANEL * threads.max(1) / k).clamp(1, n);
+            let mut panel = vec![0.0f32; rows * k];
+            for j0 in (0..n).step_by(rows) {
+                let r = rows.min(n - j0);
+                let p = &mut panel[..r * k];
+                Mat::Bf16(&w[j0 * k..(j0 + r) * k]).to_f32_into(p);
+                gemm_panel(x, m, k, p, n, &mut out, j0, par);
+            }
+        }
+    }
+    out
+}
+
+/// f32 values per thread in a widened bf16 weight panel of [`matmul_t`] (1 MiB each: the panel
+/// stays in cache while `gemm` packs it, and is wide enough that every thread gets columns;
+/// widening it costs ~1 % of multiplying it by a 64-row chunk).
+const BF16_PANEL: usize = 1 << 18;
+
+/// `out[:, j0 .. j0 + w.len() / k] = x [m, k] · wᵀ` (`out` is `[m, n]` row-major).
+#[allow(clippy::too_many_arguments)]
+fn gemm_panel(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], j0: usize, par: Parallelism) {
+    let cols = w.len() / k;
+    debug_assert!(j0 + cols <= n && out.len() == m * n && x.len() == m * k);
+    // SAFETY: x is [m, k] row-major; w holds `cols` rows of k (wᵀ viewed as [k, cols], element
+    // (kk, j) at w[j*k + kk]); out + j0 with row stride n addresses columns j0..j0+cols ≤ n of
+    // the m rows of out.
     unsafe {
         gemm(
             m,
-            n,
+            cols,
             k,
-            out.as_mut_ptr(),
+            out.as_mut_ptr().add(j0),
             1,
             n as isize,
             false,
@@ -97,7 +116,6 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: Mat, n: usize, threads: usize)
             par,
         );
     }
-    out
 }
 
 /// Most rows per parallel task of the GEMV (one SIMD dispatch each); fewer when that would
@@ -143,8 +161,18 @@ impl pulp::WithSimd for Gemv<'_> {
             Mat::Bf16(w) => {
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    for (j, o) in self.out.iter_mut().enumerate() {
+                    // Four rows at a time: four weight streams in flight and one load of x per
+                    // four rows; the leftover rows one by one.
+                    let quads = self.out.len() / 4;
+                    let (head, tail) = self.out.split_at_mut(4 * quads);
+                    for (q, o) in head.chunks_exact_mut(4).enumerate() {
+                        let r = |i: usize| &w[(4 * q + i) * k..(4 * q + i + 1) * k];
                         // SAFETY: AVX2 and FMA were detected just above.
+                        o.copy_from_slice(&unsafe { x86::dot4_bf16_avx2(self.x, [r(0), r(1), r(2), r(3)]) });
+                    }
+                    for (j, o) in tail.iter_mut().enumerate() {
+                        let j = 4 * quads + j;
+                        // SAFETY: as above.
                         *o = unsafe { x86::dot_bf16_avx2(self.x, &w[j * k..(j + 1) * k]) };
                     }
                     return;
@@ -213,6 +241,54 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    /// `x · w[r]` for four bf16 rows at once: each 16-element step loads x once and the four
+    /// rows' weights (four sequential streams, which a single core reads from memory faster
+    /// than one), two FMA accumulators per row; the tail in scalar.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_bf16_avx2(x: &[f32], w: [&[u16]; 4]) -> [f32; 4] {
+        let n = x.len();
+        debug_assert!(w.iter().all(|r| r.len() == n));
+        let xp = x.as_ptr();
+        let widen = |r: &[u16], i: usize| {
+            // SAFETY: callers pass i + 8 <= n = r.len().
+            unsafe {
+                let h = _mm_loadu_si128(r.as_ptr().add(i) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n.
+            let (x0, x1) = unsafe { (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8))) };
+            for (a, r) in acc.iter_mut().zip(w) {
+                a[0] = _mm256_fmadd_ps(x0, widen(r, i), a[0]);
+                a[1] = _mm256_fmadd_ps(x1, widen(r, i + 8), a[1]);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            let x0 = unsafe { _mm256_loadu_ps(xp.add(i)) };
+            for (a, r) in acc.iter_mut().zip(w) {
+                a[0] = _mm256_fmadd_ps(x0, widen(r, i), a[0]);
+            }
+            i += 8;
+        }
+        let mut out = [0.0f32; 4];
+        for ((o, a), r) in out.iter_mut().zip(&acc).zip(w) {
+            let v = _mm256_add_ps(a[0], a[1]);
+            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+            *o = _mm_cvtss_f32(q);
+            for j in i..n {
+                *o += x[j] * super::bf16_to_f32(r[j]);
+            }
+        }
+        out
     }
 }
 
@@ -290,6 +366,14 @@ mod tests {
                 // SAFETY: detected.
                 let got = unsafe { x86::dot_bf16_avx2(&x, &w16) };
                 assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "avx2 n={n}: {got} vs {want}");
+                // Four rows: the same row in every slot but one, a reversed copy in slot 2.
+                let rev: Vec<u16> = w16.iter().rev().copied().collect();
+                let want_rev = dot_plain(&x, &rev.iter().map(|&b| bf16_to_f32(b)).collect::<Vec<_>>());
+                // SAFETY: detected.
+                let got4 = unsafe { x86::dot4_bf16_avx2(&x, [&w16, &w16, &rev, &w16]) };
+                for (slot, (g, e)) in got4.iter().zip([want, want, want_rev, want]).enumerate() {
+                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "avx2x4 n={n} slot {slot}: {g} vs {e}");
+                }
             }
         }
     }
@@ -308,7 +392,9 @@ mod tests {
     #[test]
     fn matmul_matches_reference_for_many_shapes() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &(m, k, n) in &[(1, 7, 5), (1, 300, 129), (1, 1029, 70), (3, 17, 9), (64, 96, 33), (130, 64, 200)] {
+        for &(m, k, n) in
+            &[(1, 7, 5), (1, 300, 129), (1, 1029, 70), (3, 17, 9), (64, 96, 33), (130, 64, 200), (5, 1029, 600)]
+        {
             let x = rand_vec(&mut rng, m * k);
             let w = rand_vec(&mut rng, n * k);
             // The same values as bf16, exactly: the bf16 path must give the f32 path's numbers.
