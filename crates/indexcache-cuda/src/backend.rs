@@ -48,7 +48,7 @@
 //! | add / scale | grid-stride | `3ns` / `2ns` |
 //! | rms_norm / layer_norm | one block per row, block reductions | `2ns` (+ re-reads from L1/L2) |
 //! | rope | one block per row, one thread per pair | `2ns` |
-//! | matmul_t / matmul_heads | cuBLAS (strided-batched for heads) | `2·T·in·out` flops |
+//! | matmul_t / matmul_heads | cuBLAS (strided-batched for heads); bf16 with T ≤ 4: `gemv` (one warp per output column) | `2·T·in·out` flops |
 //! | mlp | 2 GEMMs, `silu_mul`, 1 GEMM | `6·T·hidden·I` flops |
 //! | moe | router GEMM (f32 out), `moe_route`, counts → host, `moe_slots`, gather, per-expert GEMMs, `silu_mul`, `moe_combine` | `6·T·top_k·hidden·I` flops + shared MLP |
 //! | nll | one block per row: max, Σexp | `T·vocab·s` |
@@ -244,6 +244,13 @@ const MOE_ROUTE: Kernel =
 const MOE_SLOTS: Kernel = Kernel { src: &kernels::MOE, names: ["moe_slots"; 2], sig: &[TP, TP, TP, TP, TI, TI] };
 const MOE_COMBINE: Kernel =
     Kernel { src: &kernels::MOE, names: ["moe_combine_f32", "moe_combine_bf16"], sig: &[TP, TP, TP, TP, TP, TI, TL] };
+/// The decode GEMV (bf16 inputs only; the names pick the output type, not the storage type).
+const GEMV: Kernel = Kernel {
+    src: &kernels::MOE_DECODE,
+    names: ["gemv_bf16"; 2],
+    sig: &[TP, TL, TL, TP, TL, TL, TP, TL, TL, TI, TI, TI],
+};
+const GEMV_F32_OUT: Kernel = Kernel { names: ["gemv_bf16_f32"; 2], ..GEMV };
 
 /// Every kernel this module launches (the PTX signature test walks this list).
 #[cfg(test)]
@@ -268,6 +275,8 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &MOE_ROUTE,
     &MOE_SLOTS,
     &MOE_COMBINE,
+    &GEMV,
+    &GEMV_F32_OUT,
 ];
 
 /// Threads per block of the row and grid-stride kernels.
@@ -278,6 +287,12 @@ const MAX_BLOCKS: u32 = 1 << 16;
 const UPLOAD_CHUNK: usize = 16 << 20;
 /// Warps (tokens) per block of `moe_route`.
 const ROUTE_WARPS: usize = 4;
+/// Most rows of `x` a bf16 matmul sends to the decode GEMV instead of cuBLAS (`moe_decode.cu`
+/// GEMV_ROWS): at one to four rows cuBLAS's kernels read the weights at a fraction of the memory
+/// bandwidth (5–10 µs for 3–21 MB at the 30B shape's decode, where 1–2 µs is the bound).
+const GEMV_ROWS: usize = 4;
+/// Output columns (warps) per CTA of the GEMV (`moe_decode.cu` GEMV_WARPS).
+const GEMV_WARPS: usize = 4;
 
 fn flat_cfg(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -327,6 +342,9 @@ pub struct CudaBackend {
     moe_decode: bool,
     /// Record decode steps as CUDA graphs (`INDEXCACHE_CUDA_GRAPH=0`: off).
     graphs: bool,
+    /// Send bf16 matmuls of at most [`GEMV_ROWS`] rows to the decode GEMV (`INDEXCACHE_GEMV=0`:
+    /// always cuBLAS).
+    gemv: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -349,7 +367,8 @@ impl CudaBackend {
         dev.function(&kernels::ELEMENTWISE, ADD.names[0])?;
         let moe_decode = std::env::var("INDEXCACHE_MOE_DECODE").map_or(true, |v| v != "0");
         let graphs = std::env::var("INDEXCACHE_CUDA_GRAPH").map_or(true, |v| v != "0");
-        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode, graphs })
+        let gemv = std::env::var("INDEXCACHE_GEMV").map_or(true, |v| v != "0");
+        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode, graphs, gemv })
     }
 
     pub fn dev(&self) -> &Arc<Dev> {
@@ -512,7 +531,56 @@ impl CudaBackend {
     ) -> OpResult<()> {
         let mut g = MatmulT::plain(self.dtype, rows, n_out, n_in, x, w, y);
         g.out_f32 = out_f32;
-        self.blas.matmul_t(&self.dev, op, &g)
+        self.matmul(op, &g)
+    }
+
+    /// Enqueue `g`: the decode GEMV where it applies (bf16, at most [`GEMV_ROWS`] rows, rows and
+    /// strides in whole 16-byte vectors), cuBLAS otherwise.
+    pub fn matmul(&self, op: &'static str, g: &MatmulT) -> OpResult<()> {
+        let v8 = |n: usize| n.is_multiple_of(8);
+        let gemv = self.gemv
+            && g.dtype == DType::BF16
+            && (1..=GEMV_ROWS).contains(&g.rows)
+            && g.n_out > 0
+            && v8(g.n_in)
+            && v8(g.ldx)
+            && v8(g.ldw)
+            && (g.batch == 1 || (v8(g.stride_x) && v8(g.stride_w)))
+            && g.x.is_multiple_of(16)
+            && g.w.is_multiple_of(16)
+            && g.n_out <= i32::MAX as usize
+            && g.n_in <= i32::MAX as usize
+            && (1..=65535).contains(&g.batch);
+        if !gemv {
+            return self.blas.matmul_t(&self.dev, op, g);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (dev::blocks(g.n_out, GEMV_WARPS), g.batch as u32, 1),
+            block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let single = |v: usize| if g.batch == 1 { 0 } else { v };
+        self.launch(
+            if g.out_f32 { &GEMV_F32_OUT } else { &GEMV },
+            DType::BF16,
+            cfg,
+            op,
+            || format!("gemv x [{}, {}] · w [{}, {}]ᵀ, batch {}", g.rows, g.n_in, g.n_out, g.n_in, g.batch),
+            &[
+                Arg::Ptr(g.x),
+                i64a(g.ldx),
+                i64a(single(g.stride_x)),
+                Arg::Ptr(g.w),
+                i64a(g.ldw),
+                i64a(single(g.stride_w)),
+                Arg::Ptr(g.y),
+                i64a(g.ldy),
+                i64a(single(g.stride_y)),
+                Arg::I32(g.rows as i32),
+                Arg::I32(g.n_out as i32),
+                Arg::I32(g.n_in as i32),
+            ],
+        )
     }
 
     /// `out [rows, cols] = silu(g) * u` with row strides `gs`, `us`.
@@ -1054,7 +1122,7 @@ impl Backend for CudaBackend {
             stride_w: n_out * n_in,
             stride_y: n_out,
         };
-        self.blas.matmul_t(&self.dev, "matmul_heads", &g)?;
+        self.matmul("matmul_heads", &g)?;
         Ok(out)
     }
 
@@ -1641,6 +1709,29 @@ pub fn bench(dev: &Arc<Dev>) -> OpResult<Vec<KernelBench>> {
         out.push(flop_bench("matmul_t", format!("[{t}, {n_in}] · [{n_out}, {n_in}]ᵀ bf16"), ms, flops, bytes));
     }
 
+    // Decode projections of the 30B shape (q_a, q_b, o, LM head) at one row: the GEMV against
+    // cuBLAS on the same operands; weights larger than L2 are cycled so every run reads DRAM.
+    for (n_out, n_in) in [(768usize, 2048usize), (5120, 768), (2048, 5120), (154_880, 2048)] {
+        let copies = (256usize << 20).div_ceil(n_out * n_in * 2).clamp(1, 16);
+        let ws: Vec<CudaWeight> =
+            (0..copies).map(|c| rnd(30 + c as u64, 1, n_out, n_in, 0.02)).collect::<OpResult<_>>()?;
+        let x1 = act(29, 1, n_in)?;
+        let y1 = b.zeros(1, n_out)?;
+        let bytes = (n_out * n_in * 2) as f64;
+        let mut i = 0;
+        let ms = time_ms(&b, REPS * copies, || {
+            i += 1;
+            b.matmul_t(&x1, &ws[i % copies]).map(drop)
+        })?;
+        out.push(mem_bench("matmul_t decode (gemv)", format!("[1, {n_in}] · [{n_out}, {n_in}]ᵀ bf16"), ms, bytes));
+        let ms = time_ms(&b, REPS * copies, || {
+            i += 1;
+            let g = MatmulT::plain(DType::BF16, 1, n_out, n_in, x1.ptr(), ws[i % copies].ptr(), y1.ptr());
+            b.blas.matmul_t(&b.dev, "bench", &g)
+        })?;
+        out.push(mem_bench("matmul_t decode (cuBLAS)", format!("[1, {n_in}] · [{n_out}, {n_in}]ᵀ bf16"), ms, bytes));
+    }
+
     let (hh, din, dout) = (128usize, 128usize, 512usize);
     let xh = act(10, t, hh * din)?;
     let wh = rnd(11, hh, dout, din, 0.05)?;
@@ -1732,7 +1823,7 @@ mod tests {
         )
     }
 
-    /// Compiles `elementwise.cu`, `moe.cu` and `gqa.cu` with NVRTC (no GPU needed) and checks that every
+    /// Compiles `elementwise.cu`, `moe.cu`, `gqa.cu` and `moe_decode.cu` with NVRTC (no GPU needed) and checks that every
     /// entry point this module launches exists with exactly the parameter list it is launched with.
     #[test]
     fn kernels_compile_with_the_signatures_launched() {
@@ -1741,7 +1832,7 @@ mod tests {
             return;
         }
         let mut ptx = std::collections::HashMap::new();
-        for src in [&kernels::ELEMENTWISE, &kernels::MOE, &kernels::GQA] {
+        for src in [&kernels::ELEMENTWISE, &kernels::MOE, &kernels::GQA, &kernels::MOE_DECODE] {
             let p = dev::compile(src).unwrap_or_else(|e| panic!("{e}"));
             ptx.insert(src.name, p.to_src());
         }

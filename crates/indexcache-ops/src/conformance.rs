@@ -548,7 +548,10 @@ impl<'a, B: Backend> Suite<'a, B> {
 
     fn matmuls(&mut self) {
         let tol = self.tol.rel;
-        for (t, n_out, n_in) in [(1usize, 64usize, 96usize), (5, 33, 17), (64, 256, 192), (130, 48, 40)] {
+        // One to four rows are the decode shapes (a GPU backend may take a GEMV path for them).
+        let shapes =
+            [(1usize, 64usize, 96usize), (2, 37, 24), (4, 200, 512), (5, 33, 17), (64, 256, 192), (130, 48, 40)];
+        for (t, n_out, n_in) in shapes {
             self.rel("matmul_t", format!("[{t}, {n_in}] · [{n_out}, {n_in}]ᵀ"), tol, |s| {
                 let x = s.data(20, t * n_in, 1.0);
                 let w = s.data(21, n_out * n_in, 1.0);
@@ -562,9 +565,12 @@ impl<'a, B: Backend> Suite<'a, B> {
             let dw = s.b.weight(WeightInit::Random { seed: 23, bound: 0.1 }, 1, 50, 70)?;
             Ok((s.b.download(&s.b.matmul_t(&s.up(&x, 3, 70)?, &dw)?)?, reference::matmul_t(&x, 3, 70, &w, 50)))
         });
-        for (t, heads, n_in, n_out, random_w) in
-            [(5usize, 4usize, 24usize, 40usize, false), (1, 16, 32, 16, false), (3, 3, 16, 20, true)]
-        {
+        for (t, heads, n_in, n_out, random_w) in [
+            (5usize, 4usize, 24usize, 40usize, false),
+            (1, 16, 32, 16, false),
+            (2, 5, 64, 24, false),
+            (3, 3, 16, 20, true),
+        ] {
             let case = format!(
                 "[{t}, {heads}×{n_in}] · [{heads}, {n_out}, {n_in}]ᵀ{}",
                 if random_w { ", random weight" } else { "" }

@@ -433,3 +433,73 @@ ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const
                            const bf16_t* shared, bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf) {
     down_impl<bf16_t>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf);
 }
+
+// ---- Dense decode GEMV (backend.rs `matmul`: bf16, at most GEMV_ROWS rows) ----------------------
+// y[b][t, j] = sum_c x[b][t, c] * w[b][j, c] for t < rows, j < n_out, batch entry b = blockIdx.y
+// (element strides sx, sw, sy between entries), f32 accumulation, y rounded to its type once.
+// One warp per output column j: the lanes read w's row j as 16-byte streaming vectors,
+// lane-interleaved, UNR per lane per step (a 2048-wide row in one step), and the same vectors of
+// every x row (cached: x is shared by all warps). Per lane the sum runs over its vectors in order,
+// then a butterfly across lanes: deterministic, independent of the launch shape.
+// The caller guarantees n_in, ldx, ldw, sx, sw multiples of 8 and 16-byte aligned x and w.
+
+#define GEMV_ROWS 4   // backend.rs GEMV_ROWS
+#define GEMV_WARPS 4  // output columns per CTA; backend.rs GEMV_WARPS
+
+template <typename TO>
+__device__ void gemv(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, TO* y, i64 ldy, i64 sy,
+                     int rows, int n_out, int n_in) {
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (j >= n_out) return;  // the whole warp: j is the same for its lanes
+    const i64 b = blockIdx.y;
+    x += b * sx;
+    y += b * sy;
+    const bf16_t* wr = w + b * sw + (i64)j * ldw;
+    const int nv = n_in >> 3;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int t = 0; t < GEMV_ROWS; ++t) acc[t] = 0.0f;
+    for (int v0 = 0; v0 < nv; v0 += 32 * UNR) {
+        uint4 wv[UNR];
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            const int v = v0 + u * 32 + lane;
+            wv[u] = v < nv ? ld_stream(wr + 8 * (i64)v) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UNR; ++u) {
+            const int v = v0 + u * 32 + lane;
+            if (v >= nv) break;
+            float wf[8];
+            VecT<bf16_t>::unpack(wv[u], wf);
+#pragma unroll
+            for (int t = 0; t < GEMV_ROWS; ++t) {
+                if (t < rows) {
+                    float xf[8];
+                    VecT<bf16_t>::unpack(ld_act(x + t * ldx + 8 * (i64)v), xf);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], xf[e], acc[t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_ROWS; ++t) {
+        if (t < rows) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) st(y, t * ldy + j, s);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_bf16(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, bf16_t* y, i64 ldy, i64 sy, int rows,
+              int n_out, int n_in) {
+    gemv<bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_bf16_f32(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, float* y, i64 ldy, i64 sy,
+                  int rows, int n_out, int n_in) {
+    gemv<float>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+}
