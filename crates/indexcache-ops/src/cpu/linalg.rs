@@ -125,15 +125,19 @@ const GEMV_ROWS: usize = 64;
 /// `out[j] = x · w[j]` for each row `j` of `w [n, k]`.
 fn gemv_t(x: &[f32], w: Mat, k: usize, out: &mut [f32], parallel: bool) {
     let rows = if parallel { (out.len() / (4 * rayon::current_num_threads())).clamp(4, GEMV_ROWS) } else { GEMV_ROWS };
-    let task = |c: usize, o: &mut [f32]| {
-        let block = w.slice(c * rows * k, o.len() * k);
-        pulp::Arch::new().dispatch(Gemv { x, w: block, out: o });
-    };
+    let task = |c: usize, o: &mut [f32]| gemv_serial(x, w.slice(c * rows * k, o.len() * k), o);
     if parallel {
         out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| task(c, o));
     } else {
         out.chunks_mut(rows).enumerate().for_each(|(c, o)| task(c, o));
     }
+}
+
+/// `out[j] = x · w[j]` for the rows of `w [out.len(), x.len()]`, on this thread (a task of a
+/// caller's parallel loop).
+pub fn gemv_serial(x: &[f32], w: Mat, out: &mut [f32]) {
+    debug_assert_eq!(w.len(), x.len() * out.len());
+    pulp::Arch::new().dispatch(Gemv { x, w, out });
 }
 
 /// One block of GEMV rows at the SIMD width chosen at run time.

@@ -448,6 +448,10 @@ impl Backend for CpuBackend {
     }
 
     fn mlp(&self, x: &CpuTensor, mlp: &Mlp<CpuWeight>) -> OpResult<CpuTensor> {
+        if x.rows == 1 {
+            let slot = FfnSlot::of_mlp(mlp, 1.0);
+            return Ok(CpuTensor::new(swiglu_token(&x.data, &[slot], self.threads), 1, x.cols));
+        }
         Ok(self.swiglu(x, mlp.gate.all(), mlp.up.all(), mlp.down.all(), mlp.gate.rows))
     }
 
@@ -456,10 +460,9 @@ impl Backend for CpuBackend {
         let n_exp = moe.experts.n;
         let inter = moe.experts.inter;
         // Route every token: (expert, weight) pairs.
-        let routes: Vec<Vec<(usize, f32)>> = (0..x.rows)
-            .into_par_iter()
-            .map(|t| route(&logits.data[t * n_exp..(t + 1) * n_exp], &moe.score_bias, &moe.routing))
-            .collect();
+        let route_t = |t: usize| route(&logits.data[t * n_exp..(t + 1) * n_exp], &moe.score_bias, &moe.routing);
+        let routes: Vec<Vec<(usize, f32)>> =
+            if x.rows == 1 { vec![route_t(0)] } else { (0..x.rows).into_par_iter().map(route_t).collect() };
         // Tokens per expert, in token order.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_exp];
         for (t, r) in routes.iter().enumerate() {
@@ -468,6 +471,27 @@ impl Backend for CpuBackend {
             }
         }
         let hidden = x.cols;
+        if x.rows == 1 {
+            // One token: the routed experts (in expert order, as below) and the shared one in
+            // two parallel regions instead of four per expert.
+            let mut slots: Vec<FfnSlot> = assigned
+                .iter()
+                .enumerate()
+                .filter_map(|(e, toks)| toks.first().map(|&(_, w)| (e, w)))
+                .map(|(e, w)| {
+                    let gu = moe.experts.gate_up.group(e);
+                    FfnSlot {
+                        gate: gu.slice(0, inter * hidden),
+                        up: gu.slice(inter * hidden, inter * hidden),
+                        down: moe.experts.down.group(e),
+                        inter,
+                        weight: w,
+                    }
+                })
+                .collect();
+            slots.extend(moe.shared.as_ref().map(|m| FfnSlot::of_mlp(m, 1.0)));
+            return Ok(CpuTensor::new(swiglu_token(&x.data, &slots, self.threads), 1, hidden));
+        }
         let mut out = vec![0.0f32; x.rows * hidden];
         for (e, toks) in assigned.iter().enumerate() {
             if toks.is_empty() {
@@ -552,6 +576,64 @@ impl CpuBackend {
         let y = linalg::matmul_t(&a, x.rows, inter, down, x.cols, self.threads);
         CpuTensor::new(y, x.rows, x.cols)
     }
+}
+
+/// One SwiGLU FFN applied to a token, scaled by `weight` in [`swiglu_token`]'s sum.
+struct FfnSlot<'a> {
+    /// `[inter, hidden]`
+    gate: linalg::Mat<'a>,
+    /// `[inter, hidden]`
+    up: linalg::Mat<'a>,
+    /// `[hidden, inter]`
+    down: linalg::Mat<'a>,
+    inter: usize,
+    weight: f32,
+}
+
+impl<'a> FfnSlot<'a> {
+    fn of_mlp(m: &'a Mlp<CpuWeight>, weight: f32) -> Self {
+        FfnSlot { gate: m.gate.all(), up: m.up.all(), down: m.down.all(), inter: m.gate.rows, weight }
+    }
+}
+
+/// `Σ_s weight_s · down_s(silu(gate_s · x) * up_s · x)` for one token `x [hidden]`, the slots
+/// summed in order into an f32 accumulator starting at zero (what the per-FFN path computes: its
+/// weighted sum, then `+` the shared expert at weight 1). Two parallel regions whatever the
+/// number of slots — gate and up rows of every slot, then output rows of every slot's down —
+/// where the per-FFN path has four per FFN: at one token those hand-offs cost more than the
+/// weights take to read on many cores.
+fn swiglu_token(x: &[f32], slots: &[FfnSlot], threads: usize) -> Vec<f32> {
+    let hidden = x.len();
+    let total: usize = slots.iter().map(|s| s.inter).sum();
+    let rows = (total / (4 * threads.max(1))).clamp(4, 64);
+    // a[s] = silu(gate_s · x) * (up_s · x), blocks of `rows` that never straddle two slots.
+    let mut a: Vec<Vec<f32>> = slots.iter().map(|s| vec![0.0f32; s.inter]).collect();
+    let mut tasks: Vec<(&FfnSlot, usize, &mut [f32])> = Vec::new();
+    for (s, a) in slots.iter().zip(a.iter_mut()) {
+        for (c, block) in a.chunks_mut(rows).enumerate() {
+            tasks.push((s, c * rows, block));
+        }
+    }
+    tasks.into_par_iter().for_each(|(s, r0, block)| {
+        let n = block.len();
+        let mut up = [0.0f32; 64];
+        let up = &mut up[..n];
+        linalg::gemv_serial(x, s.gate.slice(r0 * hidden, n * hidden), block);
+        linalg::gemv_serial(x, s.up.slice(r0 * hidden, n * hidden), up);
+        block.iter_mut().zip(up.iter()).for_each(|(g, u)| *g = silu(*g) * u);
+    });
+    let mut out = vec![0.0f32; hidden];
+    let rows = (hidden / (4 * threads.max(1))).clamp(4, 64);
+    out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
+        let r0 = c * rows;
+        let mut y = [0.0f32; 64];
+        let y = &mut y[..o.len()];
+        for (s, a) in slots.iter().zip(&a) {
+            linalg::gemv_serial(a, s.down.slice(r0 * s.inter, o.len() * s.inter), y);
+            o.iter_mut().zip(y.iter()).for_each(|(acc, v)| *acc += v * s.weight);
+        }
+    });
+    out
 }
 
 /// DeepSeek-V3 `noaux_tc` routing for one token: sigmoid scores, bias for the choice only,
