@@ -50,7 +50,7 @@ pub struct ExecArgs {
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Prefill chunk: a long prompt runs through the model this many tokens at a time, bounding
-    /// activations and the indexer's [chunk, context] scores (default: the device's, 2048 on cpu).
+    /// activations and the indexer's [chunk, context] scores (default: the device's, 1024 on cpu).
     #[arg(long, value_name = "TOKENS", value_parser = positive)]
     pub chunk: Option<usize>,
     /// Lightning-indexer numerics: exact (f32/bf16 scores, as transformers), or fp8 (DeepSeek's

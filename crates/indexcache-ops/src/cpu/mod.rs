@@ -126,9 +126,11 @@ impl Backend for CpuBackend {
     }
 
     fn default_chunk(&self) -> usize {
-        // The indexer's working set grows with chunk × context; 2K rows keeps it in the tens
-        // of MiB at 64K context while every GEMM stays large.
-        2048
+        // Activations grow with the chunk (~100 KiB per row of small-glm5 at once) and the
+        // indexer's working set with chunk × context. 1K rows: every GEMM still large (prefill as
+        // fast as at 2K within noise), and a 4K prefill peaks at ~0.70 GiB instead of ~0.78
+        // (bench on the 2-core VM, small-glm5 bf16; 512 rows: ~0.66 GiB, ~5 % slower).
+        1024
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> OpResult<CpuTensor> {
