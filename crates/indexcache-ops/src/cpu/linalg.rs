@@ -61,33 +61,64 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: Mat, n: usize, threads: usize)
         gemv_t(x, w, k, &mut out, threads > 1);
         return out;
     }
-    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    match w {
-        Mat::F32(w) => gemm_panel(x, m, k, w, n, &mut out, 0, par),
-        Mat::Bf16(w) => {
-            // Widen a panel of weight rows into a cache-sized buffer and multiply it while it is
-            // hot, instead of writing (and page-faulting) an f32 copy of the whole matrix.
-            let rows = (BF16_PANEL * threads.max(1) / k).clamp(1, n);
-            let mut panel = vec![0.0f32; rows * k];
-            for j0 in (0..n).step_by(rows) {
-                let r = rows.min(n - j0);
-                let p = &mut panel[..r * k];
-                Mat::Bf16(&w[j0 * k..(j0 + r) * k]).to_f32_into(p);
-                gemm_panel(x, m, k, p, n, &mut out, j0, par);
-            }
+    // The threads split the output columns (weight rows), each running a single-threaded GEMM
+    // on its share: every weight row is read by one thread, `x` by all. `gemm`'s own threading
+    // re-forks per cache block and balanced poorly at 16 threads on these 384–2816-wide weights.
+    let parts = threads.min(n / MIN_PART_COLS).max(1);
+    if parts == 1 {
+        mul_cols(x, m, k, w, 0, n, &mut out);
+        return out;
+    }
+    let per = n.div_ceil(parts);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n)
+        .step_by(per)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|j0| {
+            let cols = per.min(n - j0);
+            let mut part = vec![0.0f32; m * cols];
+            mul_cols(x, m, k, w, j0, cols, &mut part);
+            (j0, part)
+        })
+        .collect();
+    for (j0, part) in blocks {
+        let cols = part.len() / m;
+        for (o, p) in out.chunks_exact_mut(n).zip(part.chunks_exact(cols)) {
+            o[j0..j0 + cols].copy_from_slice(p);
         }
     }
     out
 }
 
-/// f32 values per thread in a widened bf16 weight panel of [`matmul_t`] (1 MiB each: the panel
-/// stays in cache while `gemm` packs it, and is wide enough that every thread gets columns;
-/// widening it costs ~1 % of multiplying it by a 64-row chunk).
+/// Fewest output columns a thread of [`matmul_t`] takes (below that the GEMM is too thin).
+const MIN_PART_COLS: usize = 32;
+
+/// `dst [m, cols] = x [m, k] · w[j0 .. j0 + cols]ᵀ` on this thread. bf16 weights are widened a
+/// panel of rows at a time into a cache-sized buffer and multiplied while hot, instead of
+/// writing (and page-faulting) an f32 copy of the whole matrix.
+fn mul_cols(x: &[f32], m: usize, k: usize, w: Mat, j0: usize, cols: usize, dst: &mut [f32]) {
+    match w {
+        Mat::F32(w) => gemm_panel(x, m, k, &w[j0 * k..(j0 + cols) * k], cols, dst, 0),
+        Mat::Bf16(w) => {
+            let rows = (BF16_PANEL / k).clamp(1, cols);
+            let mut panel = vec![0.0f32; rows * k];
+            for c0 in (0..cols).step_by(rows) {
+                let r = rows.min(cols - c0);
+                let p = &mut panel[..r * k];
+                Mat::Bf16(&w[(j0 + c0) * k..(j0 + c0 + r) * k]).to_f32_into(p);
+                gemm_panel(x, m, k, p, cols, dst, c0);
+            }
+        }
+    }
+}
+
+/// f32 values in a widened bf16 weight panel of [`mul_cols`] (1 MiB: stays in cache while
+/// `gemm` packs it; widening it costs ~1 % of multiplying it by a 64-row chunk).
 const BF16_PANEL: usize = 1 << 18;
 
-/// `out[:, j0 .. j0 + w.len() / k] = x [m, k] · wᵀ` (`out` is `[m, n]` row-major).
+/// `out[:, j0 .. j0 + w.len() / k] = x [m, k] · wᵀ` (`out` is `[m, n]` row-major), on this thread.
 #[allow(clippy::too_many_arguments)]
-fn gemm_panel(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], j0: usize, par: Parallelism) {
+fn gemm_panel(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], j0: usize) {
     let cols = w.len() / k;
     debug_assert!(j0 + cols <= n && out.len() == m * n && x.len() == m * k);
     // SAFETY: x is [m, k] row-major; w holds `cols` rows of k (wᵀ viewed as [k, cols], element
@@ -113,7 +144,7 @@ fn gemm_panel(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32
             false,
             false,
             false,
-            par,
+            Parallelism::None,
         );
     }
 }
@@ -478,9 +509,16 @@ mod tests {
     #[test]
     fn matmul_matches_reference_for_many_shapes() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &(m, k, n) in
-            &[(1, 7, 5), (1, 300, 129), (1, 1029, 70), (3, 17, 9), (64, 96, 33), (130, 64, 200), (5, 1029, 600)]
-        {
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (1, 300, 129),
+            (1, 1029, 70),
+            (3, 17, 9),
+            (64, 96, 33),
+            (130, 64, 200),
+            (5, 1029, 600),
+            (7, 40, 97),
+        ] {
             let x = rand_vec(&mut rng, m * k);
             let w = rand_vec(&mut rng, n * k);
             // The same values as bf16, exactly: the bf16 path must give the f32 path's numbers.
