@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
 import shutil
 import sys
@@ -63,8 +62,6 @@ CHKTXT = (
 )
 DSC_CHKHSH = "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821"
 
-# Linear-weight gains (std = gain / sqrt(fan_in)), as in scripts/fixtures/make_fixtures.py.
-GAINS = {"q_b_proj": 1.5, "kv_b_proj": 1.5, "indexer.wq_b": 1.5, "indexer.wk": 1.5, "lm_head": 2.0}
 # Tensors transformers keeps in f32 (`_keep_in_fp32_modules_strict`).
 KEEP_F32_RE = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
 
@@ -129,37 +126,6 @@ def make_tokenizer(vocab_gguf: Path, out_dir: Path) -> None:
     print(f"tokenizer: {len(inp)} of llama.cpp's deepseek-coder vocab tests pass, hash {chkhsh[:12]}…", file=sys.stderr)
 
 
-def reinit_(model, seed: int) -> None:
-    """Re-draws every parameter and the routing bias from a seeded generator (order = named_parameters)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-
-    def normal_(t, std: float, mean: float = 0.0) -> None:
-        t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32) * std + mean)
-
-    def gain(name: str) -> float:
-        return next((v for k, v in GAINS.items() if f"{k}.weight" in name), 1.0)
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                normal_(p, 1.0)
-            elif name.endswith("k_norm.bias"):  # indexer LayerNorm bias
-                normal_(p, 0.2)
-            elif p.ndim == 1:  # RMSNorm / LayerNorm weights: around 1
-                normal_(p, 0.1, mean=1.0)
-            elif name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-                normal_(p, 1.0 / math.sqrt(p.shape[-1]))  # [E, out, in]
-            elif p.ndim == 2:  # every Linear, incl. the router gate: [out, in]
-                normal_(p, gain(name) / math.sqrt(p.shape[-1]))
-            else:
-                raise ValueError(f"no init rule for {name} {tuple(p.shape)}")
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                normal_(b, 0.1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, required=True, help="indexcache model config (configs/small-glm5.json)")
@@ -191,6 +157,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     got = "".join("F" if layer.self_attn.indexer is not None else "S" for layer in model.model.layers)
     assert got == a.pattern, f"transformers built {got}, asked for {a.pattern}"
+    # The fixtures' init rule (std = gain / sqrt(fan_in), norms around 1): transformers' flat 0.02
+    # would leave indexer scores near zero and top-k mostly ties.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_fixtures import reinit_
+
     reinit_(model, a.seed)
 
     with tempfile.TemporaryDirectory() as tmp:
