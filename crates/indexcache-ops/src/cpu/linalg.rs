@@ -47,9 +47,10 @@ fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-/// `x [m, k] · wᵀ` with `w [n, k]` → `[m, n]`. `threads` > 1 lets `gemm` use rayon; pass 1 when
-/// already inside a parallel loop. bf16 weights are read as stored by the GEMV for m = 1; for
-/// m > 1 they go through `gemm` as f32 one panel of rows at a time (see [`BF16_PANEL`]).
+/// `x [m, k] · wᵀ` with `w [n, k]` → `[m, n]`. `threads` > 1 splits the work over that many
+/// rayon tasks; pass 1 when already inside a parallel loop. bf16 weights are read as stored by
+/// the GEMV for m = 1; for m > 1 they go through `gemm` as f32 one panel of rows at a time (see
+/// [`BF16_PANEL`]).
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: Mat, n: usize, threads: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);

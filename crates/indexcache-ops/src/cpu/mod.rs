@@ -608,11 +608,11 @@ fn swiglu_token(x: &[f32], slots: &[FfnSlot], threads: usize) -> Vec<f32> {
     let hidden = x.len();
     let total: usize = slots.iter().map(|s| s.inter).sum();
     let rows = (total / (4 * threads.max(1))).clamp(4, 64);
-    // a[s] = silu(gate_s · x) * (up_s · x), blocks of `rows` that never straddle two slots.
-    let mut a: Vec<Vec<f32>> = slots.iter().map(|s| vec![0.0f32; s.inter]).collect();
+    // act[s] = silu(gate_s · x) * (up_s · x), blocks of `rows` that never straddle two slots.
+    let mut act: Vec<Vec<f32>> = slots.iter().map(|s| vec![0.0f32; s.inter]).collect();
     let mut tasks: Vec<(&FfnSlot, usize, &mut [f32])> = Vec::new();
-    for (s, a) in slots.iter().zip(a.iter_mut()) {
-        for (c, block) in a.chunks_mut(rows).enumerate() {
+    for (s, h) in slots.iter().zip(act.iter_mut()) {
+        for (c, block) in h.chunks_mut(rows).enumerate() {
             tasks.push((s, c * rows, block));
         }
     }
@@ -630,8 +630,8 @@ fn swiglu_token(x: &[f32], slots: &[FfnSlot], threads: usize) -> Vec<f32> {
         let r0 = c * rows;
         let mut y = [0.0f32; 64];
         let y = &mut y[..o.len()];
-        for (s, a) in slots.iter().zip(&a) {
-            linalg::gemv_serial(a, s.down.slice(r0 * s.inter, o.len() * s.inter), y);
+        for (s, h) in slots.iter().zip(&act) {
+            linalg::gemv_serial(h, s.down.slice(r0 * s.inter, o.len() * s.inter), y);
             o.iter_mut().zip(y.iter()).for_each(|(acc, v)| *acc += v * s.weight);
         }
     });
