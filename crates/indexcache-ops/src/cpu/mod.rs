@@ -386,6 +386,22 @@ impl Backend for CpuBackend {
         topk: usize,
         scale: f32,
     ) -> OpResult<TopK> {
+        let shapes = || {
+            format!(
+                "q {:?}, head_w {:?}, keys {:?}",
+                (q.rows, q.cols),
+                (head_w.rows, head_w.cols),
+                (keys.rows, keys.cols)
+            )
+        };
+        let ok = head_w.rows == q.rows && q.cols == head_w.cols * keys.cols && pos.host.len() == q.rows;
+        if !ok {
+            return Err(OpError::new("indexer_topk", shapes(), "inconsistent shapes"));
+        }
+        // The scoring GEMMs read keys up to the last visible position unchecked.
+        if pos.max_visible() > keys.rows {
+            return Err(OpError::new("indexer_topk", shapes(), "a position beyond the key cache"));
+        }
         Ok(indexer::indexer_topk(q, head_w, keys, &pos.host, topk, scale))
     }
 
@@ -688,5 +704,20 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(m.current > 0 && m.peak >= m.current, "{m:?}");
         }
+    }
+
+    #[test]
+    fn indexer_rejects_positions_past_the_keys_and_bad_shapes() {
+        let b = CpuBackend::new();
+        let (heads, d) = (2, 4);
+        let q = CpuTensor::new(vec![0.5; heads * d], 1, heads * d);
+        let w = CpuTensor::new(vec![1.0; heads], 1, heads);
+        let keys = CpuTensor::new(vec![0.25; 3 * d], 3, d);
+        assert!(b.indexer_topk(&q, &w, &keys, &b.positions(&[2]).unwrap(), 2, 1.0).is_ok());
+        let e = b.indexer_topk(&q, &w, &keys, &b.positions(&[3]).unwrap(), 2, 1.0).unwrap_err();
+        assert!(e.to_string().contains("indexer_topk") && e.to_string().contains("beyond"), "{e}");
+        let w3 = CpuTensor::new(vec![1.0; 3], 1, 3);
+        let e = b.indexer_topk(&q, &w3, &keys, &b.positions(&[2]).unwrap(), 2, 1.0).unwrap_err();
+        assert!(e.to_string().contains("inconsistent shapes"), "{e}");
     }
 }
