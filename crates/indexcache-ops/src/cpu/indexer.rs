@@ -7,10 +7,9 @@
 //! the last position visible to the block (causality), so a causal prefill does about half the
 //! work of the full square.
 
-use super::CpuTensor;
+use super::{CpuTensor, linalg};
 use crate::TopK;
 use crate::topk::select_topk;
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 /// Query rows per block: big enough for an efficient GEMM, small enough that the
@@ -125,34 +124,10 @@ impl Tiles<'_> {
     fn fold(&self, t0: usize, tb: usize, s0: usize, n: usize, dots: &mut Vec<f32>, acc: &mut [f32], stride: usize) {
         let (heads, d) = (self.heads, self.d);
         let m = tb * heads;
-        debug_assert!(s0 + n <= self.keys.rows);
         dots.clear();
         dots.resize(m * n, 0.0);
-        // SAFETY: q rows t0..t0+tb hold m = tb*heads contiguous vectors of length d; keys rows
-        // s0..s0+n exist (asserted); dots is m × n row-major.
-        unsafe {
-            gemm(
-                m,
-                n,
-                d,
-                dots.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                self.q.data[t0 * heads * d..].as_ptr(),
-                1,
-                d as isize,
-                self.keys.data[s0 * d..].as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
+        let q = &self.q.data[t0 * heads * d..(t0 + tb) * heads * d];
+        linalg::gemm_panel(q, m, d, &self.keys.data[s0 * d..(s0 + n) * d], n, dots, 0);
         for i in 0..tb {
             let visible = self.positions[t0 + i] + 1;
             if visible <= s0 {

@@ -118,10 +118,13 @@ fn mul_cols(x: &[f32], m: usize, k: usize, w: Mat, j0: usize, cols: usize, dst: 
 const BF16_PANEL: usize = 1 << 18;
 
 /// `out[:, j0 .. j0 + w.len() / k] = x [m, k] · wᵀ` (`out` is `[m, n]` row-major), on this thread.
-#[allow(clippy::too_many_arguments)]
-fn gemm_panel(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], j0: usize) {
+/// `k = 0` leaves `out` as it is (every caller passes zeroed outputs).
+pub(super) fn gemm_panel(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], j0: usize) {
+    if k == 0 {
+        return;
+    }
     let cols = w.len() / k;
-    debug_assert!(j0 + cols <= n && out.len() == m * n && x.len() == m * k);
+    assert!(w.len() == cols * k && j0 + cols <= n && out.len() == m * n && x.len() == m * k);
     // SAFETY: x is [m, k] row-major; w holds `cols` rows of k (wᵀ viewed as [k, cols], element
     // (kk, j) at w[j*k + kk]); out + j0 with row stride n addresses columns j0..j0+cols ≤ n of
     // the m rows of out.
