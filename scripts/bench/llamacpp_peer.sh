@@ -33,7 +33,8 @@
 #     so the default 3 rounds of 1K/4K/16K take ~1.5 h; `--contexts 1024 --reps 1`: ~4 min.
 # Output: $WORK/results/<date>/ (raw.jsonl, logits.jsonl, logs, table.md); the table is printed.
 # Both engines use their defaults otherwise (llama-bench: -b 2048 -ub 512, f16 K/V, flash attention
-# auto, mmap; indexcache: f32 compute with bf16 weights kept bf16, --chunk 2048).
+# auto, mmap; indexcache: f32 compute with bf16 weights kept bf16, its default 1024-row prefill
+# chunk).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
