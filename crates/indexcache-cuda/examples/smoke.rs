@@ -1,7 +1,7 @@
 //! Smoke test of the CUDA stack on a GPU machine: driver, NVRTC (compute_90a PTX, JIT by the
 //! driver), a launch, a copy back, cuBLAS. `cargo run --release --example smoke -p indexcache-cuda`.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use indexcache_cuda::dev::{Dev, Source};
 
 const SRC: Source = Source {

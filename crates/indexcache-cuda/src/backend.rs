@@ -59,7 +59,7 @@
 use crate::dev::{self, Dev, DevBuf, Source};
 use crate::gemm::{Blas, MatmulT};
 use crate::{CEILING_BF16_TFLOPS, CEILING_GBPS, KernelBench, indexer, kernels, mla, moe_decode};
-use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, LaunchConfig};
 use indexcache_ops::{
     Backend, DType, MemoryStats, Mlp, Moe, OpError, OpResult, Positions, RopeLayout, RopeTable, TopK, WeightInit,
 };
@@ -241,6 +241,12 @@ const GQA_ATTN: Kernel = Kernel {
 const NLL: Kernel = Kernel { src: &kernels::ELEMENTWISE, names: ["nll_f32", "nll_bf16"], sig: &[TP, TP, TP, TL] };
 const MOE_ROUTE: Kernel =
     Kernel { src: &kernels::MOE, names: ["moe_route"; 2], sig: &[TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TI, TF] };
+/// The decode router GEMV with the routing in its last CTA (`moe_decode.cu`).
+const ROUTER_ROUTE: Kernel = Kernel {
+    src: &kernels::MOE_DECODE,
+    names: ["router_route"; 2],
+    sig: &[TP, TI, TI, TP, TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TF],
+};
 const MOE_SLOTS: Kernel = Kernel { src: &kernels::MOE, names: ["moe_slots"; 2], sig: &[TP, TP, TP, TP, TI, TI] };
 const MOE_COMBINE: Kernel =
     Kernel { src: &kernels::MOE, names: ["moe_combine_f32", "moe_combine_bf16"], sig: &[TP, TP, TP, TP, TP, TI, TL] };
@@ -251,6 +257,9 @@ const GEMV: Kernel = Kernel {
     sig: &[TP, TL, TL, TP, TL, TL, TP, TL, TL, TI, TI, TI],
 };
 const GEMV_F32_OUT: Kernel = Kernel { names: ["gemv_bf16_f32"; 2], ..GEMV };
+/// Two decode GEMVs of one input in one launch (`matmul_t2`).
+const GEMV2: Kernel =
+    Kernel { src: &kernels::MOE_DECODE, names: ["gemv2_bf16"; 2], sig: &[TP, TI, TI, TP, TP, TI, TP, TP, TI] };
 
 /// Every kernel this module launches (the PTX signature test walks this list).
 #[cfg(test)]
@@ -277,6 +286,8 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &MOE_COMBINE,
     &GEMV,
     &GEMV_F32_OUT,
+    &GEMV2,
+    &ROUTER_ROUTE,
 ];
 
 /// Threads per block of the row and grid-stride kernels.
@@ -285,14 +296,20 @@ const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 1 << 16;
 /// Elements per f32 staging chunk of a bf16 upload (64 MiB of f32).
 const UPLOAD_CHUNK: usize = 16 << 20;
-/// Warps (tokens) per block of `moe_route`.
-const ROUTE_WARPS: usize = 4;
+/// Warps (tokens) per block of `moe_route` (as many as `router_route` has: the same shared-memory
+/// bound applies to both).
+const ROUTE_WARPS: usize = GEMV_WARPS;
+/// Most routed experts `moe_route` holds in registers (`moe.cu` 32 × ROUTE_PER_LANE).
+const ROUTE_MAX_EXPERTS: usize = 256;
 /// Most rows of `x` a bf16 matmul sends to the decode GEMV instead of cuBLAS (`moe_decode.cu`
 /// GEMV_ROWS): at one to four rows cuBLAS's kernels read the weights at a fraction of the memory
 /// bandwidth (5–10 µs for 3–21 MB at the 30B shape's decode, where 1–2 µs is the bound).
 const GEMV_ROWS: usize = 4;
 /// Output columns (warps) per CTA of the GEMV (`moe_decode.cu` GEMV_WARPS).
 const GEMV_WARPS: usize = 4;
+/// `split_heads_rope` blocks: threads per head and heads per block (`elementwise.cu`).
+const SPLIT_THREADS: u32 = 64;
+const SPLIT_HEADS: usize = 4;
 
 fn flat_cfg(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -345,6 +362,8 @@ pub struct CudaBackend {
     /// Send bf16 matmuls of at most [`GEMV_ROWS`] rows to the decode GEMV (`INDEXCACHE_GEMV=0`:
     /// always cuBLAS).
     gemv: bool,
+    /// `router_route`'s count of finished CTAs (zero between launches; its last CTA resets it).
+    route_done: DevBuf,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -368,7 +387,8 @@ impl CudaBackend {
         let moe_decode = std::env::var("INDEXCACHE_MOE_DECODE").map_or(true, |v| v != "0");
         let graphs = std::env::var("INDEXCACHE_CUDA_GRAPH").map_or(true, |v| v != "0");
         let gemv = std::env::var("INDEXCACHE_GEMV").map_or(true, |v| v != "0");
-        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode, graphs, gemv })
+        let route_done = dev.alloc_zeroed("cuda init", 4)?;
+        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode, graphs, gemv, route_done })
     }
 
     pub fn dev(&self) -> &Arc<Dev> {
@@ -534,11 +554,11 @@ impl CudaBackend {
         self.matmul(op, &g)
     }
 
-    /// Enqueue `g`: the decode GEMV where it applies (bf16, at most [`GEMV_ROWS`] rows, rows and
-    /// strides in whole 16-byte vectors), cuBLAS otherwise.
-    pub fn matmul(&self, op: &'static str, g: &MatmulT) -> OpResult<()> {
+    /// Does `g` run on the decode GEMV: bf16, at most [`GEMV_ROWS`] rows, rows and strides in
+    /// whole 16-byte vectors (and the GEMV not switched off)?
+    fn gemv_applies(&self, g: &MatmulT) -> bool {
         let v8 = |n: usize| n.is_multiple_of(8);
-        let gemv = self.gemv
+        self.gemv
             && g.dtype == DType::BF16
             && (1..=GEMV_ROWS).contains(&g.rows)
             && g.n_out > 0
@@ -550,8 +570,13 @@ impl CudaBackend {
             && g.w.is_multiple_of(16)
             && g.n_out <= i32::MAX as usize
             && g.n_in <= i32::MAX as usize
-            && (1..=65535).contains(&g.batch);
-        if !gemv {
+            && (1..=65535).contains(&g.batch)
+    }
+
+    /// Enqueue `g`: the decode GEMV where it applies (bf16, at most [`GEMV_ROWS`] rows, rows and
+    /// strides in whole 16-byte vectors), cuBLAS otherwise.
+    pub fn matmul(&self, op: &'static str, g: &MatmulT) -> OpResult<()> {
+        if !self.gemv_applies(g) {
             return self.blas.matmul_t(&self.dev, op, g);
         }
         let cfg = LaunchConfig {
@@ -1029,7 +1054,11 @@ impl Backend for CudaBackend {
         self.launch(
             &SPLIT_HEADS_ROPE,
             self.dtype,
-            row_cfg(OP, x.rows, THREADS)?,
+            LaunchConfig {
+                grid_dim: (row_cfg(OP, x.rows, 1)?.grid_dim.0, dev::blocks(heads, SPLIT_HEADS), 1),
+                block_dim: (SPLIT_THREADS, SPLIT_HEADS as u32, 1),
+                shared_mem_bytes: 0,
+            },
             OP,
             shapes,
             &[
@@ -1097,6 +1126,46 @@ impl Backend for CudaBackend {
         let out = self.tensor_out("matmul_t", x.rows, w.rows)?;
         self.gemm("matmul_t", x.ptr(), x.rows, x.cols, w.ptr(), w.rows, out.ptr(), false)?;
         Ok(out)
+    }
+
+    fn matmul_t2(&self, x: &CudaTensor, w1: &CudaWeight, w2: &CudaWeight) -> OpResult<(CudaTensor, CudaTensor)> {
+        const OP: &str = "matmul_t2";
+        let shapes = || format!("x {} · w1 {}ᵀ, w2 {}ᵀ", x.shape(), w1.shape(), w2.shape());
+        if w1.groups != 1 || w2.groups != 1 || x.cols != w1.cols || x.cols != w2.cols {
+            return Err(bad(OP, shapes(), "inner dims"));
+        }
+        // One launch where both would run the decode GEMV (the same per-column arithmetic).
+        let one = |w: &CudaWeight| MatmulT::plain(self.dtype, x.rows, w.rows, x.cols, x.ptr(), w.ptr(), 0);
+        let (g1, g2) = (one(w1), one(w2));
+        if !(self.gemv_applies(&g1) && self.gemv_applies(&g2) && w1.rows + w2.rows <= i32::MAX as usize) {
+            return Ok((self.matmul_t(x, w1)?, self.matmul_t(x, w2)?));
+        }
+        let y1 = self.tensor_out(OP, x.rows, w1.rows)?;
+        let y2 = self.tensor_out(OP, x.rows, w2.rows)?;
+        let i32a = |v: usize| Arg::I32(v as i32);
+        self.launch(
+            &GEMV2,
+            DType::BF16,
+            LaunchConfig {
+                grid_dim: (dev::blocks(w1.rows + w2.rows, GEMV_WARPS), 1, 1),
+                block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            OP,
+            shapes,
+            &[
+                Arg::Ptr(x.ptr()),
+                i32a(x.rows),
+                i32a(x.cols),
+                Arg::Ptr(w1.ptr()),
+                Arg::Ptr(y1.ptr()),
+                i32a(w1.rows),
+                Arg::Ptr(w2.ptr()),
+                Arg::Ptr(y2.ptr()),
+                i32a(w2.rows),
+            ],
+        )?;
+        Ok((y1, y2))
     }
 
     fn matmul_heads(&self, x: &CudaTensor, w: &CudaWeight) -> OpResult<CudaTensor> {
@@ -1333,6 +1402,7 @@ impl Backend for CudaBackend {
             || r.topk_group > r.n_group
             || r.top_k == 0
             || r.top_k > r.topk_group * per_group
+            || n_exp > ROUTE_MAX_EXPERTS
         {
             return Err(bad(OP, shapes(), "unsupported routing parameters"));
         }
@@ -1343,90 +1413,109 @@ impl Backend for CudaBackend {
         let k = r.top_k;
         let n_pairs = t * k;
 
-        // 1. Router logits in f32.
-        let logits = self.out_buf(OP, t * n_exp * 4)?;
-        self.gemm(OP, x.ptr(), t, hidden, moe.router.ptr(), n_exp, logits.ptr(), true)?;
-
-        // 2. Routing: ids/weights [T, k], counts per expert.
-        let ids = self.out_buf(OP, n_pairs * 4)?;
-        let wts = self.out_buf(OP, n_pairs * 4)?;
-        let counts = self.dev.alloc_zeroed(OP, n_exp * 4)?;
-        let per_warp_bytes = (3 * n_exp + 2 * r.n_group + k) * 4;
-        if per_warp_bytes > 48 * 1024 {
-            return Err(bad(OP, shapes(), "too many experts for the routing kernel's shared memory"));
-        }
-        let warps = ROUTE_WARPS.min((48 * 1024) / per_warp_bytes).max(1);
-        let cfg = LaunchConfig {
-            grid_dim: (dev::blocks(t, warps), 1, 1),
-            block_dim: (32 * warps as u32, 1, 1),
-            shared_mem_bytes: (warps * per_warp_bytes) as u32,
-        };
-        self.launch(
-            &MOE_ROUTE,
-            DType::F32,
-            cfg,
-            OP,
-            shapes,
-            &[
-                Arg::Ptr(logits.ptr()),
-                Arg::Ptr(moe.score_bias.buf.ptr()),
-                Arg::Ptr(ids.ptr()),
-                Arg::Ptr(wts.ptr()),
-                Arg::Ptr(counts.ptr()),
-                Arg::I32(t as i32),
-                Arg::I32(n_exp as i32),
-                Arg::I32(r.n_group as i32),
-                Arg::I32(r.topk_group as i32),
-                Arg::I32(k as i32),
-                Arg::I32(r.norm_topk_prob as i32),
-                Arg::F32(r.routed_scaling_factor),
-            ],
-        )?;
-        drop(logits);
-
         // Decode-sized inputs: grouped GEMVs that read the expert ids on the device — no host
         // synchronisation, three launches (`moe_decode`). `INDEXCACHE_MOE_DECODE=0` turns it off.
         // A shared expert as wide as the routed ones (`[inter, hidden]` gate/up, `[hidden, inter]`
         // down) is fused into the same two kernels as one more expert slot per token (weight 1);
         // one of another shape runs as a separate MLP whose output the combine adds.
-        if t <= moe_decode::MAX_DECODE_TOKENS && self.moe_decode {
-            let fused = moe.shared.as_ref().filter(|m| {
-                let dims = |w: &CudaWeight| (w.groups, w.rows, w.cols, w.dtype);
-                dims(&m.gate) == (1, inter, hidden, self.dtype)
-                    && dims(&m.up) == (1, inter, hidden, self.dtype)
-                    && dims(&m.down) == (1, hidden, inter, self.dtype)
-            });
-            let mut args = moe_decode::MoeSmallArgs {
-                dtype: self.dtype,
-                x: x.ptr(),
-                ids: ids.ptr(),
-                weights: wts.ptr(),
-                gate_up: gu.ptr(),
-                down: dn.ptr(),
-                shared: 0,
-                shared_gate: fused.map_or(0, |m| m.gate.ptr()),
-                shared_up: fused.map_or(0, |m| m.up.ptr()),
-                shared_down: fused.map_or(0, |m| m.down.ptr()),
-                out: 0,
-                tokens: t,
-                hidden,
-                inter,
-                n_experts: n_exp,
-                top_k: k,
-            };
-            if moe_decode::check(&args).is_ok() {
-                // Fresh buffers: 16-byte aligned, as `moe_small` checks again.
-                let shared = match (&moe.shared, fused) {
-                    (Some(m), None) => Some(self.mlp(x, m)?),
-                    _ => None,
-                };
-                let out = self.tensor_out(OP, t, hidden)?;
-                args.shared = shared.as_ref().map_or(0, |s| s.ptr());
-                args.out = out.ptr();
-                moe_decode::moe_small(&self.dev, &args)?;
-                return Ok(out);
-            }
+        let fused = moe.shared.as_ref().filter(|m| {
+            let dims = |w: &CudaWeight| (w.groups, w.rows, w.cols, w.dtype);
+            dims(&m.gate) == (1, inter, hidden, self.dtype)
+                && dims(&m.up) == (1, inter, hidden, self.dtype)
+                && dims(&m.down) == (1, hidden, inter, self.dtype)
+        });
+        let mut args = moe_decode::MoeSmallArgs {
+            dtype: self.dtype,
+            x: x.ptr(),
+            ids: 0, // set below (fresh buffers: aligned, as `check` asks)
+            weights: 0,
+            gate_up: gu.ptr(),
+            down: dn.ptr(),
+            shared: 0,
+            shared_gate: fused.map_or(0, |m| m.gate.ptr()),
+            shared_up: fused.map_or(0, |m| m.up.ptr()),
+            shared_down: fused.map_or(0, |m| m.down.ptr()),
+            out: 0,
+            tokens: t,
+            hidden,
+            inter,
+            n_experts: n_exp,
+            top_k: k,
+        };
+        let decode = t <= moe_decode::MAX_DECODE_TOKENS && self.moe_decode && moe_decode::check(&args).is_ok();
+
+        // 1-2. Router logits in f32, routing: ids/weights [T, k] (and counts per expert for the
+        // grouped-GEMM path). Decode rows on the GEMV: one launch (`router_route`).
+        let logits = self.out_buf(OP, t * n_exp * 4)?;
+        let ids = self.out_buf(OP, n_pairs * 4)?;
+        let wts = self.out_buf(OP, n_pairs * 4)?;
+        let per_warp_bytes = (3 * n_exp + 2 * r.n_group + k) * 4;
+        if per_warp_bytes > 48 * 1024 / GEMV_WARPS {
+            return Err(bad(OP, shapes(), "too many experts for the routing kernel's shared memory"));
         }
+        let mut router = MatmulT::plain(self.dtype, t, n_exp, hidden, x.ptr(), moe.router.ptr(), logits.ptr());
+        router.out_f32 = true;
+        let route_args = [Arg::Ptr(moe.score_bias.buf.ptr()), Arg::Ptr(ids.ptr()), Arg::Ptr(wts.ptr())];
+        let routing = [
+            Arg::I32(n_exp as i32),
+            Arg::I32(r.n_group as i32),
+            Arg::I32(r.topk_group as i32),
+            Arg::I32(k as i32),
+            Arg::I32(r.norm_topk_prob as i32),
+            Arg::F32(r.routed_scaling_factor),
+        ];
+        let counts = if decode && t <= GEMV_WARPS && self.gemv_applies(&router) {
+            let mut a = vec![
+                Arg::Ptr(x.ptr()),
+                Arg::I32(t as i32),
+                Arg::I32(hidden as i32),
+                Arg::Ptr(moe.router.ptr()),
+                Arg::Ptr(logits.ptr()),
+            ];
+            a.extend(route_args);
+            a.push(Arg::Ptr(self.route_done.ptr()));
+            a.extend(routing);
+            let cfg = LaunchConfig {
+                grid_dim: (dev::blocks(n_exp, GEMV_WARPS), 1, 1),
+                block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+                shared_mem_bytes: (GEMV_WARPS * per_warp_bytes) as u32,
+            };
+            self.launch(&ROUTER_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
+            None
+        } else {
+            self.gemm(OP, x.ptr(), t, hidden, moe.router.ptr(), n_exp, logits.ptr(), true)?;
+            // Per-expert counts only where the host needs them (the grouped-GEMM path below).
+            let counts = if decode { None } else { Some(self.dev.alloc_zeroed(OP, n_exp * 4)?) };
+            let warps = ROUTE_WARPS;
+            let cfg = LaunchConfig {
+                grid_dim: (dev::blocks(t, warps), 1, 1),
+                block_dim: (32 * warps as u32, 1, 1),
+                shared_mem_bytes: (warps * per_warp_bytes) as u32,
+            };
+            let mut a = vec![Arg::Ptr(logits.ptr())];
+            a.extend(route_args);
+            a.push(Arg::Ptr(counts.as_ref().map_or(0, |c| c.ptr())));
+            a.push(Arg::I32(t as i32));
+            a.extend(routing);
+            self.launch(&MOE_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
+            counts
+        };
+        drop(logits);
+
+        if decode {
+            args.ids = ids.ptr();
+            args.weights = wts.ptr();
+            let shared = match (&moe.shared, fused) {
+                (Some(m), None) => Some(self.mlp(x, m)?),
+                _ => None,
+            };
+            let out = self.tensor_out(OP, t, hidden)?;
+            args.shared = shared.as_ref().map_or(0, |s| s.ptr());
+            args.out = out.ptr();
+            moe_decode::moe_small(&self.dev, &args)?;
+            return Ok(out);
+        }
+        let counts = counts.ok_or_else(|| bad(OP, shapes(), "routing counts missing"))?;
 
         // 3. Counts to the host (the one synchronisation of the layer), offsets back.
         let counts_h = self.dev.download::<i32>(OP, &counts, n_exp)?;
@@ -1575,21 +1664,30 @@ impl Backend for CudaBackend {
         if !self.graphs {
             return Ok(false);
         }
-        self.dev.begin_capture()?;
+        // The recording's arena: a decode step's live buffers (the largest are the indexer's and the
+        // sparse MLA's workspaces, a few MB) with room to spare, within an eighth of free memory.
+        let mb = std::env::var("INDEXCACHE_GRAPH_ARENA_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(512);
+        let free = self.dev.ctx.mem_get_info().map_or(usize::MAX, |(f, _)| f);
+        self.dev.begin_capture((mb << 20).min(free / 8))?;
         Ok(true)
     }
 
     fn graph_end(&self) -> OpResult<CudaStepGraph> {
-        Ok(CudaStepGraph(self.dev.end_capture()?))
+        let (graph, arena) = self.dev.end_capture()?;
+        Ok(CudaStepGraph { graph, _arena: arena })
     }
 
     fn graph_replay(&self, g: &mut CudaStepGraph) -> OpResult<()> {
-        g.0.launch().map_err(|e| bad("graph_replay", "", format!("{e:?}")))
+        g.graph.launch().map_err(|e| bad("graph_replay", "", format!("{e:?}")))
     }
 }
 
-/// A recorded decode step (a CUDA graph on the backend's stream).
-pub struct CudaStepGraph(cudarc::driver::CudaGraph);
+/// A recorded decode step: a CUDA graph on the backend's stream and the arena its buffers live in
+/// (dropped after the graph).
+pub struct CudaStepGraph {
+    graph: cudarc::driver::CudaGraph,
+    _arena: Arc<crate::dev::CaptureArena>,
+}
 
 // SAFETY: the graph and its executable are only touched through `&mut CudaStepGraph`
 // ([`Backend::graph_replay`]) or when dropped, so no two threads use them at once; the CUDA

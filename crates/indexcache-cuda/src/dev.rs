@@ -7,7 +7,7 @@
 //! bit patterns and tensor-core instructions as inline PTX.
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
 };
 use indexcache_ops::{OpError, OpResult};
 use std::collections::HashMap;
@@ -43,33 +43,104 @@ impl MemCounter {
     }
 }
 
-/// A device allocation of `bytes` bytes (stream-ordered; freed when dropped).
+/// A device allocation of `bytes` bytes, freed when dropped: stream-ordered from the device's
+/// memory pool, or — while a graph is being recorded — a piece of that recording's arena.
 #[derive(Debug)]
 pub struct DevBuf {
-    slice: CudaSlice<u8>,
+    ptr: u64,
+    len: usize,
+    owner: Owner,
     counter: Arc<MemCounter>,
+}
+
+#[derive(Debug)]
+enum Owner {
+    Pool(#[allow(dead_code)] CudaSlice<u8>), // freed (stream-ordered) when dropped
+    Arena(Arc<CaptureArena>),
 }
 
 impl DevBuf {
     pub fn bytes(&self) -> usize {
-        self.slice.len()
+        self.len
     }
     /// The raw device address, for kernel arguments.
     pub fn ptr(&self) -> u64 {
-        let (p, _sync) = self.slice.device_ptr(self.slice.stream());
-        p
-    }
-    pub fn slice(&self) -> &CudaSlice<u8> {
-        &self.slice
-    }
-    pub fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
-        &mut self.slice
+        self.ptr
     }
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        self.counter.sub(self.slice.len() as u64);
+        match &self.owner {
+            Owner::Pool(_) => self.counter.sub(self.len as u64),
+            Owner::Arena(a) => a.release(self.ptr - a.base.ptr, self.len),
+        }
+    }
+}
+
+/// The memory of one graph recording. Allocations made while the stream is captured are carved
+/// from this one buffer (allocated before the recording) instead of the stream-ordered pool, so
+/// the graph holds kernels only — no memory nodes between them — and the graph owns the arena
+/// (see [`Dev::end_capture`]). Reuse follows the recorded order: a piece freed by an earlier op
+/// is handed to a later one, which the graph runs after it on the same stream.
+#[derive(Debug)]
+pub struct CaptureArena {
+    base: DevBuf,
+    free: Mutex<FreeList>,
+}
+
+/// Alignment of arena pieces (as the pool's: enough for every vector load).
+const ARENA_ALIGN: usize = 256;
+
+/// First-fit free list over `[0, len)`: pieces `(offset, len)` sorted by offset, neighbours merged,
+/// every length a multiple of [`ARENA_ALIGN`].
+#[derive(Debug)]
+struct FreeList(Vec<(usize, usize)>);
+
+impl FreeList {
+    fn new(len: usize) -> Self {
+        Self(vec![(0, len / ARENA_ALIGN * ARENA_ALIGN)])
+    }
+
+    fn take(&mut self, bytes: usize) -> Option<usize> {
+        let want = bytes.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+        let i = self.0.iter().position(|&(_, len)| len >= want)?;
+        let (off, len) = self.0[i];
+        if len == want {
+            self.0.remove(i);
+        } else {
+            self.0[i] = (off + want, len - want);
+        }
+        Some(off)
+    }
+
+    fn release(&mut self, off: usize, bytes: usize) {
+        let len = bytes.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+        let f = &mut self.0;
+        let i = f.partition_point(|&(o, _)| o < off);
+        f.insert(i, (off, len));
+        if i + 1 < f.len() && f[i].0 + f[i].1 == f[i + 1].0 {
+            f[i].1 += f[i + 1].1;
+            f.remove(i + 1);
+        }
+        if i > 0 && f[i - 1].0 + f[i - 1].1 == f[i].0 {
+            f[i - 1].1 += f[i].1;
+            f.remove(i);
+        }
+    }
+}
+
+impl CaptureArena {
+    fn take(&self, bytes: usize) -> Option<u64> {
+        self.free.lock().expect("arena").take(bytes).map(|off| self.base.ptr + off as u64)
+    }
+
+    fn release(&self, off: u64, bytes: usize) {
+        self.free.lock().expect("arena").release(off as usize, bytes);
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.base.len
     }
 }
 
@@ -90,6 +161,24 @@ pub struct Dev {
     mem: Arc<MemCounter>,
     /// The stream is being captured into a graph: host reads and synchronisation are refused.
     capturing: std::sync::atomic::AtomicBool,
+    /// The arena allocations come from while capturing.
+    arena: Mutex<Option<Arc<CaptureArena>>>,
+    /// Launch kernels with programmatic dependent launch (`INDEXCACHE_PDL=0`: plain launches).
+    pdl: bool,
+}
+
+/// The arguments of one kernel launch, each by reference (read when the launch is enqueued).
+pub struct Args<'a> {
+    f: &'a CudaFunction,
+    params: Vec<*mut std::ffi::c_void>,
+    _values: std::marker::PhantomData<&'a ()>,
+}
+
+impl<'a> Args<'a> {
+    pub fn arg<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+        self.params.push(v as *const T as *mut std::ffi::c_void);
+        self
+    }
 }
 
 fn driver_err(op: &'static str, shapes: impl Into<String>, e: impl std::fmt::Debug) -> OpError {
@@ -193,6 +282,8 @@ impl Dev {
             functions: Mutex::new(HashMap::new()),
             mem: Arc::new(MemCounter::default()),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            arena: Mutex::new(None),
+            pdl: std::env::var("INDEXCACHE_PDL").map_or(true, |v| v != "0"),
         })
     }
 
@@ -200,9 +291,23 @@ impl Dev {
         &self.mem
     }
 
-    /// `bytes` of uninitialised device memory. Out of memory names the op and what was asked.
+    /// `bytes` of uninitialised device memory (from the recording's arena while capturing). Out of
+    /// memory names the op and what was asked.
     pub fn alloc(&self, op: &'static str, bytes: usize) -> OpResult<DevBuf> {
         let bytes = bytes.max(1);
+        if self.capturing() {
+            let arena = self.arena.lock().expect("arena").clone();
+            if let Some(a) = arena {
+                let ptr = a.take(bytes).ok_or_else(|| {
+                    OpError::new(
+                        op,
+                        format!("{bytes} bytes"),
+                        format!("the graph recording's arena ({:.0} MiB) is full", a.bytes() as f64 / MIB),
+                    )
+                })?;
+                return Ok(DevBuf { ptr, len: bytes, owner: Owner::Arena(a), counter: self.mem.clone() });
+            }
+        }
         // SAFETY: the memory is written before it is read by every op that allocates it.
         let slice = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| {
             let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
@@ -217,27 +322,27 @@ impl Dev {
                 ),
             )
         })?;
-        self.mem.add(slice.len() as u64);
-        Ok(DevBuf { slice, counter: self.mem.clone() })
+        self.mem.add(bytes as u64);
+        let ptr = {
+            let (ptr, _sync) = slice.device_ptr(&self.stream);
+            ptr
+        };
+        Ok(DevBuf { ptr, len: bytes, owner: Owner::Pool(slice), counter: self.mem.clone() })
     }
 
     pub fn alloc_zeroed(&self, op: &'static str, bytes: usize) -> OpResult<DevBuf> {
-        let mut b = self.alloc(op, bytes)?;
-        self.stream.memset_zeros(b.slice_mut()).map_err(|e| driver_err(op, format!("{bytes} bytes"), e))?;
+        let b = self.alloc(op, bytes)?;
+        self.ctx.bind_to_thread().map_err(|e| driver_err(op, "bind context", e))?;
+        // SAFETY: `b` is a live allocation of `b.bytes()` bytes, used on this stream only.
+        unsafe { cudarc::driver::result::memset_d8_async(b.ptr(), 0, b.bytes(), self.stream.cu_stream()) }
+            .map_err(|e| driver_err(op, format!("{bytes} bytes"), e))?;
         Ok(b)
     }
 
     /// Copy host values to a new device buffer.
     pub fn upload<T: Copy>(&self, op: &'static str, data: &[T]) -> OpResult<DevBuf> {
-        let bytes = std::mem::size_of_val(data);
-        let mut b = self.alloc(op, bytes)?;
-        // SAFETY: plain-old-data reinterpretation of an initialised slice.
-        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) };
-        if bytes > 0 {
-            self.stream
-                .memcpy_htod(raw, &mut b.slice_mut().slice_mut(..bytes))
-                .map_err(|e| driver_err(op, format!("{bytes} bytes to device"), e))?;
-        }
+        let mut b = self.alloc(op, std::mem::size_of_val(data))?;
+        self.write(op, &mut b, data)?;
         Ok(b)
     }
 
@@ -250,8 +355,10 @@ impl Dev {
         // SAFETY: plain-old-data reinterpretation of an initialised slice.
         let raw = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) };
         if bytes > 0 {
-            self.stream
-                .memcpy_htod(raw, &mut buf.slice_mut().slice_mut(..bytes))
+            self.ctx.bind_to_thread().map_err(|e| driver_err(op, "bind context", e))?;
+            // SAFETY: `buf` holds at least `bytes` bytes; a copy from pageable host memory has
+            // read `raw` before the call returns.
+            unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr(), raw, self.stream.cu_stream()) }
                 .map_err(|e| driver_err(op, format!("{bytes} bytes to device"), e))?;
         }
         Ok(())
@@ -259,8 +366,12 @@ impl Dev {
 
     /// Start capturing this device's stream into a graph (relaxed mode: host-side queries such as
     /// free memory stay legal; nothing may synchronise or read back until [`Self::end_capture`]).
-    pub fn begin_capture(&self) -> OpResult<()> {
+    /// Allocations until then come from an arena of `arena_bytes` allocated here.
+    pub fn begin_capture(&self, arena_bytes: usize) -> OpResult<()> {
         use cudarc::driver::sys::CUstreamCaptureMode;
+        let base = self.alloc("graph capture", arena_bytes)?;
+        let free = Mutex::new(FreeList::new(base.bytes()));
+        *self.arena.lock().expect("arena") = Some(Arc::new(CaptureArena { base, free }));
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| driver_err("graph capture", "begin", e))?;
@@ -273,14 +384,19 @@ impl Dev {
         self.capturing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// End the capture and instantiate the graph.
-    pub fn end_capture(&self) -> OpResult<cudarc::driver::CudaGraph> {
+    /// End the capture and instantiate the graph; the arena its kernels use comes with it (keep
+    /// it as long as the graph).
+    pub fn end_capture(&self) -> OpResult<(cudarc::driver::CudaGraph, Arc<CaptureArena>)> {
         use cudarc::driver::sys::CUgraphInstantiate_flags;
         self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
-        self.stream
+        let arena = self.arena.lock().expect("arena").take();
+        let graph = self
+            .stream
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(|e| driver_err("graph capture", "end", e))?
-            .ok_or_else(|| OpError::new("graph capture", "end", "the capture recorded nothing"))
+            .ok_or_else(|| OpError::new("graph capture", "end", "the capture recorded nothing"))?;
+        let arena = arena.ok_or_else(|| OpError::new("graph capture", "end", "no capture arena"))?;
+        Ok((graph, arena))
     }
 
     /// Copy `n` values of type `T` from the start of `buf` to the host (synchronises).
@@ -296,8 +412,9 @@ impl Dev {
         // SAFETY: `out` is initialised and exactly `bytes` long.
         let raw = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, bytes) };
         if bytes > 0 {
-            self.stream
-                .memcpy_dtoh(&buf.slice().slice(..bytes), raw)
+            self.ctx.bind_to_thread().map_err(|e| driver_err(op, "bind context", e))?;
+            // SAFETY: `buf` holds at least `bytes` bytes; `raw` outlives the copy (synchronised below).
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(raw, buf.ptr(), self.stream.cu_stream()) }
                 .map_err(|e| driver_err(op, format!("{bytes} bytes to host"), e))?;
         }
         self.sync(op)?;
@@ -358,29 +475,81 @@ impl Dev {
         .map_err(|e| driver_err("set smem", format!("{bytes} bytes"), e))
     }
 
-    pub fn builder<'a>(&'a self, f: &'a CudaFunction) -> LaunchArgs<'a> {
-        self.stream.launch_builder(f)
+    pub fn builder<'a>(&'a self, f: &'a CudaFunction) -> Args<'a> {
+        Args { f, params: Vec::new(), _values: std::marker::PhantomData }
     }
 
-    /// Launch a built kernel and check the launch; `op`/`shapes` name it in errors.
+    /// Launch a kernel and check the launch; `op`/`shapes` name it in errors. With PDL on, the
+    /// launch is a programmatic dependent launch: the kernel may start while the one before it
+    /// finishes; every kernel waits for its predecessor at entry (`PDL_ENTRY`), so only the
+    /// launch overlaps.
     pub fn launch(
         &self,
-        mut args: LaunchArgs<'_>,
+        mut args: Args<'_>,
         cfg: LaunchConfig,
         op: &'static str,
         shapes: impl FnOnce() -> String,
     ) -> OpResult<()> {
+        use cudarc::driver::sys;
         if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 || cfg.grid_dim.2 == 0 {
             return Ok(());
         }
-        // SAFETY: each op passes arguments matching its kernel's signature.
-        unsafe { args.launch(cfg) }.map(|_| ()).map_err(|e| driver_err(op, shapes(), e))
+        self.ctx.bind_to_thread().map_err(|e| driver_err(op, "bind context", e))?;
+        // SAFETY: a plain-old-data union; the field written is the one the attribute id names.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: if self.pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: self.pdl as u32,
+        };
+        // SAFETY: each op passes arguments matching its kernel's signature; they and `attr`
+        // outlive this call, which copies them.
+        unsafe { sys::cuLaunchKernelEx(&config, args.f.cu_function(), args.params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| driver_err(op, shapes(), e))
     }
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
 
 /// `ceil(a / b)` as u32, for grid sizes.
 pub fn blocks(a: usize, b: usize) -> u32 {
     a.div_ceil(b) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ARENA_ALIGN, FreeList};
+
+    #[test]
+    fn free_list_reuses_and_merges() {
+        let a = ARENA_ALIGN;
+        let mut f = FreeList::new(4 * a + 17);
+        assert_eq!(f.0, vec![(0, 4 * a)]);
+        let x = f.take(1).unwrap();
+        let y = f.take(a + 1).unwrap();
+        let z = f.take(a).unwrap();
+        assert_eq!((x, y, z), (0, a, 3 * a));
+        assert_eq!(f.take(a + 1), None, "only one piece left");
+        f.release(y, a + 1);
+        assert_eq!(f.take(2 * a), Some(a), "a freed piece is reused");
+        f.release(x, 1);
+        f.release(a, 2 * a);
+        f.release(z, a);
+        assert_eq!(f.0, vec![(0, 4 * a)], "everything merged back");
+    }
 }

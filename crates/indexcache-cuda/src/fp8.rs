@@ -25,7 +25,7 @@
 
 use crate::dev::{Dev, blocks};
 use crate::{CEILING_GBPS, KernelBench, kernels};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use indexcache_ops::cpu::fp8_indexer::hadamard_scale;
 use indexcache_ops::{DType, OpError, OpResult};
 

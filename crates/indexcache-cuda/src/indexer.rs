@@ -43,7 +43,7 @@
 
 use crate::dev::{Dev, DevBuf, blocks};
 use crate::{CEILING_BF16_TFLOPS, CEILING_GBPS, KernelBench, kernels};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use indexcache_ops::{DType, OpError, OpResult};
 
 /// Arguments of [`indexer_topk`]. Raw device addresses; layouts as in

@@ -1,25 +1,49 @@
 //! The CUDA C sources, compiled at run time by NVRTC ([`crate::dev::compile`]).
+//!
+//! `pdl.cuh` (programmatic dependent launch: every kernel's wait for the kernel before it) is
+//! prepended to every source; `common.cuh` (element types, bf16 <-> f32) to those that share it;
+//! `route.cuh` (one token's MoE routing) to the routing kernels of `moe` and `moe_decode`.
 
 use crate::dev::Source;
 
-pub const INDEXER: Source = Source { name: "indexer", code: include_str!("kernels/indexer.cu") };
-pub const TOPK: Source = Source { name: "topk", code: include_str!("kernels/topk.cu") };
-pub const MLA: Source = Source { name: "mla", code: include_str!("kernels/mla.cu") };
-/// `common.cuh` (element types, bf16 <-> f32) is prepended to the sources that share it.
+pub const INDEXER: Source =
+    Source { name: "indexer", code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/indexer.cu")) };
+pub const TOPK: Source =
+    Source { name: "topk", code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/topk.cu")) };
+pub const MLA: Source =
+    Source { name: "mla", code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/mla.cu")) };
 pub const ELEMENTWISE: Source = Source {
     name: "elementwise",
-    code: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/elementwise.cu")),
+    code: concat!(
+        include_str!("kernels/pdl.cuh"),
+        include_str!("kernels/common.cuh"),
+        include_str!("kernels/elementwise.cu")
+    ),
 };
-pub const MOE: Source =
-    Source { name: "moe", code: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/moe.cu")) };
-pub const FP8: Source = Source { name: "fp8", code: include_str!("kernels/fp8.cu") };
+pub const MOE: Source = Source {
+    name: "moe",
+    code: concat!(
+        include_str!("kernels/pdl.cuh"),
+        include_str!("kernels/common.cuh"),
+        include_str!("kernels/route.cuh"),
+        include_str!("kernels/moe.cu")
+    ),
+};
+pub const FP8: Source =
+    Source { name: "fp8", code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/fp8.cu")) };
 pub const MOE_DECODE: Source = Source {
     name: "moe_decode",
-    code: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/moe_decode.cu")),
+    code: concat!(
+        include_str!("kernels/pdl.cuh"),
+        include_str!("kernels/common.cuh"),
+        include_str!("kernels/route.cuh"),
+        include_str!("kernels/moe_decode.cu")
+    ),
 };
-
-pub const GQA: Source =
-    Source { name: "gqa", code: concat!(include_str!("kernels/common.cuh"), include_str!("kernels/gqa.cu")) };
+pub const GQA: Source = Source {
+    name: "gqa",
+    code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/common.cuh"), include_str!("kernels/gqa.cu")),
+};
 
 /// Every kernel source (the compile test in CI walks this list).
 pub fn all() -> Vec<&'static Source> {

@@ -39,7 +39,7 @@
 use crate::dev::{Dev, DevBuf};
 use crate::kernels::MLA;
 use crate::{CEILING_BF16_TFLOPS, CEILING_GBPS, KernelBench};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use indexcache_ops::{DType, OpError, OpResult};
 
 /// Arguments of [`sparse_mla`]. Raw device addresses; layouts as in

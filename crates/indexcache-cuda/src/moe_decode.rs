@@ -61,7 +61,7 @@
 
 use crate::dev::{Dev, DevBuf};
 use crate::{CEILING_GBPS, KernelBench, kernels};
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 use indexcache_ops::{DType, OpError, OpResult};
 use std::sync::Mutex;
 

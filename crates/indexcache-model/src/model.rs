@@ -758,14 +758,15 @@ impl<B: Backend> DsaModel<B> {
             (AttentionWeights::Mla(w), LayerKv::Latent(latent)) => {
                 let (heads, nope, r) = (c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank);
                 // Latent qr (shared with the indexer), then per head [nope | rope].
-                let qr = b.rms_norm(&b.matmul_t(h, &w.q_a)?, &w.q_a_norm, LATENT_NORM_EPS)?; // [T, q_lora]
+                // q_a and kv_a read the same input: one launch where the backend can.
+                let (q_a, kv) = b.matmul_t2(h, &w.q_a, &w.kv_a)?; // [T, q_lora], [T, R+P]
+                let qr = b.rms_norm(&q_a, &w.q_a_norm, LATENT_NORM_EPS)?; // [T, q_lora]
                 let q = b.matmul_t(&qr, &w.q_b)?; // [T, H*(nope+P)]
                 // q_nope [T, H*nope], q_pe [T, H*P] (RoPE'd)
                 let il = RopeLayout::Interleaved;
                 let (q_nope, q_pe) = b.split_heads_rope(&q, heads, nope, p, il, positions, rope)?;
                 let q_lat = b.matmul_heads(&q_nope, &w.w_uk)?; // [T, H*R] absorbed
                 // The latent row [rms_norm(c_kv) | rope(k_pe)] goes straight into the cache.
-                let kv = b.matmul_t(h, &w.kv_a)?; // [T, R+P]
                 b.latent_store(&kv, r, &w.kv_a_norm, LATENT_NORM_EPS, il, positions, rope, latent)?;
                 Q::Mla { q_lat, q_pe, qr }
             }

@@ -548,9 +548,18 @@ impl<'a, B: Backend> Suite<'a, B> {
 
     fn matmuls(&mut self) {
         let tol = self.tol.rel;
-        // One to four rows are the decode shapes (a GPU backend may take a GEMV path for them).
-        let shapes =
-            [(1usize, 64usize, 96usize), (2, 37, 24), (4, 200, 512), (5, 33, 17), (64, 256, 192), (130, 48, 40)];
+        // One to four rows are the decode shapes (a GPU backend may take a GEMV path for them;
+        // rows longer than 2048 a long-row variant).
+        let shapes = [
+            (1usize, 64usize, 96usize),
+            (2, 37, 24),
+            (4, 200, 512),
+            (1, 40, 5120),
+            (3, 24, 2056),
+            (5, 33, 17),
+            (64, 256, 192),
+            (130, 48, 40),
+        ];
         for (t, n_out, n_in) in shapes {
             self.rel("matmul_t", format!("[{t}, {n_in}] · [{n_out}, {n_in}]ᵀ"), tol, |s| {
                 let x = s.data(20, t * n_in, 1.0);
@@ -558,6 +567,25 @@ impl<'a, B: Backend> Suite<'a, B> {
                 let want = reference::matmul_t(&x, t, n_in, &w, n_out);
                 Ok((s.b.download(&s.b.matmul_t(&s.up(&x, t, n_in)?, &s.wt(&w, 1, n_out, n_in)?)?)?, want))
             });
+        }
+        // matmul_t2: each result equals its own matmul_t exactly (decode rows, odd widths).
+        for (t, n1, n2, n_in) in [(1usize, 96usize, 72usize, 256usize), (3, 40, 24, 64), (6, 33, 17, 24)] {
+            self.rel(
+                "matmul_t2",
+                format!("[{t}, {n_in}] · ([{n1}, {n_in}], [{n2}, {n_in}])ᵀ = matmul_t x2"),
+                0.0,
+                |s| {
+                    let x = s.up(&s.data(25, t * n_in, 1.0), t, n_in)?;
+                    let w1 = s.wt(&s.data(26, n1 * n_in, 1.0), 1, n1, n_in)?;
+                    let w2 = s.wt(&s.data(27, n2 * n_in, 1.0), 1, n2, n_in)?;
+                    let (y1, y2) = s.b.matmul_t2(&x, &w1, &w2)?;
+                    let mut got = s.b.download(&y1)?;
+                    got.extend(s.b.download(&y2)?);
+                    let mut want = s.b.download(&s.b.matmul_t(&x, &w1)?)?;
+                    want.extend(s.b.download(&s.b.matmul_t(&x, &w2)?)?);
+                    Ok((got, want))
+                },
+            );
         }
         self.rel("matmul_t", "[3, 70] · [50, 70]ᵀ, random weight".into(), tol, |s| {
             let x = s.data(22, 3 * 70, 1.0);
@@ -625,21 +653,24 @@ impl<'a, B: Backend> Suite<'a, B> {
             });
         }
         let loose = self.tol.rel_loose;
-        // (T, n_group, topk_group, norm, shared)
+        // (T, E, n_group, topk_group, norm, shared); E > 32 puts several experts on a lane of a
+        // register-resident router.
         let cases = [
-            (64usize, 4usize, 2usize, true, true),
-            (1, 4, 2, false, true),
-            (64, 4, 2, false, false),
-            (1, 4, 3, true, false),
-            (64, 1, 1, true, true),
+            (64usize, 16usize, 4usize, 2usize, true, true),
+            (1, 16, 4, 2, false, true),
+            (64, 16, 4, 2, false, false),
+            (1, 16, 4, 3, true, false),
+            (64, 16, 1, 1, true, true),
+            (1, 72, 1, 1, true, true),
+            (3, 80, 8, 3, true, false),
         ];
-        for (ci, (t, n_group, topk_group, norm, shared)) in cases.into_iter().enumerate() {
+        for (ci, (t, n_exp, n_group, topk_group, norm, shared)) in cases.into_iter().enumerate() {
             let case = format!(
-                "T {t}, E 16, groups {n_group} keep {topk_group}, top-4, norm {norm}, {}",
+                "T {t}, E {n_exp}, groups {n_group} keep {topk_group}, top-4, norm {norm}, {}",
                 if shared { "shared" } else { "no shared" }
             );
             self.rel("moe", case, loose, |s| {
-                let (hidden, n_exp, inter, sh_i) = (64usize, 16usize, 32usize, 48usize);
+                let (hidden, inter, sh_i) = (64usize, 32usize, 48usize);
                 let seed = 100 + 10 * ci as u64;
                 let bh = 1.0 / (hidden as f32).sqrt();
                 let m = MoeData {

@@ -328,6 +328,16 @@ pub trait Backend: Send + Sync {
     // ---- matmuls ------------------------------------------------------------------------
     /// `x [T, in] · wᵀ` → `[T, out]` for a `[1, out, in]` weight.
     fn matmul_t(&self, x: &Self::Tensor, w: &Self::Weight) -> OpResult<Self::Tensor>;
+    /// Two matmuls of one input, `(x · w1ᵀ, x · w2ᵀ)` (the MLA's q_a and kv_a): a device may run
+    /// them as one launch; each result equals its own `matmul_t` exactly.
+    fn matmul_t2(
+        &self,
+        x: &Self::Tensor,
+        w1: &Self::Weight,
+        w2: &Self::Weight,
+    ) -> OpResult<(Self::Tensor, Self::Tensor)> {
+        Ok((self.matmul_t(x, w1)?, self.matmul_t(x, w2)?))
+    }
     /// Per-head matmul: `x [T, H*in]`, `w [H, out, in]` → `[T, H*out]` (one strided-batched GEMM).
     fn matmul_heads(&self, x: &Self::Tensor, w: &Self::Weight) -> OpResult<Self::Tensor>;
 

@@ -67,10 +67,12 @@ __device__ __forceinline__ i64 grid_threads() { return (i64)gridDim.x * blockDim
 // ---- conversion ---------------------------------------------------------------------------------
 
 extern "C" __global__ void convert_f32_to_bf16(const float* in, bf16_t* out, i64 n) {
+    PDL_ENTRY();
     for (i64 i = global_thread(); i < n; i += grid_threads()) out[i] = f32_to_bf16(in[i]);
 }
 
 extern "C" __global__ void convert_bf16_to_f32(const bf16_t* in, float* out, i64 n) {
+    PDL_ENTRY();
     for (i64 i = global_thread(); i < n; i += grid_threads()) out[i] = bf16_to_f32(in[i]);
 }
 
@@ -95,9 +97,11 @@ __device__ void random_fill(T* out, i64 n, u64 seed, float bound) {
 }
 
 extern "C" __global__ void random_fill_f32(float* out, i64 n, u64 seed, float bound) {
+    PDL_ENTRY();
     random_fill<float>(out, n, seed, bound);
 }
 extern "C" __global__ void random_fill_bf16(bf16_t* out, i64 n, u64 seed, float bound) {
+    PDL_ENTRY();
     random_fill<bf16_t>(out, n, seed, bound);
 }
 
@@ -117,9 +121,11 @@ __device__ void copy2d(const T* src, T* dst, i64 rows, i64 cols, i64 src_stride,
 }
 
 extern "C" __global__ void copy2d_f32(const float* src, float* dst, i64 rows, i64 cols, i64 ss, i64 ds) {
+    PDL_ENTRY();
     copy2d<float>(src, dst, rows, cols, ss, ds);
 }
 extern "C" __global__ void copy2d_bf16(const bf16_t* src, bf16_t* dst, i64 rows, i64 cols, i64 ss, i64 ds) {
+    PDL_ENTRY();
     copy2d<bf16_t>(src, dst, rows, cols, ss, ds);
 }
 
@@ -137,10 +143,12 @@ __device__ void scatter_rows(const T* src, const int* pos, T* dst, i64 rows, i64
 }
 
 extern "C" __global__ void scatter_rows_f32(const float* src, const int* pos, float* dst, i64 rows, i64 cols, i64 ds) {
+    PDL_ENTRY();
     scatter_rows<float>(src, pos, dst, rows, cols, ds);
 }
 extern "C" __global__ void scatter_rows_bf16(const bf16_t* src, const int* pos, bf16_t* dst, i64 rows, i64 cols,
                                              i64 ds) {
+    PDL_ENTRY();
     scatter_rows<bf16_t>(src, pos, dst, rows, cols, ds);
 }
 
@@ -156,9 +164,11 @@ __device__ void gather_rows(const T* table, const unsigned* ids, T* out, i64 col
 }
 
 extern "C" __global__ void gather_rows_f32(const float* table, const unsigned* ids, float* out, i64 cols) {
+    PDL_ENTRY();
     gather_rows<float>(table, ids, out, cols);
 }
 extern "C" __global__ void gather_rows_bf16(const bf16_t* table, const unsigned* ids, bf16_t* out, i64 cols) {
+    PDL_ENTRY();
     gather_rows<bf16_t>(table, ids, out, cols);
 }
 
@@ -168,15 +178,19 @@ template <typename T>
 __device__ void add_inplace(T* x, const T* y, i64 n) {
     for (i64 i = global_thread(); i < n; i += grid_threads()) st(x, i, ld(x, i) + ld(y, i));
 }
-extern "C" __global__ void add_f32(float* x, const float* y, i64 n) { add_inplace<float>(x, y, n); }
-extern "C" __global__ void add_bf16(bf16_t* x, const bf16_t* y, i64 n) { add_inplace<bf16_t>(x, y, n); }
+extern "C" __global__ void add_f32(float* x, const float* y, i64 n) {
+    PDL_ENTRY(); add_inplace<float>(x, y, n); }
+extern "C" __global__ void add_bf16(bf16_t* x, const bf16_t* y, i64 n) {
+    PDL_ENTRY(); add_inplace<bf16_t>(x, y, n); }
 
 template <typename T>
 __device__ void scale_inplace(T* x, float s, i64 n) {
     for (i64 i = global_thread(); i < n; i += grid_threads()) st(x, i, ld(x, i) * s);
 }
-extern "C" __global__ void scale_f32(float* x, float s, i64 n) { scale_inplace<float>(x, s, n); }
-extern "C" __global__ void scale_bf16(bf16_t* x, float s, i64 n) { scale_inplace<bf16_t>(x, s, n); }
+extern "C" __global__ void scale_f32(float* x, float s, i64 n) {
+    PDL_ENTRY(); scale_inplace<float>(x, s, n); }
+extern "C" __global__ void scale_bf16(bf16_t* x, float s, i64 n) {
+    PDL_ENTRY(); scale_inplace<bf16_t>(x, s, n); }
 
 // ---- SwiGLU -------------------------------------------------------------------------------------
 // out[r, c] = silu(g[r*gs + c]) * u[r*us + c], silu(x) = x / (1 + exp(-x)), out row stride = cols.
@@ -194,10 +208,12 @@ __device__ void silu_mul(const T* g, i64 gs, const T* u, i64 us, T* out, i64 row
 }
 extern "C" __global__ void silu_mul_f32(const float* g, i64 gs, const float* u, i64 us, float* out, i64 rows,
                                         i64 cols) {
+    PDL_ENTRY();
     silu_mul<float>(g, gs, u, us, out, rows, cols);
 }
 extern "C" __global__ void silu_mul_bf16(const bf16_t* g, i64 gs, const bf16_t* u, i64 us, bf16_t* out, i64 rows,
                                          i64 cols) {
+    PDL_ENTRY();
     silu_mul<bf16_t>(g, gs, u, us, out, rows, cols);
 }
 
@@ -205,25 +221,145 @@ extern "C" __global__ void silu_mul_bf16(const bf16_t* g, i64 gs, const bf16_t* 
 // rms:   inv = 1 / sqrt(sum(x^2)/n + eps);           out = w * (x * inv)
 // layer: mean = sum(x)/n; var = sum((x-mean)^2)/n;    out = (x - mean) * inv * w + b   (two passes)
 
+// Row RMSNorm, shared by rms_norm, add_rms_norm and latent_store so the fused kernels stay
+// bit-identical to the plain ones. The sum of squares runs in one fixed order: thread t adds
+// columns t, t + blockDim, ... in turn, then `block_sum`. Rows of up to NORM_SMEM columns are
+// moved in 16-byte vectors (8-column chunks, chunk k by thread k mod blockDim) through a shared
+// f32 copy of the row, which the strided sum then reads; the norm weights are loaded before the
+// reduction. Longer rows read x element by element, in the same order.
+// ADD: x += y first (stored, rounded to T) and the norm is of the sum as stored.
+
+#define NORM_SMEM 8192   // columns staged in shared memory (32 KB)
+#define NORM_CHUNKS 4    // 8-column chunks a thread keeps the weights of in registers
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((u64)p & 15) == 0; }
+
+// v as stored in T (rounded once for bf16).
+__device__ __forceinline__ float as_stored(float v, const float*) { return v; }
+__device__ __forceinline__ float as_stored(float v, const bf16_t*) { return bf16_to_f32(f32_to_bf16(v)); }
+
+// Elements c0..c0+7 of a row of `cols` as f32 (zero past the end).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, i64 c0, i64 cols, float* v) {
+    if (c0 + 8 <= cols && aligned16(p + c0)) {
+        constexpr int N = VecT<T>::N;
+#pragma unroll
+        for (int i = 0; i < 8 / N; ++i) VecT<T>::unpack(*(const uint4*)(p + c0 + i * N), v + i * N);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = c0 + e < cols ? ld(p, c0 + e) : 0.0f;
+    }
+}
+
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+
+// Store v[0..8) (rounded to T) at columns c0.. of a row of `cols` (nothing past the end).
+__device__ __forceinline__ void store8(bf16_t* p, i64 c0, i64 cols, const float* v) {
+    if (c0 + 8 <= cols && aligned16(p + c0)) {
+        *(uint4*)(p + c0) = make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
+                                       pack_bf16x2(v[6], v[7]));
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (c0 + e < cols) st(p, c0 + e, v[e]);
+    }
+}
+__device__ __forceinline__ void store8(float* p, i64 c0, i64 cols, const float* v) {
+    if (c0 + 8 <= cols && aligned16(p + c0)) {
+        *(float4*)(p + c0) = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4*)(p + c0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (c0 + e < cols) p[c0 + e] = v[e];
+    }
+}
+
+// Chunk k of the row into the shared copy xs (f32), after x += y (stored) when ADD.
+template <typename T, bool ADD>
+__device__ __forceinline__ void stage_chunk(T* x, const T* y, int k, i64 cols, float* xs) {
+    float v[8];
+    load8(x, 8 * (i64)k, cols, v);
+    if (ADD) {
+        float yv[8];
+        load8(y, 8 * (i64)k, cols, yv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = as_stored(v[e] + yv[e], x);
+        store8(x, 8 * (i64)k, cols, v);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) xs[8 * k + e] = v[e];
+}
+
+template <typename T, bool ADD>
+__device__ void norm_row(T* x, const T* y, const float* w, T* o, i64 cols, float eps, float* red) {
+    __shared__ float xs[NORM_SMEM];
+    const i64 stride = blockDim.x;
+    if (cols > NORM_SMEM) {  // long rows: element by element, the same order
+        float ss = 0.0f;
+        for (i64 c = threadIdx.x; c < cols; c += stride) {
+            float v = ld(x, c);
+            if (ADD) {
+                v = as_stored(v + ld(y, c), x);
+                st(x, c, v);
+            }
+            ss += v * v;
+        }
+        ss = block_sum(ss, red);
+        const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
+        for (i64 c = threadIdx.x; c < cols; c += stride) st(o, c, w[c] * (ld(x, c) * inv));
+        return;
+    }
+    const int chunks = (int)((cols + 7) >> 3);
+    float wv[NORM_CHUNKS][8];
+#pragma unroll
+    for (int i = 0; i < NORM_CHUNKS; ++i) {
+        const int k = threadIdx.x + i * (int)stride;
+        if (k < chunks) {
+            load8(w, 8 * (i64)k, cols, wv[i]);
+            stage_chunk<T, ADD>(x, y, k, cols, xs);
+        }
+    }
+    for (int k = threadIdx.x + NORM_CHUNKS * (int)stride; k < chunks; k += (int)stride)
+        stage_chunk<T, ADD>(x, y, k, cols, xs);
+    __syncthreads();
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += (int)stride) ss += xs[c] * xs[c];
+    ss = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
+#pragma unroll
+    for (int i = 0; i < NORM_CHUNKS; ++i) {
+        const int k = threadIdx.x + i * (int)stride;
+        if (k < chunks) {
+            float r[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) r[e] = wv[i][e] * (xs[8 * k + e] * inv);
+            store8(o, 8 * (i64)k, cols, r);
+        }
+    }
+    for (int k = threadIdx.x + NORM_CHUNKS * (int)stride; k < chunks; k += (int)stride) {
+        float wk[8], r[8];
+        load8(w, 8 * (i64)k, cols, wk);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) r[e] = wk[e] * (xs[8 * k + e] * inv);
+        store8(o, 8 * (i64)k, cols, r);
+    }
+}
+
 template <typename T>
 __device__ void rms_norm(const T* x, const float* w, T* out, i64 cols, float eps) {
     __shared__ float red[33];
     const i64 row = blockIdx.x;
-    const T* xr = x + row * cols;
-    T* o = out + row * cols;
-    float ss = 0.0f;
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = ld(xr, c);
-        ss += v * v;
-    }
-    ss = block_sum(ss, red);
-    const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) st(o, c, w[c] * (ld(xr, c) * inv));
+    norm_row<T, false>(const_cast<T*>(x + row * cols), (const T*)nullptr, w, out + row * cols, cols, eps, red);
 }
 extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float* out, i64 cols, float eps) {
+    PDL_ENTRY();
     rms_norm<float>(x, w, out, cols, eps);
 }
 extern "C" __global__ void rms_norm_bf16(const bf16_t* x, const float* w, bf16_t* out, i64 cols, float eps) {
+    PDL_ENTRY();
     rms_norm<bf16_t>(x, w, out, cols, eps);
 }
 
@@ -247,10 +383,12 @@ __device__ void layer_norm(const T* x, const float* w, const float* b, T* out, i
 }
 extern "C" __global__ void layer_norm_f32(const float* x, const float* w, const float* b, float* out, i64 cols,
                                           float eps) {
+    PDL_ENTRY();
     layer_norm<float>(x, w, b, out, cols, eps);
 }
 extern "C" __global__ void layer_norm_bf16(const bf16_t* x, const float* w, const float* b, bf16_t* out, i64 cols,
                                            float eps) {
+    PDL_ENTRY();
     layer_norm<bf16_t>(x, w, b, out, cols, eps);
 }
 
@@ -280,10 +418,12 @@ __device__ void rope(T* x, const int* pos, const float* cos_t, const float* sin_
 }
 extern "C" __global__ void rope_f32(float* x, const int* pos, const float* cos_t, const float* sin_t, i64 cols,
                                     int head_dim, int half, int layout) {
+    PDL_ENTRY();
     rope<float>(x, pos, cos_t, sin_t, cols, head_dim, half, layout);
 }
 extern "C" __global__ void rope_bf16(bf16_t* x, const int* pos, const float* cos_t, const float* sin_t, i64 cols,
                                      int head_dim, int half, int layout) {
+    PDL_ENTRY();
     rope<bf16_t>(x, pos, cos_t, sin_t, cols, head_dim, half, layout);
 }
 
@@ -296,25 +436,16 @@ template <typename T>
 __device__ void add_rms_norm(T* x, const T* y, const float* w, T* out, i64 cols, float eps) {
     __shared__ float red[33];
     const i64 row = blockIdx.x;
-    T* xr = x + row * cols;
-    const T* yr = y + row * cols;
-    T* o = out + row * cols;
-    float ss = 0.0f;
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
-        st(xr, c, ld(xr, c) + ld(yr, c));
-        const float v = ld(xr, c);  // the sum as stored
-        ss += v * v;
-    }
-    ss = block_sum(ss, red);
-    const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
-    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) st(o, c, w[c] * (ld(xr, c) * inv));
+    norm_row<T, true>(x + row * cols, y + row * cols, w, out + row * cols, cols, eps, red);
 }
 extern "C" __global__ void add_rms_norm_f32(float* x, const float* y, const float* w, float* out, i64 cols,
                                             float eps) {
+    PDL_ENTRY();
     add_rms_norm<float>(x, y, w, out, cols, eps);
 }
 extern "C" __global__ void add_rms_norm_bf16(bf16_t* x, const bf16_t* y, const float* w, bf16_t* out, i64 cols,
                                              float eps) {
+    PDL_ENTRY();
     add_rms_norm<bf16_t>(x, y, w, out, cols, eps);
 }
 
@@ -325,39 +456,48 @@ __device__ __forceinline__ void rotate_pair(float a, float b, float c, float s, 
 }
 
 // x [rows, heads*(keep+rot)] -> a [rows, heads*keep] (copy), b [rows, heads*rot] (RoPE over all rot
-// dims at pos[row]; rot = 2*half). head_columns x2 then rope.
+// dims at pos[row]; rot = 2*half). head_columns x2 then rope. Block (x: SPLIT_THREADS, y: SPLIT_HEADS)
+// per (row = blockIdx.x, SPLIT_HEADS heads from blockIdx.y * SPLIT_HEADS): a decode row spreads
+// over several SMs; the copy moves 16-byte vectors where both sides allow it.
+#define SPLIT_THREADS 64  // backend.rs SPLIT_THREADS
+#define SPLIT_HEADS 4     // backend.rs SPLIT_HEADS
 template <typename T>
 __device__ void split_heads_rope(const T* x, T* a, T* b, const int* pos, const float* cos_t, const float* sin_t,
                                  int heads, int keep, int half, int layout) {
     const i64 row = blockIdx.x;
+    const int h = blockIdx.y * blockDim.y + threadIdx.y;
+    if (h >= heads) return;
     const int rot = 2 * half, hd = keep + rot;
-    const T* xr = x + row * (i64)heads * hd;
-    T* ar = a + row * (i64)heads * keep;
-    T* br = b + row * (i64)heads * rot;
-    for (int i = threadIdx.x; i < heads * keep; i += blockDim.x) {
-        const int h = i / keep, j = i - h * keep;
-        ar[i] = xr[h * hd + j];
+    const T* xh = x + (row * heads + h) * (i64)hd;
+    T* ah = a + (row * heads + h) * (i64)keep;
+    T* bh = b + (row * heads + h) * (i64)rot;
+    constexpr int N = 16 / sizeof(T);
+    if (keep % N == 0 && aligned16(xh) && aligned16(ah)) {
+        for (int i = threadIdx.x; i < keep / N; i += blockDim.x) ((uint4*)ah)[i] = ((const uint4*)xh)[i];
+    } else {
+        for (int i = threadIdx.x; i < keep; i += blockDim.x) ah[i] = xh[i];
     }
     const i64 p = pos[row];
     const float* cs = cos_t + p * half;
     const float* sn = sin_t + p * half;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
-        const int h = i / half, j = i - h * half;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
         const int ia = layout == 0 ? 2 * j : j, ib = ia + (layout == 0 ? 1 : half);
         float ra, rb;
-        rotate_pair(ld(xr, h * hd + keep + ia), ld(xr, h * hd + keep + ib), cs[j], sn[j], ra, rb);
-        st(br, h * rot + ia, ra);
-        st(br, h * rot + ib, rb);
+        rotate_pair(ld(xh, keep + ia), ld(xh, keep + ib), cs[j], sn[j], ra, rb);
+        st(bh, ia, ra);
+        st(bh, ib, rb);
     }
 }
 extern "C" __global__ void split_heads_rope_f32(const float* x, float* a, float* b, const int* pos,
                                                 const float* cos_t, const float* sin_t, int heads, int keep,
                                                 int half, int layout) {
+    PDL_ENTRY();
     split_heads_rope<float>(x, a, b, pos, cos_t, sin_t, heads, keep, half, layout);
 }
 extern "C" __global__ void split_heads_rope_bf16(const bf16_t* x, bf16_t* a, bf16_t* b, const int* pos,
                                                  const float* cos_t, const float* sin_t, int heads, int keep,
                                                  int half, int layout) {
+    PDL_ENTRY();
     split_heads_rope<bf16_t>(x, a, b, pos, cos_t, sin_t, heads, keep, half, layout);
 }
 
@@ -372,14 +512,7 @@ __device__ void latent_store(const T* kv, const float* w, T* cache, const int* p
     const T* xr = kv + row * width;
     const i64 p = pos[row];
     T* dst = cache + p * width;
-    float ss = 0.0f;
-    for (int c = threadIdx.x; c < r; c += blockDim.x) {
-        const float v = ld(xr, c);
-        ss += v * v;
-    }
-    ss = block_sum(ss, red);
-    const float inv = 1.0f / sqrtf(ss / (float)r + eps);
-    for (int c = threadIdx.x; c < r; c += blockDim.x) st(dst, c, w[c] * (ld(xr, c) * inv));
+    norm_row<T, false>(const_cast<T*>(xr), (const T*)nullptr, w, dst, r, eps, red);
     const float* cs = cos_t + p * half;
     const float* sn = sin_t + p * half;
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
@@ -393,11 +526,13 @@ __device__ void latent_store(const T* kv, const float* w, T* cache, const int* p
 extern "C" __global__ void latent_store_f32(const float* kv, const float* w, float* cache, const int* pos,
                                             const float* cos_t, const float* sin_t, int r, int half, int layout,
                                             float eps) {
+    PDL_ENTRY();
     latent_store<float>(kv, w, cache, pos, cos_t, sin_t, r, half, layout, eps);
 }
 extern "C" __global__ void latent_store_bf16(const bf16_t* kv, const float* w, bf16_t* cache, const int* pos,
                                              const float* cos_t, const float* sin_t, int r, int half, int layout,
                                              float eps) {
+    PDL_ENTRY();
     latent_store<bf16_t>(kv, w, cache, pos, cos_t, sin_t, r, half, layout, eps);
 }
 
@@ -419,8 +554,10 @@ __device__ void nll(const T* logits, const unsigned* targets, float* out, i64 vo
     if (threadIdx.x == 0) out[row] = (m - ld(l, (i64)targets[row])) + logf(z);
 }
 extern "C" __global__ void nll_f32(const float* logits, const unsigned* targets, float* out, i64 vocab) {
+    PDL_ENTRY();
     nll<float>(logits, targets, out, vocab);
 }
 extern "C" __global__ void nll_bf16(const bf16_t* logits, const unsigned* targets, float* out, i64 vocab) {
+    PDL_ENTRY();
     nll<bf16_t>(logits, targets, out, vocab);
 }

@@ -203,7 +203,8 @@ __device__ __forceinline__ void hadamard_fp8(T* __restrict__ x, i64 nblocks, flo
 
 #define FP8_ENTRY(NAME, T, EPL, ROT)                                                          \
     extern "C" __global__ void __launch_bounds__(FP8_THREADS) NAME(T* __restrict__ x, i64 nblocks, \
-                                                                    float hscale) {           \
+                                                                    float hscale) { \
+        PDL_ENTRY();                                                                          \
         hadamard_fp8<T, EPL, ROT>(x, nblocks, hscale);                                        \
     }
 

@@ -98,11 +98,13 @@ __device__ void gqa_attn(const T* __restrict__ q, const T* __restrict__ k, const
 extern "C" __global__ void __launch_bounds__(GQA_THREADS)
     gqa_attn_f32(const float* q, const float* k, const float* v, const int* pos, const int* sel, float* out,
                  int heads, int kv_heads, int d, int dv, int nsel, float scale) {
+    PDL_ENTRY();
     gqa_attn<float>(q, k, v, pos, sel, out, heads, kv_heads, d, dv, nsel, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(GQA_THREADS)
     gqa_attn_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* pos, const int* sel, bf16_t* out,
                   int heads, int kv_heads, int d, int dv, int nsel, float scale) {
+    PDL_ENTRY();
     gqa_attn<bf16_t>(q, k, v, pos, sel, out, heads, kv_heads, d, dv, nsel, scale);
 }

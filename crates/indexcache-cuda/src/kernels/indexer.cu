@@ -131,6 +131,7 @@ extern "C" __global__ void __launch_bounds__(256) indexer_scores_f32(
     const float* __restrict__ q, const float* __restrict__ w, const float* __restrict__ keys,
     const int* __restrict__ pos, float* __restrict__ scores, int rows, int heads, int d, long long stride,
     float scale) {
+    PDL_ENTRY();
     scores_cc<float>(q, w, keys, pos, scores, rows, heads, d, stride, scale);
 }
 
@@ -138,6 +139,7 @@ extern "C" __global__ void __launch_bounds__(256) indexer_scores_cc_bf16(
     const unsigned short* __restrict__ q, const unsigned short* __restrict__ w,
     const unsigned short* __restrict__ keys, const int* __restrict__ pos, float* __restrict__ scores, int rows,
     int heads, int d, long long stride, float scale) {
+    PDL_ENTRY();
     scores_cc<unsigned short>(q, w, keys, pos, scores, rows, heads, d, stride, scale);
 }
 
@@ -466,6 +468,7 @@ extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
                            const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                            float* __restrict__ scores, int rows, int heads, int groups, long long stride, int split,
                            float scale) {
+    PDL_ENTRY();
     scores_bf16_body<1>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
 }
 
@@ -474,6 +477,7 @@ extern "C" __global__ void __launch_bounds__(B_THREADS, 1)
                            const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                            float* __restrict__ scores, int rows, int heads, int groups, long long stride, int split,
                            float scale) {
+    PDL_ENTRY();
     scores_bf16_body<2>(q, w, keys, pos, scores, rows, heads, groups, stride, split, scale);
 }
 
@@ -483,6 +487,7 @@ extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
                                     const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                                     float* __restrict__ scores, int rows, int heads, int groups, long long stride,
                                     int split, float scale) {
+    PDL_ENTRY();
     scores_bf16_keysplit_body<1>(q, w, keys, pos, scores, heads, stride, split, scale);
 }
 
@@ -491,5 +496,6 @@ extern "C" __global__ void __launch_bounds__(B_THREADS, 2)
                                     const unsigned short* __restrict__ keys, const int* __restrict__ pos,
                                     float* __restrict__ scores, int rows, int heads, int groups, long long stride,
                                     int split, float scale) {
+    PDL_ENTRY();
     scores_bf16_keysplit_body<2>(q, w, keys, pos, scores, heads, stride, split, scale);
 }

@@ -17,7 +17,8 @@
 //
 // MLA_HOST_EMU: defined only by a host-side emulator (C++ threads standing in for CUDA threads,
 // ldmatrix / mma / cp.async emulated from the PTX ISA fragment layouts) used to check the index
-// arithmetic without a GPU; it supplies the primitives guarded below. NVRTC never defines it.
+// arithmetic without a GPU; it supplies the primitives guarded below (and `PDL_ENTRY`, which
+// pdl.cuh, prepended for NVRTC, defines). NVRTC never defines it.
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
@@ -271,6 +272,7 @@ extern "C" __global__ void __launch_bounds__(256) mla_cc_f32(const float* q_lat,
                                                              const int* sel, float* out, float* ws_o, float* ws_ml,
                                                              int heads, int r, int p, int k, float scale, int hg,
                                                              int nb, int split_len, int splits) {
+    PDL_ENTRY();
     mla_cc<float>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, hg, nb, split_len, splits,
                   MLA_SMEM);
 }
@@ -280,6 +282,7 @@ extern "C" __global__ void __launch_bounds__(256) mla_cc_bf16(const bf16_t* q_la
                                                               float* ws_o, float* ws_ml, int heads, int r, int p,
                                                               int k, float scale, int hg, int nb, int split_len,
                                                               int splits) {
+    PDL_ENTRY();
     mla_cc<bf16_t>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, hg, nb, split_len, splits,
                    MLA_SMEM);
 }
@@ -622,18 +625,21 @@ __device__ __forceinline__ void mla_tc(const bf16_t* __restrict__ q_lat, const b
 extern "C" __global__ void __launch_bounds__(256, 1)
     mla_tc_m1(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
               float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    PDL_ENTRY();
     mla_tc<1>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     mla_tc_m2(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
               float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    PDL_ENTRY();
     mla_tc<2>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     mla_tc_m4(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
               float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    PDL_ENTRY();
     mla_tc<4>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
 }
 
@@ -649,6 +655,14 @@ __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, cons
     __shared__ float red[32];
     const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, nw = blockDim.x >> 5;
     const u64 base = (u64)t * splits * heads + h;  // entry (t, s, h) = base + s * heads
+    // A thread's first column of partial outputs, loaded before the reductions below (they do not
+    // depend on them): the loads' latency overlaps the weights' computation.
+    constexpr int COMBINE_PRE = 32;
+    const int c_first = blockIdx.z * blockDim.x + tid;
+    const bool pre = splits <= COMBINE_PRE && c_first < r;
+    float pv[COMBINE_PRE];
+#pragma unroll
+    for (int u = 0; u < COMBINE_PRE; ++u) pv[u] = pre && u < splits ? ws_o[(base + (u64)u * heads) * r + c_first] : 0.0f;
     float M = neg_inf();
     for (int s = tid; s < splits; s += blockDim.x) {
         const u64 w = base + (u64)s * heads;
@@ -676,8 +690,32 @@ __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, cons
     for (int i = 1; i < nw; ++i) L += red[i];
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
     for (int c = blockIdx.z * blockDim.x + tid; c < r; c += gridDim.z * blockDim.x) {
+        // Splits in order; loads in groups of COMBINE_UNR so they are in flight together (a split
+        // with weight 0 is loaded but not added, as in the one-at-a-time loop).
+        constexpr int COMBINE_UNR = 8;
         float acc = 0.0f;
-        for (int s = 0; s < splits; ++s) {
+        int s = 0;
+        if (pre && c == c_first) {
+#pragma unroll
+            for (int u = 0; u < COMBINE_PRE; ++u) {
+                if (u < splits) {
+                    const float w = sw[u];
+                    if (w != 0.0f) acc = fmaf(w, pv[u], acc);
+                }
+            }
+            s = splits;
+        }
+        for (; s + COMBINE_UNR <= splits; s += COMBINE_UNR) {
+            float v[COMBINE_UNR];
+#pragma unroll
+            for (int u = 0; u < COMBINE_UNR; ++u) v[u] = ws_o[(base + (u64)(s + u) * heads) * r + c];
+#pragma unroll
+            for (int u = 0; u < COMBINE_UNR; ++u) {
+                const float w = sw[s + u];
+                if (w != 0.0f) acc = fmaf(w, v[u], acc);
+            }
+        }
+        for (; s < splits; ++s) {
             const float w = sw[s];
             if (w != 0.0f) acc = fmaf(w, ws_o[(base + (u64)s * heads) * r + c], acc);
         }
@@ -687,10 +725,12 @@ __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, cons
 
 extern "C" __global__ void mla_combine_f32(const float* ws_o, const float* ws_ml, float* out, int heads, int r,
                                            int splits) {
+    PDL_ENTRY();
     mla_combine<float>(ws_o, ws_ml, out, heads, r, splits, (float*)MLA_SMEM);
 }
 
 extern "C" __global__ void mla_combine_bf16(const float* ws_o, const float* ws_ml, bf16_t* out, int heads, int r,
                                             int splits) {
+    PDL_ENTRY();
     mla_combine<bf16_t>(ws_o, ws_ml, out, heads, r, splits, (float*)MLA_SMEM);
 }

@@ -54,34 +54,6 @@
 #define MIN_CTAS 4     // resident CTAs per SM the register budget is sized for (<= 128 registers)
 
 
-// Elements per 16-byte vector and their unpacking to f32 (element 0 = lowest address).
-template <typename T>
-struct VecT;
-template <>
-struct VecT<float> {
-    static constexpr int N = 4;
-    static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
-        f[0] = __uint_as_float(v.x);
-        f[1] = __uint_as_float(v.y);
-        f[2] = __uint_as_float(v.z);
-        f[3] = __uint_as_float(v.w);
-    }
-};
-template <>
-struct VecT<bf16_t> {
-    static constexpr int N = 8;
-    static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
-        f[0] = __uint_as_float(v.x << 16);
-        f[1] = __uint_as_float(v.x & 0xffff0000u);
-        f[2] = __uint_as_float(v.y << 16);
-        f[3] = __uint_as_float(v.y & 0xffff0000u);
-        f[4] = __uint_as_float(v.z << 16);
-        f[5] = __uint_as_float(v.z & 0xffff0000u);
-        f[6] = __uint_as_float(v.w << 16);
-        f[7] = __uint_as_float(v.w & 0xffff0000u);
-    }
-};
-
 // 16-byte load of weights read once per call: non-coherent path, no L1 allocation.
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 v;
@@ -314,10 +286,12 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
 
 ENTRY moe_decode_gate_up_f32(const float* x, const int* ids, const float* gu, const float* sg, const float* su,
                              float* h, int n, int top_k, int E, int hidden, int I, int pf) {
+    PDL_ENTRY();
     gate_up_impl<float>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf);
 }
 ENTRY moe_decode_gate_up_bf16(const bf16_t* x, const int* ids, const bf16_t* gu, const bf16_t* sg, const bf16_t* su,
                               float* h, int n, int top_k, int E, int hidden, int I, int pf) {
+    PDL_ENTRY();
     gate_up_impl<bf16_t>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf);
 }
 
@@ -427,10 +401,12 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
 
 ENTRY moe_decode_down_f32(const float* h, const int* ids, const float* w, const float* dn, const float* sd,
                           const float* shared, float* out, int n, int top_k, int E, int hidden, int I, int pf) {
+    PDL_ENTRY();
     down_impl<float>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf);
 }
 ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const bf16_t* dn, const bf16_t* sd,
                            const bf16_t* shared, bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf) {
+    PDL_ENTRY();
     down_impl<bf16_t>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf);
 }
 
@@ -446,29 +422,36 @@ ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const
 #define GEMV_ROWS 4   // backend.rs GEMV_ROWS
 #define GEMV_WARPS 4  // output columns per CTA; backend.rs GEMV_WARPS
 
-template <typename TO>
-__device__ void gemv(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, TO* y, i64 ldy, i64 sy,
-                     int rows, int n_out, int n_in) {
+// Column j of one GEMV: y[t, j] = x[t, :] . wr for t < rows (wr = w's row j). U vectors per lane
+// per step: a lane's sum runs over its vectors lane, lane + 32, ... in order whatever U is, so
+// every U gives the same bits; a larger U only keeps more of a long row in flight at once.
+template <int U, typename TO>
+__device__ __forceinline__ void gemv_col(const bf16_t* x, i64 ldx, const bf16_t* wr, TO* y, i64 ldy, int j,
+                                         int rows, int n_in) {
     const int lane = threadIdx.x & 31;
-    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (j >= n_out) return;  // the whole warp: j is the same for its lanes
-    const i64 b = blockIdx.y;
-    x += b * sx;
-    y += b * sy;
-    const bf16_t* wr = w + b * sw + (i64)j * ldw;
     const int nv = n_in >> 3;
     float acc[GEMV_ROWS];
 #pragma unroll
     for (int t = 0; t < GEMV_ROWS; ++t) acc[t] = 0.0f;
-    for (int v0 = 0; v0 < nv; v0 += 32 * UNR) {
-        uint4 wv[UNR];
+    // The first step's weights are loaded before waiting for the kernel that wrote x (`pdl_wait`):
+    // under PDL their fetch overlaps that kernel's end.
+    uint4 wv[U];
 #pragma unroll
-        for (int u = 0; u < UNR; ++u) {
-            const int v = v0 + u * 32 + lane;
-            wv[u] = v < nv ? ld_stream(wr + 8 * (i64)v) : make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < U; ++u) {
+        const int v = u * 32 + lane;
+        wv[u] = v < nv ? ld_stream(wr + 8 * (i64)v) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    for (int v0 = 0; v0 < nv; v0 += 32 * U) {
+        if (v0 > 0) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int v = v0 + u * 32 + lane;
+                wv[u] = v < nv ? ld_stream(wr + 8 * (i64)v) : make_uint4(0, 0, 0, 0);
+            }
         }
 #pragma unroll
-        for (int u = 0; u < UNR; ++u) {
+        for (int u = 0; u < U; ++u) {
             const int v = v0 + u * 32 + lane;
             if (v >= nv) break;
             float wf[8];
@@ -493,13 +476,66 @@ __device__ void gemv(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw,
     }
 }
 
+template <int U, typename TO>
+__device__ void gemv(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, TO* y, i64 ldy, i64 sy,
+                     int rows, int n_out, int n_in) {
+    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (j >= n_out) return;  // the whole warp: j is the same for its lanes
+    const i64 b = blockIdx.y;
+    gemv_col<U, TO>(x + b * sx, ldx, w + b * sw + (i64)j * ldw, y + b * sy, ldy, j, rows, n_in);
+}
+
+// UNR vectors per lane per step: a 2048-wide row in one step. (Measured on the H200: 24 per lane
+// for the 5120-wide o rows made that GEMV slower, 11.9 -> 15.6 us: the loads were already in
+// flight as far as the memory system takes them.)
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_bf16(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, bf16_t* y, i64 ldy, i64 sy, int rows,
               int n_out, int n_in) {
-    gemv<bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+    gemv<UNR, bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_bf16_f32(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, float* y, i64 ldy, i64 sy,
                   int rows, int n_out, int n_in) {
-    gemv<float>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+    gemv<UNR, float>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+}
+
+// Two GEMVs of one input in one launch (backend.rs `matmul_t2`): warps j < n1 compute y1 from w1,
+// the rest y2 from w2, each column exactly as `gemv_bf16` computes it. x [rows, n_in] contiguous.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv2_bf16(const bf16_t* x, int rows, int n_in, const bf16_t* w1, bf16_t* y1, int n1, const bf16_t* w2,
+               bf16_t* y2, int n2) {
+    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (j < n1) {
+        gemv_col<UNR, bf16_t>(x, n_in, w1 + (i64)j * n_in, y1, n1, j, rows, n_in);
+    } else if (j < n1 + n2) {
+        const int k = j - n1;
+        gemv_col<UNR, bf16_t>(x, n_in, w2 + (i64)k * n_in, y2, n2, k, rows, n_in);
+    }
+}
+
+// The router GEMV and the routing in one launch (backend.rs `moe`, decode rows): the CTAs compute
+// the router logits [rows, E] f32 into `logits`, each column exactly as `gemv_bf16_f32` does; the
+// last CTA to finish (the device counter `done` counts finished CTAs; that CTA resets it for the
+// next launch) routes every row as `moe_route` does, one warp per row (rows <= GEMV_WARPS).
+// Dynamic shared memory: GEMV_WARPS * (3E + 2G + top_k) floats.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    router_route(const bf16_t* x, int rows, int n_in, const bf16_t* w, float* logits, const float* bias, int* ids,
+                 float* wts, unsigned* done, int E, int G, int topk_group, int top_k, int norm, float scaling) {
+    extern __shared__ float smem[];
+    __shared__ int last;
+    const int warp = threadIdx.x >> 5;
+    const int j = blockIdx.x * GEMV_WARPS + warp;
+    if (j < E)
+        gemv_col<UNR, float>(x, n_in, w + (i64)j * n_in, logits, E, j, rows, n_in);  // waits (pdl_wait)
+    else
+        pdl_wait();
+    __threadfence();  // this CTA's logits are visible device-wide before it counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;  // the others' logits: fenced before they counted, read past L1 (ld_cg)
+    if (warp < rows)
+        route_token(logits, bias, ids, wts, nullptr, warp, E, G, topk_group, top_k, norm, scaling,
+                    smem + (i64)warp * (3 * E + 2 * G + top_k));
+    if (threadIdx.x == 0) *done = 0u;
 }

@@ -296,6 +296,7 @@ __device__ __forceinline__ void zero_bitmap(TkSmem& sm, int n) {
 extern "C" __global__ void __launch_bounds__(TK_THREADS, 2)
     topk_rows(const float* __restrict__ scores, long long stride, const int* __restrict__ pos,
               int* __restrict__ out, int K, int topk) {
+    PDL_ENTRY();
     extern __shared__ __align__(16) unsigned char tk_raw[];
     if (dynamic_smem_bytes() < sizeof(TkSmem)) __trap();
     TkSmem& sm = *reinterpret_cast<TkSmem*>(tk_raw);
@@ -482,6 +483,7 @@ __device__ unsigned long long ts_hi(TsSmem& sm, float vmax) {
 extern "C" __global__ void __launch_bounds__(TK_THREADS, 2)
     topk_stream(const float* __restrict__ scores, long long stride, const int* __restrict__ pos,
                 int* __restrict__ out, int K, int topk) {
+    PDL_ENTRY();
     extern __shared__ __align__(16) unsigned char tk_raw[];
     if (dynamic_smem_bytes() < sizeof(TsSmem) || topk > TS_MAX_K) __trap();
     TsSmem& sm = *reinterpret_cast<TsSmem*>(tk_raw);
@@ -605,6 +607,7 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS, 2)
 extern "C" __global__ void __launch_bounds__(TK_THREADS)
     topk_seg_hist(const float* __restrict__ scores, long long stride, const int* __restrict__ pos, int topk, int seg,
                   unsigned* __restrict__ ghist) {
+    PDL_ENTRY();
     __shared__ unsigned hist[TK_BINS];
     const int row = blockIdx.y;
     const int n = pos[row] + 1;
@@ -634,6 +637,7 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS)
                      int seg, const unsigned* __restrict__ ghist, unsigned* __restrict__ gbitmap,
                      unsigned* __restrict__ gcand_n, unsigned* __restrict__ gcand_key, int* __restrict__ gcand_pos,
                      long long cap) {
+    PDL_ENTRY();
     __shared__ TkSel s;
     const int row = blockIdx.y;
     const int n = pos[row] + 1;
@@ -651,6 +655,7 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS, 2)
     topk_seg_finish(const int* __restrict__ pos, int* __restrict__ out, int K, int topk,
                     const unsigned* __restrict__ ghist, const unsigned* __restrict__ gbitmap,
                     const unsigned* __restrict__ gcand_key, const int* __restrict__ gcand_pos, long long cap) {
+    PDL_ENTRY();
     extern __shared__ __align__(16) unsigned char tk_raw[];
     if (dynamic_smem_bytes() < sizeof(TkSmem)) __trap();
     TkSmem& sm = *reinterpret_cast<TkSmem*>(tk_raw);
