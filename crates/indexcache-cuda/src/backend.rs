@@ -257,6 +257,9 @@ const GEMV: Kernel = Kernel {
     sig: &[TP, TL, TL, TP, TL, TL, TP, TL, TL, TI, TI, TI],
 };
 const GEMV_F32_OUT: Kernel = Kernel { names: ["gemv_bf16_f32"; 2], ..GEMV };
+/// The GEMV for short rows: 2 / 4 output columns per warp.
+const GEMV_C2: Kernel = Kernel { names: ["gemv_bf16_c2"; 2], ..GEMV };
+const GEMV_C4: Kernel = Kernel { names: ["gemv_bf16_c4"; 2], ..GEMV };
 /// Two decode GEMVs of one input in one launch (`matmul_t2`).
 const GEMV2: Kernel =
     Kernel { src: &kernels::MOE_DECODE, names: ["gemv2_bf16"; 2], sig: &[TP, TI, TI, TP, TP, TI, TP, TP, TI] };
@@ -286,6 +289,8 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &MOE_COMBINE,
     &GEMV,
     &GEMV_F32_OUT,
+    &GEMV_C2,
+    &GEMV_C4,
     &GEMV2,
     &ROUTER_ROUTE,
 ];
@@ -579,14 +584,21 @@ impl CudaBackend {
         if !self.gemv_applies(g) {
             return self.blas.matmul_t(&self.dev, op, g);
         }
+        // Short rows: several output columns per warp (`gemv_bf16_c2` / `_c4`, same bits).
+        let (kernel, cols) = match (g.out_f32, g.n_in / 8) {
+            (true, _) => (&GEMV_F32_OUT, 1),
+            (false, v) if v <= 64 => (&GEMV_C4, 4),
+            (false, v) if v <= 128 => (&GEMV_C2, 2),
+            (false, _) => (&GEMV, 1),
+        };
         let cfg = LaunchConfig {
-            grid_dim: (dev::blocks(g.n_out, GEMV_WARPS), g.batch as u32, 1),
+            grid_dim: (dev::blocks(g.n_out.div_ceil(cols), GEMV_WARPS), g.batch as u32, 1),
             block_dim: (32 * GEMV_WARPS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let single = |v: usize| if g.batch == 1 { 0 } else { v };
         self.launch(
-            if g.out_f32 { &GEMV_F32_OUT } else { &GEMV },
+            kernel,
             DType::BF16,
             cfg,
             op,
@@ -1371,234 +1383,22 @@ impl Backend for CudaBackend {
     }
 
     fn moe(&self, x: &CudaTensor, moe: &Moe<CudaWeight, CudaVector>) -> OpResult<CudaTensor> {
-        const OP: &str = "moe";
-        let (t, hidden) = (x.rows, x.cols);
-        let (n_exp, inter) = (moe.experts.n, moe.experts.inter);
-        let r = moe.routing;
-        let shapes = || {
-            format!(
-                "x {}, router {}, gate_up {}, down {}, {r:?}",
-                x.shape(),
-                moe.router.shape(),
-                moe.experts.gate_up.shape(),
-                moe.experts.down.shape()
-            )
-        };
-        let (gu, dn) = (&moe.experts.gate_up, &moe.experts.down);
-        let shapes_ok = moe.router.groups == 1
-            && moe.router.rows == n_exp
-            && moe.router.cols == hidden
-            && moe.score_bias.len == n_exp
-            && (gu.groups, gu.rows, gu.cols) == (n_exp, 2 * inter, hidden)
-            && (dn.groups, dn.rows, dn.cols) == (n_exp, hidden, inter);
-        if !shapes_ok {
-            return Err(bad(OP, shapes(), "inconsistent shapes"));
-        }
-        let per_group = n_exp.checked_div(r.n_group).unwrap_or(0);
-        if r.n_group == 0
-            || !n_exp.is_multiple_of(r.n_group)
-            || per_group < 2
-            || r.topk_group == 0
-            || r.topk_group > r.n_group
-            || r.top_k == 0
-            || r.top_k > r.topk_group * per_group
-            || n_exp > ROUTE_MAX_EXPERTS
-        {
-            return Err(bad(OP, shapes(), "unsupported routing parameters"));
-        }
-        if t == 0 {
-            return self.zeros(0, hidden);
-        }
-        let s = self.dtype.size();
-        let k = r.top_k;
-        let n_pairs = t * k;
+        self.moe_into(x, moe, None)?.ok_or_else(|| bad("moe", x.shape(), "no output"))
+    }
 
-        // Decode-sized inputs: grouped GEMVs that read the expert ids on the device — no host
-        // synchronisation, three launches (`moe_decode`). `INDEXCACHE_MOE_DECODE=0` turns it off.
-        // A shared expert as wide as the routed ones (`[inter, hidden]` gate/up, `[hidden, inter]`
-        // down) is fused into the same two kernels as one more expert slot per token (weight 1);
-        // one of another shape runs as a separate MLP whose output the combine adds.
-        let fused = moe.shared.as_ref().filter(|m| {
-            let dims = |w: &CudaWeight| (w.groups, w.rows, w.cols, w.dtype);
-            dims(&m.gate) == (1, inter, hidden, self.dtype)
-                && dims(&m.up) == (1, inter, hidden, self.dtype)
-                && dims(&m.down) == (1, hidden, inter, self.dtype)
-        });
-        let mut args = moe_decode::MoeSmallArgs {
-            dtype: self.dtype,
-            x: x.ptr(),
-            ids: 0, // set below (fresh buffers: aligned, as `check` asks)
-            weights: 0,
-            gate_up: gu.ptr(),
-            down: dn.ptr(),
-            shared: 0,
-            shared_gate: fused.map_or(0, |m| m.gate.ptr()),
-            shared_up: fused.map_or(0, |m| m.up.ptr()),
-            shared_down: fused.map_or(0, |m| m.down.ptr()),
-            out: 0,
-            tokens: t,
-            hidden,
-            inter,
-            n_experts: n_exp,
-            top_k: k,
-        };
-        let decode = t <= moe_decode::MAX_DECODE_TOKENS && self.moe_decode && moe_decode::check(&args).is_ok();
-
-        // 1-2. Router logits in f32, routing: ids/weights [T, k] (and counts per expert for the
-        // grouped-GEMM path). Decode rows on the GEMV: one launch (`router_route`).
-        let logits = self.out_buf(OP, t * n_exp * 4)?;
-        let ids = self.out_buf(OP, n_pairs * 4)?;
-        let wts = self.out_buf(OP, n_pairs * 4)?;
-        let per_warp_bytes = (3 * n_exp + 2 * r.n_group + k) * 4;
-        if per_warp_bytes > 48 * 1024 / GEMV_WARPS {
-            return Err(bad(OP, shapes(), "too many experts for the routing kernel's shared memory"));
+    fn moe_residual(
+        &self,
+        residual: &mut CudaTensor,
+        x: &CudaTensor,
+        moe: &Moe<CudaWeight, CudaVector>,
+    ) -> OpResult<()> {
+        if (residual.rows, residual.cols) != (x.rows, x.cols) {
+            return Err(bad("moe", format!("residual {} += moe(x {})", residual.shape(), x.shape()), "shape mismatch"));
         }
-        let mut router = MatmulT::plain(self.dtype, t, n_exp, hidden, x.ptr(), moe.router.ptr(), logits.ptr());
-        router.out_f32 = true;
-        let route_args = [Arg::Ptr(moe.score_bias.buf.ptr()), Arg::Ptr(ids.ptr()), Arg::Ptr(wts.ptr())];
-        let routing = [
-            Arg::I32(n_exp as i32),
-            Arg::I32(r.n_group as i32),
-            Arg::I32(r.topk_group as i32),
-            Arg::I32(k as i32),
-            Arg::I32(r.norm_topk_prob as i32),
-            Arg::F32(r.routed_scaling_factor),
-        ];
-        let counts = if decode && t <= GEMV_WARPS && self.gemv_applies(&router) {
-            let mut a = vec![
-                Arg::Ptr(x.ptr()),
-                Arg::I32(t as i32),
-                Arg::I32(hidden as i32),
-                Arg::Ptr(moe.router.ptr()),
-                Arg::Ptr(logits.ptr()),
-            ];
-            a.extend(route_args);
-            a.push(Arg::Ptr(self.route_done.ptr()));
-            a.extend(routing);
-            let cfg = LaunchConfig {
-                grid_dim: (dev::blocks(n_exp, GEMV_WARPS), 1, 1),
-                block_dim: (32 * GEMV_WARPS as u32, 1, 1),
-                shared_mem_bytes: (GEMV_WARPS * per_warp_bytes) as u32,
-            };
-            self.launch(&ROUTER_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
-            None
-        } else {
-            self.gemm(OP, x.ptr(), t, hidden, moe.router.ptr(), n_exp, logits.ptr(), true)?;
-            // Per-expert counts only where the host needs them (the grouped-GEMM path below).
-            let counts = if decode { None } else { Some(self.dev.alloc_zeroed(OP, n_exp * 4)?) };
-            let warps = ROUTE_WARPS;
-            let cfg = LaunchConfig {
-                grid_dim: (dev::blocks(t, warps), 1, 1),
-                block_dim: (32 * warps as u32, 1, 1),
-                shared_mem_bytes: (warps * per_warp_bytes) as u32,
-            };
-            let mut a = vec![Arg::Ptr(logits.ptr())];
-            a.extend(route_args);
-            a.push(Arg::Ptr(counts.as_ref().map_or(0, |c| c.ptr())));
-            a.push(Arg::I32(t as i32));
-            a.extend(routing);
-            self.launch(&MOE_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
-            counts
-        };
-        drop(logits);
-
-        if decode {
-            args.ids = ids.ptr();
-            args.weights = wts.ptr();
-            let shared = match (&moe.shared, fused) {
-                (Some(m), None) => Some(self.mlp(x, m)?),
-                _ => None,
-            };
-            let out = self.tensor_out(OP, t, hidden)?;
-            args.shared = shared.as_ref().map_or(0, |s| s.ptr());
-            args.out = out.ptr();
-            moe_decode::moe_small(&self.dev, &args)?;
-            return Ok(out);
+        if let Some(y) = self.moe_into(x, moe, Some(residual))? {
+            self.add_inplace(residual, &y)?;
         }
-        let counts = counts.ok_or_else(|| bad(OP, shapes(), "routing counts missing"))?;
-
-        // 3. Counts to the host (the one synchronisation of the layer), offsets back.
-        let counts_h = self.dev.download::<i32>(OP, &counts, n_exp)?;
-        let offsets = expert_offsets(&counts_h);
-        if offsets[n_exp] as usize != n_pairs {
-            return Err(bad(OP, shapes(), format!("routing produced {} picks for {n_pairs}", offsets[n_exp])));
-        }
-        let offsets_d = self.dev.upload(OP, &offsets[..n_exp])?;
-
-        // 4. Stable slots: expert-contiguous, token order within an expert.
-        let slot_of = self.out_buf(OP, n_pairs * 4)?;
-        let token_of_slot = self.out_buf(OP, n_pairs * 4)?;
-        self.launch(
-            &MOE_SLOTS,
-            DType::F32,
-            row_cfg(OP, n_exp, THREADS)?,
-            OP,
-            shapes,
-            &[
-                Arg::Ptr(ids.ptr()),
-                Arg::Ptr(offsets_d.ptr()),
-                Arg::Ptr(slot_of.ptr()),
-                Arg::Ptr(token_of_slot.ptr()),
-                Arg::I32(n_pairs as i32),
-                Arg::I32(k as i32),
-            ],
-        )?;
-        drop(ids);
-
-        // 5. Gather the token rows, expert GEMMs, SwiGLU.
-        let xs = self.out_buf(OP, n_pairs * hidden * s)?;
-        self.launch(
-            &GATHER_ROWS,
-            self.dtype,
-            row_cfg(OP, n_pairs, THREADS)?,
-            OP,
-            shapes,
-            &[Arg::Ptr(x.ptr()), Arg::Ptr(token_of_slot.ptr()), Arg::Ptr(xs.ptr()), i64a(hidden)],
-        )?;
-        drop(token_of_slot);
-        let h = self.out_buf(OP, n_pairs * 2 * inter * s)?;
-        for e in (0..n_exp).filter(|&e| counts_h[e] > 0) {
-            let (off, n) = (offsets[e] as usize, counts_h[e] as usize);
-            let xe = xs.ptr() + (off * hidden * s) as u64;
-            let he = h.ptr() + (off * 2 * inter * s) as u64;
-            self.gemm(OP, xe, n, hidden, gu.group_ptr(e), 2 * inter, he, false)?;
-        }
-        drop(xs);
-        let a = self.out_buf(OP, n_pairs * inter * s)?;
-        self.silu_mul(OP, h.ptr(), 2 * inter, h.ptr() + (inter * s) as u64, 2 * inter, a.ptr(), n_pairs, inter)?;
-        drop(h);
-        let y = self.out_buf(OP, n_pairs * hidden * s)?;
-        for e in (0..n_exp).filter(|&e| counts_h[e] > 0) {
-            let (off, n) = (offsets[e] as usize, counts_h[e] as usize);
-            let ae = a.ptr() + (off * inter * s) as u64;
-            let ye = y.ptr() + (off * hidden * s) as u64;
-            self.gemm(OP, ae, n, inter, dn.group_ptr(e), hidden, ye, false)?;
-        }
-        drop(a);
-
-        // 6. Shared experts, then the weighted combine (+ shared) in f32.
-        let shared = match &moe.shared {
-            Some(m) => Some(self.mlp(x, m)?),
-            None => None,
-        };
-        let out = self.tensor_out(OP, t, hidden)?;
-        self.launch(
-            &MOE_COMBINE,
-            self.dtype,
-            row_cfg(OP, t, THREADS)?,
-            OP,
-            shapes,
-            &[
-                Arg::Ptr(y.ptr()),
-                Arg::Ptr(slot_of.ptr()),
-                Arg::Ptr(wts.ptr()),
-                Arg::Ptr(shared.as_ref().map_or(0, |s| s.ptr())),
-                Arg::Ptr(out.ptr()),
-                Arg::I32(k as i32),
-                i64a(hidden),
-            ],
-        )?;
-        Ok(out)
+        Ok(())
     }
 
     // ---- loss -------------------------------------------------------------------------------
@@ -1704,6 +1504,253 @@ fn expert_offsets(counts: &[i32]) -> Vec<i32> {
         off.push(acc);
     }
     off
+}
+
+impl CudaBackend {
+    /// The MoE block: its output (`Some`), or — decode-sized, with `residual` given — nothing,
+    /// the output added to `residual` inside the MoE's last kernel (as `add_inplace` would).
+    fn moe_into(
+        &self,
+        x: &CudaTensor,
+        moe: &Moe<CudaWeight, CudaVector>,
+        residual: Option<&mut CudaTensor>,
+    ) -> OpResult<Option<CudaTensor>> {
+        const OP: &str = "moe";
+        let (t, hidden) = (x.rows, x.cols);
+        let (n_exp, inter) = (moe.experts.n, moe.experts.inter);
+        let r = moe.routing;
+        let shapes = || {
+            format!(
+                "x {}, router {}, gate_up {}, down {}, {r:?}",
+                x.shape(),
+                moe.router.shape(),
+                moe.experts.gate_up.shape(),
+                moe.experts.down.shape()
+            )
+        };
+        let (gu, dn) = (&moe.experts.gate_up, &moe.experts.down);
+        let shapes_ok = moe.router.groups == 1
+            && moe.router.rows == n_exp
+            && moe.router.cols == hidden
+            && moe.score_bias.len == n_exp
+            && (gu.groups, gu.rows, gu.cols) == (n_exp, 2 * inter, hidden)
+            && (dn.groups, dn.rows, dn.cols) == (n_exp, hidden, inter);
+        if !shapes_ok {
+            return Err(bad(OP, shapes(), "inconsistent shapes"));
+        }
+        let per_group = n_exp.checked_div(r.n_group).unwrap_or(0);
+        if r.n_group == 0
+            || !n_exp.is_multiple_of(r.n_group)
+            || per_group < 2
+            || r.topk_group == 0
+            || r.topk_group > r.n_group
+            || r.top_k == 0
+            || r.top_k > r.topk_group * per_group
+            || n_exp > ROUTE_MAX_EXPERTS
+        {
+            return Err(bad(OP, shapes(), "unsupported routing parameters"));
+        }
+        if t == 0 {
+            return self.zeros(0, hidden).map(Some);
+        }
+        let s = self.dtype.size();
+        let k = r.top_k;
+        let n_pairs = t * k;
+
+        // Decode-sized inputs: grouped GEMVs that read the expert ids on the device — no host
+        // synchronisation, three launches (`moe_decode`). `INDEXCACHE_MOE_DECODE=0` turns it off.
+        // A shared expert as wide as the routed ones (`[inter, hidden]` gate/up, `[hidden, inter]`
+        // down) is fused into the same two kernels as one more expert slot per token (weight 1);
+        // one of another shape runs as a separate MLP whose output the combine adds.
+        let fused = moe.shared.as_ref().filter(|m| {
+            let dims = |w: &CudaWeight| (w.groups, w.rows, w.cols, w.dtype);
+            dims(&m.gate) == (1, inter, hidden, self.dtype)
+                && dims(&m.up) == (1, inter, hidden, self.dtype)
+                && dims(&m.down) == (1, hidden, inter, self.dtype)
+        });
+        let mut args = moe_decode::MoeSmallArgs {
+            dtype: self.dtype,
+            x: x.ptr(),
+            ids: 0, // set below (fresh buffers: aligned, as `check` asks)
+            weights: 0,
+            gate_up: gu.ptr(),
+            down: dn.ptr(),
+            shared: 0,
+            shared_gate: fused.map_or(0, |m| m.gate.ptr()),
+            shared_up: fused.map_or(0, |m| m.up.ptr()),
+            shared_down: fused.map_or(0, |m| m.down.ptr()),
+            out: 0,
+            accumulate: false,
+            tokens: t,
+            hidden,
+            inter,
+            n_experts: n_exp,
+            top_k: k,
+        };
+        let decode = t <= moe_decode::MAX_DECODE_TOKENS && self.moe_decode && moe_decode::check(&args).is_ok();
+
+        // 1-2. Router logits in f32, routing: ids/weights [T, k] (and counts per expert for the
+        // grouped-GEMM path). Decode rows on the GEMV: one launch (`router_route`).
+        let logits = self.out_buf(OP, t * n_exp * 4)?;
+        let ids = self.out_buf(OP, n_pairs * 4)?;
+        let wts = self.out_buf(OP, n_pairs * 4)?;
+        let per_warp_bytes = (3 * n_exp + 2 * r.n_group + k) * 4;
+        if per_warp_bytes > 48 * 1024 / GEMV_WARPS {
+            return Err(bad(OP, shapes(), "too many experts for the routing kernel's shared memory"));
+        }
+        let mut router = MatmulT::plain(self.dtype, t, n_exp, hidden, x.ptr(), moe.router.ptr(), logits.ptr());
+        router.out_f32 = true;
+        let route_args = [Arg::Ptr(moe.score_bias.buf.ptr()), Arg::Ptr(ids.ptr()), Arg::Ptr(wts.ptr())];
+        let routing = [
+            Arg::I32(n_exp as i32),
+            Arg::I32(r.n_group as i32),
+            Arg::I32(r.topk_group as i32),
+            Arg::I32(k as i32),
+            Arg::I32(r.norm_topk_prob as i32),
+            Arg::F32(r.routed_scaling_factor),
+        ];
+        let counts = if decode && t <= GEMV_WARPS && self.gemv_applies(&router) {
+            let mut a = vec![
+                Arg::Ptr(x.ptr()),
+                Arg::I32(t as i32),
+                Arg::I32(hidden as i32),
+                Arg::Ptr(moe.router.ptr()),
+                Arg::Ptr(logits.ptr()),
+            ];
+            a.extend(route_args);
+            a.push(Arg::Ptr(self.route_done.ptr()));
+            a.extend(routing);
+            let cfg = LaunchConfig {
+                grid_dim: (dev::blocks(n_exp, GEMV_WARPS), 1, 1),
+                block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+                shared_mem_bytes: (GEMV_WARPS * per_warp_bytes) as u32,
+            };
+            self.launch(&ROUTER_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
+            None
+        } else {
+            self.gemm(OP, x.ptr(), t, hidden, moe.router.ptr(), n_exp, logits.ptr(), true)?;
+            // Per-expert counts only where the host needs them (the grouped-GEMM path below).
+            let counts = if decode { None } else { Some(self.dev.alloc_zeroed(OP, n_exp * 4)?) };
+            let warps = ROUTE_WARPS;
+            let cfg = LaunchConfig {
+                grid_dim: (dev::blocks(t, warps), 1, 1),
+                block_dim: (32 * warps as u32, 1, 1),
+                shared_mem_bytes: (warps * per_warp_bytes) as u32,
+            };
+            let mut a = vec![Arg::Ptr(logits.ptr())];
+            a.extend(route_args);
+            a.push(Arg::Ptr(counts.as_ref().map_or(0, |c| c.ptr())));
+            a.push(Arg::I32(t as i32));
+            a.extend(routing);
+            self.launch(&MOE_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
+            counts
+        };
+        drop(logits);
+
+        if decode {
+            args.ids = ids.ptr();
+            args.weights = wts.ptr();
+            let shared = match (&moe.shared, fused) {
+                (Some(m), None) => Some(self.mlp(x, m)?),
+                _ => None,
+            };
+            args.shared = shared.as_ref().map_or(0, |s| s.ptr());
+            if let Some(res) = residual {
+                args.out = res.ptr();
+                args.accumulate = true;
+                moe_decode::moe_small(&self.dev, &args)?;
+                return Ok(None);
+            }
+            let out = self.tensor_out(OP, t, hidden)?;
+            args.out = out.ptr();
+            moe_decode::moe_small(&self.dev, &args)?;
+            return Ok(Some(out));
+        }
+        let counts = counts.ok_or_else(|| bad(OP, shapes(), "routing counts missing"))?;
+
+        // 3. Counts to the host (the one synchronisation of the layer), offsets back.
+        let counts_h = self.dev.download::<i32>(OP, &counts, n_exp)?;
+        let offsets = expert_offsets(&counts_h);
+        if offsets[n_exp] as usize != n_pairs {
+            return Err(bad(OP, shapes(), format!("routing produced {} picks for {n_pairs}", offsets[n_exp])));
+        }
+        let offsets_d = self.dev.upload(OP, &offsets[..n_exp])?;
+
+        // 4. Stable slots: expert-contiguous, token order within an expert.
+        let slot_of = self.out_buf(OP, n_pairs * 4)?;
+        let token_of_slot = self.out_buf(OP, n_pairs * 4)?;
+        self.launch(
+            &MOE_SLOTS,
+            DType::F32,
+            row_cfg(OP, n_exp, THREADS)?,
+            OP,
+            shapes,
+            &[
+                Arg::Ptr(ids.ptr()),
+                Arg::Ptr(offsets_d.ptr()),
+                Arg::Ptr(slot_of.ptr()),
+                Arg::Ptr(token_of_slot.ptr()),
+                Arg::I32(n_pairs as i32),
+                Arg::I32(k as i32),
+            ],
+        )?;
+        drop(ids);
+
+        // 5. Gather the token rows, expert GEMMs, SwiGLU.
+        let xs = self.out_buf(OP, n_pairs * hidden * s)?;
+        self.launch(
+            &GATHER_ROWS,
+            self.dtype,
+            row_cfg(OP, n_pairs, THREADS)?,
+            OP,
+            shapes,
+            &[Arg::Ptr(x.ptr()), Arg::Ptr(token_of_slot.ptr()), Arg::Ptr(xs.ptr()), i64a(hidden)],
+        )?;
+        drop(token_of_slot);
+        let h = self.out_buf(OP, n_pairs * 2 * inter * s)?;
+        for e in (0..n_exp).filter(|&e| counts_h[e] > 0) {
+            let (off, n) = (offsets[e] as usize, counts_h[e] as usize);
+            let xe = xs.ptr() + (off * hidden * s) as u64;
+            let he = h.ptr() + (off * 2 * inter * s) as u64;
+            self.gemm(OP, xe, n, hidden, gu.group_ptr(e), 2 * inter, he, false)?;
+        }
+        drop(xs);
+        let a = self.out_buf(OP, n_pairs * inter * s)?;
+        self.silu_mul(OP, h.ptr(), 2 * inter, h.ptr() + (inter * s) as u64, 2 * inter, a.ptr(), n_pairs, inter)?;
+        drop(h);
+        let y = self.out_buf(OP, n_pairs * hidden * s)?;
+        for e in (0..n_exp).filter(|&e| counts_h[e] > 0) {
+            let (off, n) = (offsets[e] as usize, counts_h[e] as usize);
+            let ae = a.ptr() + (off * inter * s) as u64;
+            let ye = y.ptr() + (off * hidden * s) as u64;
+            self.gemm(OP, ae, n, inter, dn.group_ptr(e), hidden, ye, false)?;
+        }
+        drop(a);
+
+        // 6. Shared experts, then the weighted combine (+ shared) in f32.
+        let shared = match &moe.shared {
+            Some(m) => Some(self.mlp(x, m)?),
+            None => None,
+        };
+        let out = self.tensor_out(OP, t, hidden)?;
+        self.launch(
+            &MOE_COMBINE,
+            self.dtype,
+            row_cfg(OP, t, THREADS)?,
+            OP,
+            shapes,
+            &[
+                Arg::Ptr(y.ptr()),
+                Arg::Ptr(slot_of.ptr()),
+                Arg::Ptr(wts.ptr()),
+                Arg::Ptr(shared.as_ref().map_or(0, |s| s.ptr())),
+                Arg::Ptr(out.ptr()),
+                Arg::I32(k as i32),
+                i64a(hidden),
+            ],
+        )?;
+        Ok(Some(out))
+    }
 }
 
 // ---- benchmarks -----------------------------------------------------------------------------------

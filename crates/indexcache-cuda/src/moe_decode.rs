@@ -110,8 +110,11 @@ pub struct MoeSmallArgs {
     pub shared_up: u64,
     /// Fused shared expert's down `[hidden, inter]`, or 0.
     pub shared_down: u64,
-    /// `[tokens, hidden]` output (fully overwritten)
+    /// `[tokens, hidden]` output: overwritten, or added to (`accumulate`)
     pub out: u64,
+    /// `out += result` (the result rounded to the element type first, as a separate add would
+    /// see it) instead of `out = result`
+    pub accumulate: bool,
     pub tokens: usize,
     pub hidden: usize,
     pub inter: usize,
@@ -282,8 +285,9 @@ fn down(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
     let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let (n_i, k_i, e_i, hid_i, int_i) = (n as i32, a.top_k as i32, a.n_experts as i32, a.hidden as i32, a.inter as i32);
     let mut b = dev.builder(&f);
+    let acc_i = a.accumulate as i32;
     b.arg(&ws).arg(&a.ids).arg(&a.weights).arg(&a.down).arg(&a.shared_down).arg(&a.shared).arg(&a.out);
-    b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf);
+    b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf).arg(&acc_i);
     dev.launch(b, cfg, OP, || shapes(a))
 }
 
@@ -388,6 +392,7 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
         shared_up: 0,
         shared_down: 0,
         out: out.ptr(),
+        accumulate: false,
         tokens,
         hidden,
         inter,
@@ -475,11 +480,12 @@ mod tests {
             return;
         }
         let ptx = dev::compile(&kernels::MOE_DECODE).unwrap_or_else(|e| panic!("{e}")).to_src();
-        for (name, ptrs) in [
-            ("moe_decode_gate_up_f32", 6),
-            ("moe_decode_gate_up_bf16", 6),
-            ("moe_decode_down_f32", 7),
-            ("moe_decode_down_bf16", 7),
+        // (kernel, pointer arguments, i32 arguments): `gate_up` / `down` launch them so.
+        for (name, ptrs, ints) in [
+            ("moe_decode_gate_up_f32", 6, 6),
+            ("moe_decode_gate_up_bf16", 6, 6),
+            ("moe_decode_down_f32", 7, 7),
+            ("moe_decode_down_bf16", 7, 7),
         ] {
             let start = ptx.find(&format!(".entry {name}(")).unwrap_or_else(|| panic!("no entry {name}"));
             let params = &ptx[start..start + ptx[start..].find(')').expect("parameter list")];
@@ -488,7 +494,7 @@ mod tests {
                 .filter_map(|l| l.trim().strip_prefix(".param ."))
                 .map(|l| l.split_whitespace().next().unwrap_or(""))
                 .collect();
-            let want: Vec<&str> = std::iter::repeat_n("u64", ptrs).chain(std::iter::repeat_n("u32", 6)).collect();
+            let want: Vec<&str> = std::iter::repeat_n("u64", ptrs).chain(std::iter::repeat_n("u32", ints)).collect();
             assert_eq!(kinds, want, "{name}");
         }
     }
@@ -506,6 +512,7 @@ mod tests {
             shared_up: 0,
             shared_down: 0,
             out: 4096,
+            accumulate: false,
             tokens,
             hidden,
             inter,

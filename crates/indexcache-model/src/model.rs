@@ -713,11 +713,10 @@ impl<B: Backend> DsaModel<B> {
         let (attn, indexer) = self.attention(l, &h, cache, positions, &mut state.shared, state.taps.as_mut())?;
         let h = b.add_rms_norm(x, &attn, &lw.post_attn_norm, eps)?;
         let attention_end = self.mark()?;
-        let ffn = match &lw.ffn {
-            FfnWeights::Dense(m) => b.mlp(&h, m)?,
-            FfnWeights::Moe(m) => b.moe(&h, m)?,
-        };
-        b.add_inplace(x, &ffn)?;
+        match &lw.ffn {
+            FfnWeights::Dense(m) => b.add_inplace(x, &b.mlp(&h, m)?)?,
+            FfnWeights::Moe(m) => b.moe_residual(x, &h, m)?,
+        }
         if let (Some(start), Some(attention_end), Some(ffn_end)) = (start, attention_end, self.mark()?) {
             state.marks.push(LayerMarks { start, indexer, attention_end, ffn_end });
         }

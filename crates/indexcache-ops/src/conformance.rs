@@ -554,6 +554,8 @@ impl<'a, B: Backend> Suite<'a, B> {
             (1usize, 64usize, 96usize),
             (2, 37, 24),
             (4, 200, 512),
+            (1, 13, 200),
+            (2, 51, 768),
             (1, 40, 5120),
             (3, 24, 2056),
             (5, 33, 17),
@@ -700,28 +702,45 @@ impl<'a, B: Backend> Suite<'a, B> {
                     },
                 };
                 let want = ref_moe(&m);
-                let moe = Moe {
-                    router: s.wt(&m.router, 1, n_exp, hidden)?,
-                    score_bias: s.b.vector(&m.bias)?,
-                    experts: Experts {
-                        gate_up: s.wt(&m.gate_up, n_exp, 2 * inter, hidden)?,
-                        down: s.wt(&m.down, n_exp, hidden, inter)?,
-                        n: n_exp,
-                        inter,
-                    },
-                    shared: match &m.shared {
-                        Some((g, u, d, si)) => Some(Mlp {
-                            gate: s.wt(g, 1, *si, hidden)?,
-                            up: s.wt(u, 1, *si, hidden)?,
-                            down: s.wt(d, 1, hidden, *si)?,
-                        }),
-                        None => None,
-                    },
-                    routing: m.routing,
-                };
-                Ok((s.b.download(&s.b.moe(&s.up(&m.x, t, hidden)?, &moe)?)?, want))
+                let moe = s.moe_weights(&m)?;
+                let x = s.up(&m.x, t, hidden)?;
+                // moe_residual: exactly moe then add_inplace (a device may fuse the add).
+                let r0 = s.data(seed + 8, t * hidden, 1.0);
+                let mut fused = s.up(&r0, t, hidden)?;
+                s.b.moe_residual(&mut fused, &x, &moe)?;
+                let mut plain = s.up(&r0, t, hidden)?;
+                let y = s.b.moe(&x, &moe)?;
+                s.b.add_inplace(&mut plain, &y)?;
+                let (fused, plain) = (s.b.download(&fused)?, s.b.download(&plain)?);
+                if fused.iter().zip(&plain).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                    return Err(crate::OpError::new("moe_residual", "", "differs from moe + add_inplace"));
+                }
+                Ok((s.b.download(&y)?, want))
             });
         }
+    }
+
+    fn moe_weights(&self, m: &MoeData) -> OpResult<Moe<B::Weight, B::Vector>> {
+        let (n_exp, hidden, inter) = (m.n_exp, m.hidden, m.inter);
+        Ok(Moe {
+            router: self.wt(&m.router, 1, n_exp, hidden)?,
+            score_bias: self.b.vector(&m.bias)?,
+            experts: Experts {
+                gate_up: self.wt(&m.gate_up, n_exp, 2 * inter, hidden)?,
+                down: self.wt(&m.down, n_exp, hidden, inter)?,
+                n: n_exp,
+                inter,
+            },
+            shared: match &m.shared {
+                Some((g, u, d, si)) => Some(Mlp {
+                    gate: self.wt(g, 1, *si, hidden)?,
+                    up: self.wt(u, 1, *si, hidden)?,
+                    down: self.wt(d, 1, hidden, *si)?,
+                }),
+                None => None,
+            },
+            routing: m.routing,
+        })
     }
 
     // ---- DSA ----------------------------------------------------------------------------------

@@ -397,6 +397,17 @@ pub trait Backend: Send + Sync {
     // ---- FFN ----------------------------------------------------------------------------
     fn mlp(&self, x: &Self::Tensor, mlp: &Mlp<Self::Weight>) -> OpResult<Self::Tensor>;
     fn moe(&self, x: &Self::Tensor, moe: &Moe<Self::Weight, Self::Vector>) -> OpResult<Self::Tensor>;
+    /// `residual += moe(x)` (the MoE block's output added to the residual stream): a device may
+    /// fuse the add into the MoE's last kernel; the result equals `moe` then `add_inplace` exactly.
+    fn moe_residual(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        moe: &Moe<Self::Weight, Self::Vector>,
+    ) -> OpResult<()> {
+        let y = self.moe(x, moe)?;
+        self.add_inplace(residual, &y)
+    }
 
     // ---- loss ---------------------------------------------------------------------------
     /// Per-row negative log-likelihood `-log softmax(logits[t])[targets[t]]` of `[T, vocab]`

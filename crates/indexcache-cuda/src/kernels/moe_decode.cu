@@ -304,7 +304,8 @@ template <typename T>
 __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int* __restrict__ ids,
                                           const float* __restrict__ wts, const T* __restrict__ dn,
                                           const T* __restrict__ sd, const T* __restrict__ shared,
-                                          T* __restrict__ out, int n, int top_k, int E, int hidden, int I, int pf) {
+                                          T* __restrict__ out, int n, int top_k, int E, int hidden, int I, int pf,
+                                          int accumulate) {
     __shared__ Plan plan;
     __shared__ float ys[MAX_SLOTS][DN_ROWS];
     if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
@@ -393,6 +394,7 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
             if (ns) acc += round_to<T>(ys[n + t][r]);  // the fused shared expert (stored in T by the MLP path)
             const i64 o = (i64)t * hidden + r0 + r;
             if (shared) acc += ld(shared, o);
+            if (accumulate) acc = ld(out, o) + round_to<T>(acc);  // out += result, as a separate add
             st(out, o, acc);
         }
         __syncthreads();  // ys is rewritten by the next slice
@@ -400,14 +402,16 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
 }
 
 ENTRY moe_decode_down_f32(const float* h, const int* ids, const float* w, const float* dn, const float* sd,
-                          const float* shared, float* out, int n, int top_k, int E, int hidden, int I, int pf) {
+                          const float* shared, float* out, int n, int top_k, int E, int hidden, int I, int pf,
+                          int accumulate) {
     PDL_ENTRY();
-    down_impl<float>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf);
+    down_impl<float>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf, accumulate);
 }
 ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const bf16_t* dn, const bf16_t* sd,
-                           const bf16_t* shared, bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf) {
+                           const bf16_t* shared, bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf,
+                           int accumulate) {
     PDL_ENTRY();
-    down_impl<bf16_t>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf);
+    down_impl<bf16_t>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf, accumulate);
 }
 
 // ---- Dense decode GEMV (backend.rs `matmul`: bf16, at most GEMV_ROWS rows) ----------------------
@@ -422,67 +426,85 @@ ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const
 #define GEMV_ROWS 4   // backend.rs GEMV_ROWS
 #define GEMV_WARPS 4  // output columns per CTA; backend.rs GEMV_WARPS
 
-// Column j of one GEMV: y[t, j] = x[t, :] . wr for t < rows (wr = w's row j). U vectors per lane
-// per step: a lane's sum runs over its vectors lane, lane + 32, ... in order whatever U is, so
-// every U gives the same bits; a larger U only keeps more of a long row in flight at once.
-template <int U, typename TO>
-__device__ __forceinline__ void gemv_col(const bf16_t* x, i64 ldx, const bf16_t* wr, TO* y, i64 ldy, int j,
-                                         int rows, int n_in) {
+// Columns j0 .. j0 + nc - 1 (nc <= C) of one GEMV: y[t, j] = x[t, :] . w[j, :] for t < rows, w0 =
+// w's row j0 (rows ldw apart). U vectors per lane per step and row: a lane's sum for a column runs
+// over its vectors lane, lane + 32, ... in order whatever U and C are, so every (U, C) gives the
+// same bits. C > 1 serves short rows: a warp then keeps C rows in flight instead of one short row
+// (and the grid needs C times fewer warps).
+template <int U, int C, typename TO>
+__device__ __forceinline__ void gemv_cols(const bf16_t* x, i64 ldx, const bf16_t* w0, i64 ldw, TO* y, i64 ldy,
+                                          int j0, int nc, int rows, int n_in) {
     const int lane = threadIdx.x & 31;
     const int nv = n_in >> 3;
-    float acc[GEMV_ROWS];
+    float acc[C][GEMV_ROWS];
 #pragma unroll
-    for (int t = 0; t < GEMV_ROWS; ++t) acc[t] = 0.0f;
-    // The first step's weights are loaded before waiting for the kernel that wrote x (`pdl_wait`):
-    // under PDL their fetch overlaps that kernel's end.
-    uint4 wv[U];
+    for (int c = 0; c < C; ++c)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int v = u * 32 + lane;
-        wv[u] = v < nv ? ld_stream(wr + 8 * (i64)v) : make_uint4(0, 0, 0, 0);
-    }
-    pdl_wait();
-    for (int v0 = 0; v0 < nv; v0 += 32 * U) {
-        if (v0 > 0) {
+        for (int t = 0; t < GEMV_ROWS; ++t) acc[c][t] = 0.0f;
+    uint4 wv[C][U];
+    auto load = [&](int v0) {
+#pragma unroll
+        for (int c = 0; c < C; ++c)
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int v = v0 + u * 32 + lane;
-                wv[u] = v < nv ? ld_stream(wr + 8 * (i64)v) : make_uint4(0, 0, 0, 0);
+                wv[c][u] = c < nc && v < nv ? ld_stream(w0 + c * ldw + 8 * (i64)v) : make_uint4(0, 0, 0, 0);
             }
-        }
+    };
+    // The first step's weights are loaded before waiting for the kernel that wrote x (`pdl_wait`):
+    // under PDL their fetch overlaps that kernel's end.
+    load(0);
+    pdl_wait();
+    for (int v0 = 0; v0 < nv; v0 += 32 * U) {
+        if (v0 > 0) load(v0);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int v = v0 + u * 32 + lane;
             if (v >= nv) break;
-            float wf[8];
-            VecT<bf16_t>::unpack(wv[u], wf);
 #pragma unroll
             for (int t = 0; t < GEMV_ROWS; ++t) {
                 if (t < rows) {
                     float xf[8];
                     VecT<bf16_t>::unpack(ld_act(x + t * ldx + 8 * (i64)v), xf);
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], xf[e], acc[t]);
+                    for (int c = 0; c < C; ++c) {
+                        float wf[8];
+                        VecT<bf16_t>::unpack(wv[c][u], wf);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[c][t] = fmaf(wf[e], xf[e], acc[c][t]);
+                    }
                 }
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < GEMV_ROWS; ++t) {
-        if (t < rows) {
-            const float s = warp_sum(acc[t]);
-            if (lane == 0) st(y, t * ldy + j, s);
+    for (int c = 0; c < C; ++c) {
+#pragma unroll
+        for (int t = 0; t < GEMV_ROWS; ++t) {
+            if (c < nc && t < rows) {
+                const float s = warp_sum(acc[c][t]);
+                if (lane == 0) st(y, t * ldy + j0 + c, s);
+            }
         }
     }
 }
 
+// One column (gemv2_bf16, router_route).
 template <int U, typename TO>
+__device__ __forceinline__ void gemv_col(const bf16_t* x, i64 ldx, const bf16_t* wr, TO* y, i64 ldy, int j,
+                                         int rows, int n_in) {
+    gemv_cols<U, 1, TO>(x, ldx, wr, 0, y, ldy, j, 1, rows, n_in);
+}
+
+// Warp w of the grid computes columns w*C .. w*C + C - 1 of batch entry blockIdx.y.
+template <int U, int C, typename TO>
 __device__ void gemv(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, TO* y, i64 ldy, i64 sy,
                      int rows, int n_out, int n_in) {
-    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (j >= n_out) return;  // the whole warp: j is the same for its lanes
+    const int j0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * C;
+    if (j0 >= n_out) return;  // the whole warp: j0 is the same for its lanes
     const i64 b = blockIdx.y;
-    gemv_col<U, TO>(x + b * sx, ldx, w + b * sw + (i64)j * ldw, y + b * sy, ldy, j, rows, n_in);
+    gemv_cols<U, C, TO>(x + b * sx, ldx, w + b * sw + (i64)j0 * ldw, ldw, y + b * sy, ldy, j0, min(C, n_out - j0),
+                        rows, n_in);
 }
 
 // UNR vectors per lane per step: a 2048-wide row in one step. (Measured on the H200: 24 per lane
@@ -491,12 +513,24 @@ __device__ void gemv(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw,
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_bf16(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, bf16_t* y, i64 ldy, i64 sy, int rows,
               int n_out, int n_in) {
-    gemv<UNR, bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+    gemv<UNR, 1, bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+}
+// Short rows (backend.rs `gemv_cols`): 2 columns per warp for rows of up to 128 vectors (4 per
+// lane), 4 for rows of up to 64, the same register budget as one long row.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_bf16_c2(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, bf16_t* y, i64 ldy, i64 sy,
+                 int rows, int n_out, int n_in) {
+    gemv<4, 2, bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_bf16_c4(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, bf16_t* y, i64 ldy, i64 sy,
+                 int rows, int n_out, int n_in) {
+    gemv<2, 4, bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_bf16_f32(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, float* y, i64 ldy, i64 sy,
                   int rows, int n_out, int n_in) {
-    gemv<UNR, float>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+    gemv<UNR, 1, float>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
 }
 
 // Two GEMVs of one input in one launch (backend.rs `matmul_t2`): warps j < n1 compute y1 from w1,
