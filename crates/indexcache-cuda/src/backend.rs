@@ -24,13 +24,19 @@
 //! [`Backend::graph_begin`] starts capturing the device's stream (relaxed mode) and
 //! [`Backend::graph_end`] instantiates a CUDA graph of everything enqueued in between; the model
 //! records a decode step once per cache and replays it per token. Allocations made while capturing
-//! become graph memory nodes (freed inside the graph); host reads and synchronisation are refused
-//! with an error while capturing; cuBLAS runs on a fixed workspace so no GEMM allocates.
-//! `INDEXCACHE_CUDA_GRAPH=0` turns recording off (every step then runs op by op).
+//! come from an arena the recording owns ([`crate::dev::CaptureArena`]), so the graph holds
+//! kernels only; host reads and synchronisation are refused with an error while capturing; cuBLAS
+//! runs on a fixed workspace so no GEMM allocates. `INDEXCACHE_CUDA_GRAPH=0` turns recording off
+//! (every step then runs op by op).
+//!
+//! Every kernel is launched with programmatic dependent launch ([`Dev::launch`]) and waits for its
+//! predecessor at entry (`kernels/pdl.cuh`), the decode GEMVs after loading their first weight
+//! vectors: results are those of stream order, the next launch overlaps the current kernel.
+//! `INDEXCACHE_PDL=0` launches plainly.
 //!
 //! # Memory
 //!
-//! Every buffer comes from [`Dev::alloc`], i.e. cudarc's stream-ordered `cuMemAllocAsync` /
+//! Every buffer comes from [`Dev::alloc`], i.e. (outside recordings) cudarc's stream-ordered `cuMemAllocAsync` /
 //! `cuMemFreeAsync` on the device's default memory pool. A temporary dropped at the end of an op is
 //! returned to the pool *in stream order* (after the kernels enqueued before the drop), and the
 //! next op's allocation of the same size is served from the pool without a driver round trip or a
@@ -48,9 +54,11 @@
 //! | add / scale | grid-stride | `3ns` / `2ns` |
 //! | rms_norm / layer_norm | one block per row, block reductions | `2ns` (+ re-reads from L1/L2) |
 //! | rope | one block per row, one thread per pair | `2ns` |
-//! | matmul_t / matmul_heads | cuBLAS (strided-batched for heads); bf16 with T ≤ 4: `gemv` (one warp per output column) | `2·T·in·out` flops |
+//! | matmul_t / matmul_heads | cuBLAS (strided-batched for heads); bf16 with T ≤ 4: `gemv` (one warp per output column; 2 or 4 for rows of ≤ 1024 / 512) | `2·T·in·out` flops |
+//! | matmul_t2 | bf16 with T ≤ 4: `gemv2_bf16`, both products in one launch; else two matmul_t | as two matmul_t |
 //! | mlp | 2 GEMMs, `silu_mul`, 1 GEMM | `6·T·hidden·I` flops |
-//! | moe | router GEMM (f32 out), `moe_route`, counts → host, `moe_slots`, gather, per-expert GEMMs, `silu_mul`, `moe_combine` | `6·T·top_k·hidden·I` flops + shared MLP |
+//! | moe | router GEMM (f32 out), `moe_route`, counts → host, `moe_slots`, gather, per-expert GEMMs, `silu_mul`, `moe_combine`; T ≤ 16: `router_route` (T ≤ 4) or router GEMV + `moe_route`, then `moe_decode` (2 launches, no host sync) | `6·T·top_k·hidden·I` flops + shared MLP |
+//! | moe_residual | decode: `moe_decode`'s down kernel adds into the residual; else moe + add | as moe |
 //! | nll | one block per row: max, Σexp | `T·vocab·s` |
 //!
 //! Every launch is checked; a failure (or an out-of-memory allocation) becomes an [`OpError`]
