@@ -9,11 +9,11 @@ K = os.path.join(os.path.dirname(__file__), "../../crates/indexcache-cuda/src/ke
 MODULES = {  # kernels.rs: pdl.cuh first, then the shared headers, then the module
     "indexer": ["pdl.cuh", "indexer.cu"],
     "topk": ["pdl.cuh", "topk.cu"],
-    "mla": ["pdl.cuh", "mla.cu"],
-    "elementwise": ["pdl.cuh", "common.cuh", "elementwise.cu"],
+    "mla": ["pdl.cuh", "combine.cuh", "mla.cu"],
+    "elementwise": ["pdl.cuh", "common.cuh", "norm.cuh", "elementwise.cu"],
     "moe": ["pdl.cuh", "common.cuh", "route.cuh", "moe.cu"],
     "fp8": ["pdl.cuh", "fp8.cu"],
-    "moe_decode": ["pdl.cuh", "common.cuh", "route.cuh", "moe_decode.cu"],
+    "moe_decode": ["pdl.cuh", "common.cuh", "norm.cuh", "route.cuh", "combine.cuh", "moe_decode.cu"],
     "gqa": ["pdl.cuh", "common.cuh", "gqa.cu"],
 }
 

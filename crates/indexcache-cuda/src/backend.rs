@@ -54,11 +54,14 @@
 //! | add / scale | grid-stride | `3ns` / `2ns` |
 //! | rms_norm / layer_norm | one block per row, block reductions | `2ns` (+ re-reads from L1/L2) |
 //! | rope | one block per row, one thread per pair | `2ns` |
-//! | matmul_t / matmul_heads | cuBLAS (strided-batched for heads); bf16 with T ≤ 4: `gemv` (one warp per output column; 2 or 4 for rows of ≤ 1024 / 512) | `2·T·in·out` flops |
+//! | matmul_t / matmul_heads | cuBLAS (strided-batched for heads); bf16 with T ≤ 4: `gemv` (one warp per output column, 4 vectors per lane per step; 2 or 4 columns for rows of ≤ 1024 / 512) | `2·T·in·out` flops |
 //! | matmul_t2 | bf16 with T ≤ 4: `gemv2_bf16`, both products in one launch; else two matmul_t | as two matmul_t |
 //! | mlp | 2 GEMMs, `silu_mul`, 1 GEMM | `6·T·hidden·I` flops |
 //! | moe | router GEMM (f32 out), `moe_route`, counts → host, `moe_slots`, gather, per-expert GEMMs, `silu_mul`, `moe_combine`; T ≤ 16: `router_route` (T ≤ 4) or router GEMV + `moe_route`, then `moe_decode` (2 launches, no host sync) | `6·T·top_k·hidden·I` flops + shared MLP |
 //! | moe_residual | decode: `moe_decode`'s down kernel adds into the residual; else moe + add | as moe |
+//! | add_rms_norm_moe | decode (bf16, T ≤ 4, the norm rows beside norm_row's staging in 48 KB): `add_norm_router_route` — the post-attention add + RMSNorm in every router CTA, router GEMV, routing in the last CTA — then `moe_decode`; else add_rms_norm + moe_residual | as both |
+//! | mla_norms | `mla_norms`: rms_norm of the q latent and latent_store in one launch (grid y picks) | as both |
+//! | sparse_mla_uv | bf16 split-k decode where W_UV runs on the GEMV: the split combine merged into the W_UV GEMV (`mla_combine_uv`); else sparse_mla + matmul_heads | as both |
 //! | nll | one block per row: max, Σexp | `T·vocab·s` |
 //!
 //! Every launch is checked; a failure (or an out-of-memory allocation) becomes an [`OpError`]
@@ -241,6 +244,12 @@ const LATENT_STORE: Kernel = Kernel {
     names: ["latent_store_f32", "latent_store_bf16"],
     sig: &[TP, TP, TP, TP, TP, TP, TI, TI, TI, TF],
 };
+/// `rms_norm` and `latent_store` of one MLA step in one launch (grid y picks the op).
+const MLA_NORMS: Kernel = Kernel {
+    src: &kernels::ELEMENTWISE,
+    names: ["mla_norms_f32", "mla_norms_bf16"],
+    sig: &[TP, TP, TP, TL, TP, TP, TP, TP, TP, TP, TI, TI, TI, TF],
+};
 const GQA_ATTN: Kernel = Kernel {
     src: &kernels::GQA,
     names: ["gqa_attn_f32", "gqa_attn_bf16"],
@@ -255,6 +264,13 @@ const ROUTER_ROUTE: Kernel = Kernel {
     names: ["router_route"; 2],
     sig: &[TP, TI, TI, TP, TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TF],
 };
+/// The post-attention add + RMSNorm, the router GEMV and the routing in one launch
+/// (`add_rms_norm_moe` at decode).
+const ADD_NORM_ROUTER_ROUTE: Kernel = Kernel {
+    src: &kernels::MOE_DECODE,
+    names: ["add_norm_router_route"; 2],
+    sig: &[TP, TP, TP, TF, TP, TI, TI, TP, TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TF, TI],
+};
 const MOE_SLOTS: Kernel = Kernel { src: &kernels::MOE, names: ["moe_slots"; 2], sig: &[TP, TP, TP, TP, TI, TI] };
 const MOE_COMBINE: Kernel =
     Kernel { src: &kernels::MOE, names: ["moe_combine_f32", "moe_combine_bf16"], sig: &[TP, TP, TP, TP, TP, TI, TL] };
@@ -267,10 +283,13 @@ const GEMV: Kernel = Kernel {
 const GEMV_F32_OUT: Kernel = Kernel { names: ["gemv_bf16_f32"; 2], ..GEMV };
 /// The GEMV for short rows: 2 / 4 output columns per warp.
 const GEMV_C2: Kernel = Kernel { names: ["gemv_bf16_c2"; 2], ..GEMV };
+/// 4 vectors per lane per step (the default; `INDEXCACHE_GEMV_U4=0`: `GEMV`; same bits).
+const GEMV_U4: Kernel = Kernel { names: ["gemv_bf16_u4"; 2], ..GEMV };
 const GEMV_C4: Kernel = Kernel { names: ["gemv_bf16_c4"; 2], ..GEMV };
 /// Two decode GEMVs of one input in one launch (`matmul_t2`).
 const GEMV2: Kernel =
     Kernel { src: &kernels::MOE_DECODE, names: ["gemv2_bf16"; 2], sig: &[TP, TI, TI, TP, TP, TI, TP, TP, TI] };
+const GEMV2_U4: Kernel = Kernel { names: ["gemv2_bf16_u4"; 2], ..GEMV2 };
 
 /// Every kernel this module launches (the PTX signature test walks this list).
 #[cfg(test)]
@@ -290,6 +309,7 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &ADD_RMS_NORM,
     &SPLIT_HEADS_ROPE,
     &LATENT_STORE,
+    &MLA_NORMS,
     &GQA_ATTN,
     &NLL,
     &MOE_ROUTE,
@@ -299,8 +319,11 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &GEMV_F32_OUT,
     &GEMV_C2,
     &GEMV_C4,
+    &GEMV_U4,
     &GEMV2,
+    &GEMV2_U4,
     &ROUTER_ROUTE,
+    &ADD_NORM_ROUTER_ROUTE,
 ];
 
 /// Threads per block of the row and grid-stride kernels.
@@ -320,6 +343,12 @@ const ROUTE_MAX_EXPERTS: usize = 256;
 const GEMV_ROWS: usize = 4;
 /// Output columns (warps) per CTA of the GEMV (`moe_decode.cu` GEMV_WARPS).
 const GEMV_WARPS: usize = 4;
+/// Warps per CTA of `add_norm_router_route` (`moe_decode.cu` ROUTER_WARPS): 256 threads, the
+/// block of `add_rms_norm`, so its norm has the same bits.
+const ROUTER_WARPS: usize = 8;
+/// Static shared memory of `add_norm_router_route` (norm_row's 32 KB row staging, the reduction
+/// scratch), rounded up; its dynamic part must fit beside it in 48 KB.
+const ROUTER_NORM_STATIC_SMEM: usize = 33 * 1024;
 /// `split_heads_rope` blocks: threads per head and heads per block (`elementwise.cu`).
 const SPLIT_THREADS: u32 = 64;
 const SPLIT_HEADS: usize = 4;
@@ -375,6 +404,12 @@ pub struct CudaBackend {
     /// Send bf16 matmuls of at most [`GEMV_ROWS`] rows to the decode GEMV (`INDEXCACHE_GEMV=0`:
     /// always cuBLAS).
     gemv: bool,
+    /// The one-column GEMVs at 4 vectors per lane per step (`INDEXCACHE_GEMV_U4=0`: 8, the
+    /// previous shape; same bits).
+    gemv_u4: bool,
+    /// Fused launches across op boundaries (`mla_norms` in one launch, the post-attention
+    /// add + norm inside the MoE router kernel); `INDEXCACHE_FUSE=0`: the plain launches.
+    fuse: bool,
     /// `router_route`'s count of finished CTAs (zero between launches; its last CTA resets it).
     route_done: DevBuf,
 }
@@ -400,8 +435,21 @@ impl CudaBackend {
         let moe_decode = std::env::var("INDEXCACHE_MOE_DECODE").map_or(true, |v| v != "0");
         let graphs = std::env::var("INDEXCACHE_CUDA_GRAPH").map_or(true, |v| v != "0");
         let gemv = std::env::var("INDEXCACHE_GEMV").map_or(true, |v| v != "0");
+        let gemv_u4 = std::env::var("INDEXCACHE_GEMV_U4").map_or(true, |v| v != "0");
+        let fuse = std::env::var("INDEXCACHE_FUSE").map_or(true, |v| v != "0");
         let route_done = dev.alloc_zeroed("cuda init", 4)?;
-        Ok(Self { dev, blas, dtype, poison: AtomicBool::new(false), moe_decode, graphs, gemv, route_done })
+        Ok(Self {
+            dev,
+            blas,
+            dtype,
+            poison: AtomicBool::new(false),
+            moe_decode,
+            graphs,
+            gemv,
+            gemv_u4,
+            fuse,
+            route_done,
+        })
     }
 
     pub fn dev(&self) -> &Arc<Dev> {
@@ -597,10 +645,12 @@ impl CudaBackend {
             (true, _) => (&GEMV_F32_OUT, 1),
             (false, v) if v <= 64 => (&GEMV_C4, 4),
             (false, v) if v <= 128 => (&GEMV_C2, 2),
+            (false, _) if self.gemv_u4 => (&GEMV_U4, 1),
             (false, _) => (&GEMV, 1),
         };
+        let warps = g.n_out.div_ceil(cols);
         let cfg = LaunchConfig {
-            grid_dim: (dev::blocks(g.n_out.div_ceil(cols), GEMV_WARPS), g.batch as u32, 1),
+            grid_dim: (dev::blocks(warps, GEMV_WARPS), g.batch as u32, 1),
             block_dim: (32 * GEMV_WARPS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1031,22 +1081,29 @@ impl Backend for CudaBackend {
             return Err(bad("add_rms_norm", shapes(), "shape mismatch"));
         }
         let out = self.tensor_out("add_rms_norm", x.rows, x.cols)?;
-        self.launch(
-            &ADD_RMS_NORM,
-            self.dtype,
-            row_cfg("add_rms_norm", x.rows, THREADS)?,
-            "add_rms_norm",
-            shapes,
-            &[
-                Arg::Ptr(x.ptr()),
-                Arg::Ptr(y.ptr()),
-                Arg::Ptr(w.buf.ptr()),
-                Arg::Ptr(out.ptr()),
-                i64a(x.cols),
-                Arg::F32(eps),
-            ],
-        )?;
+        self.add_rms_norm_to(x, y, w, eps, &out)?;
         Ok(out)
+    }
+
+    fn add_rms_norm_moe(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        w: &CudaVector,
+        eps: f32,
+        moe: &Moe<CudaWeight, CudaVector>,
+    ) -> OpResult<()> {
+        if (x.rows, x.cols) != (y.rows, y.cols) || w.len != x.cols {
+            let shapes = format!("{} += {}, w [{}]", x.shape(), y.shape(), w.len);
+            return Err(bad("add_rms_norm", shapes, "shape mismatch"));
+        }
+        // h = rms_norm(x + y) is computed inside the MoE (its router kernel, or a separate
+        // add_rms_norm launch where that kernel does not apply).
+        let h = self.tensor_out("add_rms_norm", x.rows, x.cols)?;
+        if let Some(out) = self.moe_into(&h, moe, Some(x), Some(PreNorm { y, w, eps }))? {
+            self.add_inplace(x, &out)?;
+        }
+        Ok(())
     }
 
     fn split_heads_rope(
@@ -1137,6 +1194,66 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn mla_norms(
+        &self,
+        q_a: &CudaTensor,
+        q_w: &CudaVector,
+        kv: &CudaTensor,
+        r: usize,
+        kv_w: &CudaVector,
+        eps: f32,
+        layout: RopeLayout,
+        pos: &Positions<DevBuf>,
+        table: &CudaRope,
+        cache: &mut CudaTensor,
+    ) -> OpResult<CudaTensor> {
+        const OP: &str = "mla_norms";
+        let shapes = || {
+            format!("q_a {}, kv {} r {r}, cache {}, {} positions", q_a.shape(), kv.shape(), cache.shape(), pos.len())
+        };
+        if !self.fuse || q_a.rows != kv.rows {
+            let qr = self.rms_norm(q_a, q_w, eps)?;
+            self.latent_store(kv, r, kv_w, eps, layout, pos, table, cache)?;
+            return Ok(qr);
+        }
+        if q_w.len != q_a.cols {
+            return Err(bad(OP, shapes(), "q norm weight length != columns"));
+        }
+        if kv.cols != r + 2 * table.half || cache.cols != kv.cols || kv_w.len != r || kv.rows != pos.len() || r == 0 {
+            return Err(bad(OP, shapes(), format!("inconsistent shapes (table has {} frequencies)", table.half)));
+        }
+        if pos.max_visible() > cache.rows || pos.max_visible() > table.max_positions {
+            return Err(bad(OP, shapes(), "position beyond the cache or the RoPE table"));
+        }
+        let qr = self.tensor_out(OP, q_a.rows, q_a.cols)?;
+        let mut cfg = row_cfg(OP, kv.rows, THREADS)?;
+        cfg.grid_dim.1 = 2;
+        self.launch(
+            &MLA_NORMS,
+            self.dtype,
+            cfg,
+            OP,
+            shapes,
+            &[
+                Arg::Ptr(q_a.ptr()),
+                Arg::Ptr(q_w.buf.ptr()),
+                Arg::Ptr(qr.ptr()),
+                i64a(q_a.cols),
+                Arg::Ptr(kv.ptr()),
+                Arg::Ptr(kv_w.buf.ptr()),
+                Arg::Ptr(cache.ptr()),
+                Arg::Ptr(pos.device.ptr()),
+                Arg::Ptr(table.cos.ptr()),
+                Arg::Ptr(table.sin.ptr()),
+                Arg::I32(r as i32),
+                Arg::I32(table.half as i32),
+                Arg::I32(rope_layout_id(layout)),
+                Arg::F32(eps),
+            ],
+        )?;
+        Ok(qr)
+    }
+
     // ---- matmuls ----------------------------------------------------------------------------
 
     fn matmul_t(&self, x: &CudaTensor, w: &CudaWeight) -> OpResult<CudaTensor> {
@@ -1164,7 +1281,7 @@ impl Backend for CudaBackend {
         let y2 = self.tensor_out(OP, x.rows, w2.rows)?;
         let i32a = |v: usize| Arg::I32(v as i32);
         self.launch(
-            &GEMV2,
+            if self.gemv_u4 { &GEMV2_U4 } else { &GEMV2 },
             DType::BF16,
             LaunchConfig {
                 grid_dim: (dev::blocks(w1.rows + w2.rows, GEMV_WARPS), 1, 1),
@@ -1263,36 +1380,60 @@ impl Backend for CudaBackend {
         sel: &CudaSelection,
         scale: f32,
     ) -> OpResult<CudaTensor> {
-        let shapes = || format!("q_lat {}, q_pe {}, cache {}", q_lat.shape(), q_pe.shape(), cache.shape());
-        let width = cache.cols;
-        let heads = (q_lat.cols + q_pe.cols).checked_div(width).unwrap_or(0);
-        if heads == 0
-            || !q_lat.cols.is_multiple_of(heads)
-            || !q_pe.cols.is_multiple_of(heads)
-            || q_lat.rows != q_pe.rows
-        {
-            return Err(bad("sparse_mla", shapes(), "inconsistent shapes"));
-        }
-        let (r, p) = (q_lat.cols / heads, q_pe.cols / heads);
-        if r + p != width || sel.rows != q_lat.rows {
-            return Err(bad("sparse_mla", shapes(), format!("R {r} + P {p} != {width}, or selection rows")));
-        }
-        let out = self.tensor_out("sparse_mla", q_lat.rows, heads * r)?;
-        let args = mla::MlaArgs {
-            dtype: self.dtype,
-            q_lat: q_lat.ptr(),
-            q_pe: q_pe.ptr(),
-            cache: cache.ptr(),
-            sel: sel.buf.ptr(),
-            rows: q_lat.rows,
-            heads,
-            r,
-            p,
-            k: sel.k,
-            scale,
-            out: out.ptr(),
-        };
+        let mut args = self.mla_args(q_lat, q_pe, cache, sel, scale)?;
+        let out = self.tensor_out("sparse_mla", args.rows, args.heads * args.r)?;
+        args.out = out.ptr();
         mla::sparse_mla(&self.dev, &args)?;
+        Ok(out)
+    }
+
+    fn sparse_mla_uv(
+        &self,
+        q_lat: &CudaTensor,
+        q_pe: &CudaTensor,
+        cache: &CudaTensor,
+        sel: &CudaSelection,
+        scale: f32,
+        w_uv: &CudaWeight,
+    ) -> OpResult<CudaTensor> {
+        let mut args = self.mla_args(q_lat, q_pe, cache, sel, scale)?;
+        let (heads, n_out, n_in) = (w_uv.groups, w_uv.rows, w_uv.cols);
+        if heads != args.heads || n_in != args.r {
+            let shapes = format!("sparse_mla [{}, {}×{}] · w_uv {}ᵀ", args.rows, args.heads, args.r, w_uv.shape());
+            return Err(bad("matmul_heads", shapes, "x.cols != heads·in"));
+        }
+        let o_lat = self.tensor_out("sparse_mla", args.rows, args.heads * args.r)?;
+        args.out = o_lat.ptr();
+        let out = self.tensor_out("matmul_heads", args.rows, heads * n_out)?;
+        let g = MatmulT {
+            dtype: self.dtype,
+            out_f32: false,
+            rows: args.rows,
+            n_out,
+            n_in,
+            x: o_lat.ptr(),
+            ldx: heads * n_in,
+            w: w_uv.ptr(),
+            ldw: n_in,
+            y: out.ptr(),
+            ldy: heads * n_out,
+            batch: heads,
+            stride_x: n_in,
+            stride_w: n_out * n_in,
+            stride_y: n_out,
+        };
+        // The combine merged into the projection only where the projection is the decode GEMV
+        // (the same sums); otherwise, or without split-k, the two ops.
+        let projected = if self.fuse && self.gemv_applies(&g) {
+            let uv = mla::UvArgs { w: w_uv.ptr(), n_out, y: out.ptr() };
+            mla::sparse_mla_uv(&self.dev, &args, uv)? // the attention ran; projected or not
+        } else {
+            mla::sparse_mla(&self.dev, &args)?;
+            false
+        };
+        if !projected {
+            self.matmul("matmul_heads", &g)?;
+        }
         Ok(out)
     }
 
@@ -1391,7 +1532,7 @@ impl Backend for CudaBackend {
     }
 
     fn moe(&self, x: &CudaTensor, moe: &Moe<CudaWeight, CudaVector>) -> OpResult<CudaTensor> {
-        self.moe_into(x, moe, None)?.ok_or_else(|| bad("moe", x.shape(), "no output"))
+        self.moe_into(x, moe, None, None)?.ok_or_else(|| bad("moe", x.shape(), "no output"))
     }
 
     fn moe_residual(
@@ -1403,7 +1544,7 @@ impl Backend for CudaBackend {
         if (residual.rows, residual.cols) != (x.rows, x.cols) {
             return Err(bad("moe", format!("residual {} += moe(x {})", residual.shape(), x.shape()), "shape mismatch"));
         }
-        if let Some(y) = self.moe_into(x, moe, Some(residual))? {
+        if let Some(y) = self.moe_into(x, moe, Some(residual), None)? {
             self.add_inplace(residual, &y)?;
         }
         Ok(())
@@ -1502,6 +1643,14 @@ pub struct CudaStepGraph {
 // driver API is callable from any thread with the context bound (cudarc binds it).
 unsafe impl Send for CudaStepGraph {}
 
+/// The residual add + norm a MoE block starts with (`add_rms_norm_moe`).
+#[derive(Clone, Copy)]
+struct PreNorm<'a> {
+    y: &'a CudaTensor,
+    w: &'a CudaVector,
+    eps: f32,
+}
+
 /// Exclusive prefix sum of the per-expert counts: `E + 1` entries, the last one the total.
 fn expert_offsets(counts: &[i32]) -> Vec<i32> {
     let mut off = Vec::with_capacity(counts.len() + 1);
@@ -1515,13 +1664,83 @@ fn expert_offsets(counts: &[i32]) -> Vec<i32> {
 }
 
 impl CudaBackend {
+    /// The checked arguments of a sparse-MLA call (`out` left 0 for the caller).
+    fn mla_args(
+        &self,
+        q_lat: &CudaTensor,
+        q_pe: &CudaTensor,
+        cache: &CudaTensor,
+        sel: &CudaSelection,
+        scale: f32,
+    ) -> OpResult<mla::MlaArgs> {
+        let shapes = || format!("q_lat {}, q_pe {}, cache {}", q_lat.shape(), q_pe.shape(), cache.shape());
+        let width = cache.cols;
+        let heads = (q_lat.cols + q_pe.cols).checked_div(width).unwrap_or(0);
+        if heads == 0
+            || !q_lat.cols.is_multiple_of(heads)
+            || !q_pe.cols.is_multiple_of(heads)
+            || q_lat.rows != q_pe.rows
+        {
+            return Err(bad("sparse_mla", shapes(), "inconsistent shapes"));
+        }
+        let (r, p) = (q_lat.cols / heads, q_pe.cols / heads);
+        if r + p != width || sel.rows != q_lat.rows {
+            return Err(bad("sparse_mla", shapes(), format!("R {r} + P {p} != {width}, or selection rows")));
+        }
+        Ok(mla::MlaArgs {
+            dtype: self.dtype,
+            q_lat: q_lat.ptr(),
+            q_pe: q_pe.ptr(),
+            cache: cache.ptr(),
+            sel: sel.buf.ptr(),
+            rows: q_lat.rows,
+            heads,
+            r,
+            p,
+            k: sel.k,
+            scale,
+            out: 0,
+        })
+    }
+
+    /// `x += y; out = rms_norm(x)` into a given output (`add_rms_norm`, and the MoE's pre-norm
+    /// where its router kernel cannot take it). Shapes are checked by the callers.
+    fn add_rms_norm_to(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        w: &CudaVector,
+        eps: f32,
+        out: &CudaTensor,
+    ) -> OpResult<()> {
+        let shapes = || format!("{} += {}, w [{}]", x.shape(), y.shape(), w.len);
+        self.launch(
+            &ADD_RMS_NORM,
+            self.dtype,
+            row_cfg("add_rms_norm", x.rows, THREADS)?,
+            "add_rms_norm",
+            shapes,
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(y.ptr()),
+                Arg::Ptr(w.buf.ptr()),
+                Arg::Ptr(out.ptr()),
+                i64a(x.cols),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
     /// The MoE block: its output (`Some`), or — decode-sized, with `residual` given — nothing,
     /// the output added to `residual` inside the MoE's last kernel (as `add_inplace` would).
+    /// With `pre` (and `residual`), `x` is an output: first `residual += pre.y`, `x =
+    /// rms_norm(residual, pre.w)` (`add_rms_norm`), inside the router kernel where it applies.
     fn moe_into(
         &self,
         x: &CudaTensor,
         moe: &Moe<CudaWeight, CudaVector>,
-        residual: Option<&mut CudaTensor>,
+        mut residual: Option<&mut CudaTensor>,
+        pre: Option<PreNorm<'_>>,
     ) -> OpResult<Option<CudaTensor>> {
         const OP: &str = "moe";
         let (t, hidden) = (x.rows, x.cols);
@@ -1617,7 +1836,42 @@ impl CudaBackend {
             Arg::I32(r.norm_topk_prob as i32),
             Arg::F32(r.routed_scaling_factor),
         ];
-        let counts = if decode && t <= GEMV_WARPS && self.gemv_applies(&router) {
+        // With a pre-norm (`add_rms_norm_moe`): inside the router kernel where it applies (its
+        // shared memory holds the normalised rows next to norm_row's 32 KB staging), else first.
+        let router_gemv = decode && t <= GEMV_WARPS && self.gemv_applies(&router);
+        let scratch_floats = (GEMV_WARPS * per_warp_bytes / 4).next_multiple_of(4);
+        let fused_smem = scratch_floats * 4 + t * hidden * s;
+        let fused_pre = pre.filter(|_| {
+            router_gemv && self.fuse && residual.is_some() && fused_smem + ROUTER_NORM_STATIC_SMEM <= 48 * 1024
+        });
+        if let (Some(p), None) = (pre, fused_pre) {
+            let res = residual.as_deref_mut().ok_or_else(|| bad(OP, shapes(), "a pre-norm needs the residual"))?;
+            self.add_rms_norm_to(res, p.y, p.w, p.eps, x)?;
+        }
+        let counts = if let (Some(p), Some(res)) = (fused_pre, residual.as_deref_mut()) {
+            let mut a = vec![
+                Arg::Ptr(res.ptr()),
+                Arg::Ptr(p.y.ptr()),
+                Arg::Ptr(p.w.buf.ptr()),
+                Arg::F32(p.eps),
+                Arg::Ptr(x.ptr()),
+                Arg::I32(t as i32),
+                Arg::I32(hidden as i32),
+                Arg::Ptr(moe.router.ptr()),
+                Arg::Ptr(logits.ptr()),
+            ];
+            a.extend(route_args);
+            a.push(Arg::Ptr(self.route_done.ptr()));
+            a.extend(routing);
+            a.push(Arg::I32(scratch_floats as i32));
+            let cfg = LaunchConfig {
+                grid_dim: (dev::blocks(n_exp, ROUTER_WARPS), 1, 1),
+                block_dim: (32 * ROUTER_WARPS as u32, 1, 1),
+                shared_mem_bytes: fused_smem as u32,
+            };
+            self.launch(&ADD_NORM_ROUTER_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
+            None
+        } else if router_gemv {
             let mut a = vec![
                 Arg::Ptr(x.ptr()),
                 Arg::I32(t as i32),

@@ -1,8 +1,10 @@
 //! The CUDA C sources, compiled at run time by NVRTC ([`crate::dev::compile`]).
 //!
 //! `pdl.cuh` (programmatic dependent launch: every kernel's wait for the kernel before it) is
-//! prepended to every source; `common.cuh` (element types, bf16 <-> f32) to those that share it;
-//! `route.cuh` (one token's MoE routing) to the routing kernels of `moe` and `moe_decode`.
+//! prepended to every source; the shared headers to the modules that use them: `common.cuh`
+//! (element types, bf16 <-> f32), `norm.cuh` (reductions, the row RMSNorm: elementwise and
+//! moe_decode), `route.cuh` (one token's MoE routing: moe and moe_decode), `combine.cuh` (the
+//! sparse-MLA split combine: mla and moe_decode).
 
 use crate::dev::Source;
 
@@ -10,13 +12,16 @@ pub const INDEXER: Source =
     Source { name: "indexer", code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/indexer.cu")) };
 pub const TOPK: Source =
     Source { name: "topk", code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/topk.cu")) };
-pub const MLA: Source =
-    Source { name: "mla", code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/mla.cu")) };
+pub const MLA: Source = Source {
+    name: "mla",
+    code: concat!(include_str!("kernels/pdl.cuh"), include_str!("kernels/combine.cuh"), include_str!("kernels/mla.cu")),
+};
 pub const ELEMENTWISE: Source = Source {
     name: "elementwise",
     code: concat!(
         include_str!("kernels/pdl.cuh"),
         include_str!("kernels/common.cuh"),
+        include_str!("kernels/norm.cuh"),
         include_str!("kernels/elementwise.cu")
     ),
 };
@@ -36,7 +41,9 @@ pub const MOE_DECODE: Source = Source {
     code: concat!(
         include_str!("kernels/pdl.cuh"),
         include_str!("kernels/common.cuh"),
+        include_str!("kernels/norm.cuh"),
         include_str!("kernels/route.cuh"),
+        include_str!("kernels/combine.cuh"),
         include_str!("kernels/moe_decode.cu")
     ),
 };

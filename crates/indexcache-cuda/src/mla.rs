@@ -221,10 +221,36 @@ pub fn sparse_mla(dev: &Dev, a: &MlaArgs) -> OpResult<()> {
 
 /// [`sparse_mla`] with an explicit path / split count (tests, benchmarks).
 pub fn sparse_mla_with(dev: &Dev, a: &MlaArgs, opts: MlaOpts) -> OpResult<()> {
+    run(dev, a, opts, None).map(|_| ())
+}
+
+/// The per-head value projection a split-k call can merge into its combine
+/// (`moe_decode.cu` `mla_combine_uv`): `y[t, h·n_out + j] = out[t, h, :] · w[h, j, :]`.
+#[derive(Debug, Clone, Copy)]
+pub struct UvArgs {
+    /// `[heads, n_out, r]` bf16, 16-byte aligned
+    pub w: u64,
+    pub n_out: usize,
+    /// `[rows, heads·n_out]` bf16
+    pub y: u64,
+}
+
+/// Warps per CTA of `mla_combine_uv` (`CU_WARPS` in moe_decode.cu), 4 output columns each.
+const CU_WARPS: usize = 8;
+
+/// [`sparse_mla`], then `uv`'s projection inside the split combine where it can run there (bf16,
+/// more than one split, `r` in whole 16-byte vectors): returns `true` when `uv.y` was written —
+/// the combined rows never reach `a.out` — and `false` when only `a.out` was (the caller then
+/// projects it). The projection's sums are those of the decode GEMV (`moe_decode.cu` `gemv`).
+pub fn sparse_mla_uv(dev: &Dev, a: &MlaArgs, uv: UvArgs) -> OpResult<bool> {
+    run(dev, a, MlaOpts::default(), Some(uv))
+}
+
+fn run(dev: &Dev, a: &MlaArgs, opts: MlaOpts, uv: Option<UvArgs>) -> OpResult<bool> {
     const OP: &str = "sparse_mla";
     let shapes = || format!("{a:?}");
     if a.rows == 0 || a.heads == 0 || a.r == 0 {
-        return Ok(());
+        return Ok(false);
     }
     if a.k > (i32::MAX / 2) as usize || a.heads > i32::MAX as usize || a.r + a.p > (i32::MAX / 4) as usize {
         return Err(OpError::new(OP, shapes(), "shape out of range"));
@@ -268,7 +294,28 @@ pub fn sparse_mla_with(dev: &Dev, a: &MlaArgs, opts: MlaOpts) -> OpResult<()> {
     b.arg(&split_len).arg(&splits);
     dev.launch(b, cfg, OP, || format!("{} {pl:?} {a:?}", pl.kernel))?;
 
-    if pl.splits > 1 {
+    let uv = uv.filter(|u| {
+        let smem = pl.splits.next_multiple_of(4) * 4 + a.r * 2;
+        pl.splits > 1
+            && a.dtype == DType::BF16
+            && a.r.is_multiple_of(8)
+            && u.w.is_multiple_of(16)
+            && u.n_out > 0
+            && u.n_out <= (i32::MAX as usize) / a.r.max(1)
+            && smem <= 48 * 1024
+    });
+    if let Some(u) = uv {
+        let f = dev.function(&crate::kernels::MOE_DECODE, "mla_combine_uv")?;
+        let cfg = LaunchConfig {
+            grid_dim: (a.rows as u32, a.heads as u32, u.n_out.div_ceil(4 * CU_WARPS) as u32),
+            block_dim: (32 * CU_WARPS as u32, 1, 1),
+            shared_mem_bytes: (pl.splits.next_multiple_of(4) * 4 + a.r * 2) as u32,
+        };
+        let (splits, n_out) = (pl.splits as i32, u.n_out as i32);
+        let mut b = dev.builder(&f);
+        b.arg(&ws_o).arg(&ws_ml).arg(&heads).arg(&r).arg(&splits).arg(&u.w).arg(&n_out).arg(&u.y);
+        dev.launch(b, cfg, OP, || format!("mla_combine_uv {pl:?} {a:?} {u:?}"))?;
+    } else if pl.splits > 1 {
         let name = if a.dtype == DType::F32 { "mla_combine_f32" } else { "mla_combine_bf16" };
         let f = dev.function(&MLA, name)?;
         // One CTA per (row, head, 128 output columns): 80 CTAs for one decode row of 20 heads.
@@ -283,7 +330,7 @@ pub fn sparse_mla_with(dev: &Dev, a: &MlaArgs, opts: MlaOpts) -> OpResult<()> {
     }
     // `ws` is freed stream-ordered after the kernels that use it.
     drop(ws);
-    Ok(())
+    Ok(uv.is_some())
 }
 
 // ---- benchmark ------------------------------------------------------------------------------

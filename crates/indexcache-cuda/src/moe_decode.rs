@@ -255,6 +255,16 @@ fn blocks_per_sm(dev: &Dev, f: &CudaFunction, name: &'static str) -> OpResult<us
     Ok(v)
 }
 
+/// The gate/up kernel loads the fused shared expert's first weight rows before waiting for the
+/// routing kernel (PDL), its units first in the work order; `INDEXCACHE_MOE_EARLY=0` turns the
+/// early loads off (same bits either way). 1 = on. (The same change to the down kernel measured
+/// 14.6 -> 20.2 us per layer on the H200 — its rewritten loop lost its loads in flight — and was
+/// reverted.)
+fn early_loads() -> i32 {
+    static ON: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("INDEXCACHE_MOE_EARLY").map_or(1, |v| i32::from(v != "0")))
+}
+
 /// Kernel 1: `h[q, i] = silu(gate_e[i]·x[t]) · (up_e[i]·x[t])` into the workspace at `ws` (slot
 /// `q` of every routed pair and of the fused shared expert).
 fn gate_up(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
@@ -270,7 +280,8 @@ fn gate_up(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
     let (n_i, k_i, e_i, hid_i, int_i) = (n as i32, a.top_k as i32, a.n_experts as i32, a.hidden as i32, a.inter as i32);
     let mut b = dev.builder(&f);
     b.arg(&a.x).arg(&a.ids).arg(&a.gate_up).arg(&a.shared_gate).arg(&a.shared_up).arg(&ws);
-    b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf);
+    let early = early_loads();
+    b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf).arg(&early);
     dev.launch(b, cfg, OP, || shapes(a))
 }
 
@@ -482,21 +493,29 @@ mod tests {
         let ptx = dev::compile(&kernels::MOE_DECODE).unwrap_or_else(|e| panic!("{e}")).to_src();
         // (kernel, pointer arguments, i32 arguments): `gate_up` / `down` launch them so.
         for (name, ptrs, ints) in [
-            ("moe_decode_gate_up_f32", 6, 6),
-            ("moe_decode_gate_up_bf16", 6, 6),
+            ("moe_decode_gate_up_f32", 6, 7),
+            ("moe_decode_gate_up_bf16", 6, 7),
             ("moe_decode_down_f32", 7, 7),
             ("moe_decode_down_bf16", 7, 7),
         ] {
-            let start = ptx.find(&format!(".entry {name}(")).unwrap_or_else(|| panic!("no entry {name}"));
-            let params = &ptx[start..start + ptx[start..].find(')').expect("parameter list")];
-            let kinds: Vec<&str> = params
-                .lines()
-                .filter_map(|l| l.trim().strip_prefix(".param ."))
-                .map(|l| l.split_whitespace().next().unwrap_or(""))
-                .collect();
+            let kinds = entry_params(&ptx, name);
             let want: Vec<&str> = std::iter::repeat_n("u64", ptrs).chain(std::iter::repeat_n("u32", ints)).collect();
             assert_eq!(kinds, want, "{name}");
         }
+        // mla.rs launches the combine merged into W_UV: ws_o, ws_ml, heads, r, splits, w, n_out, y.
+        let kinds = entry_params(&ptx, "mla_combine_uv");
+        assert_eq!(kinds, ["u64", "u64", "u32", "u32", "u32", "u64", "u32", "u64"], "mla_combine_uv");
+    }
+
+    /// The PTX parameter types (`u64`, `u32`, ...) of kernel `name`, in order.
+    fn entry_params<'a>(ptx: &'a str, name: &str) -> Vec<&'a str> {
+        let start = ptx.find(&format!(".entry {name}(")).unwrap_or_else(|| panic!("no entry {name}"));
+        let params = &ptx[start..start + ptx[start..].find(')').expect("parameter list")];
+        params
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".param ."))
+            .map(|l| l.split_whitespace().next().unwrap_or(""))
+            .collect()
     }
 
     fn args(dtype: DType, tokens: usize, hidden: usize, inter: usize, top_k: usize) -> MoeSmallArgs {

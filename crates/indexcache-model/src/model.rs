@@ -711,11 +711,15 @@ impl<B: Backend> DsaModel<B> {
         let start = self.mark()?;
         let h = b.rms_norm(x, &lw.input_norm, eps)?;
         let (attn, indexer) = self.attention(l, &h, cache, positions, &mut state.shared, state.taps.as_mut())?;
-        let h = b.add_rms_norm(x, &attn, &lw.post_attn_norm, eps)?;
+        // The post-attention residual add and norm: part of the FFN stage's time (a MoE block
+        // may run them inside its routing kernel).
         let attention_end = self.mark()?;
         match &lw.ffn {
-            FfnWeights::Dense(m) => b.add_inplace(x, &b.mlp(&h, m)?)?,
-            FfnWeights::Moe(m) => b.moe_residual(x, &h, m)?,
+            FfnWeights::Dense(m) => {
+                let h = b.add_rms_norm(x, &attn, &lw.post_attn_norm, eps)?;
+                b.add_inplace(x, &b.mlp(&h, m)?)?
+            }
+            FfnWeights::Moe(m) => b.add_rms_norm_moe(x, &attn, &lw.post_attn_norm, eps, m)?,
         }
         if let (Some(start), Some(attention_end), Some(ffn_end)) = (start, attention_end, self.mark()?) {
             state.marks.push(LayerMarks { start, indexer, attention_end, ffn_end });
@@ -759,14 +763,15 @@ impl<B: Backend> DsaModel<B> {
                 // Latent qr (shared with the indexer), then per head [nope | rope].
                 // q_a and kv_a read the same input: one launch where the backend can.
                 let (q_a, kv) = b.matmul_t2(h, &w.q_a, &w.kv_a)?; // [T, q_lora], [T, R+P]
-                let qr = b.rms_norm(&q_a, &w.q_a_norm, LATENT_NORM_EPS)?; // [T, q_lora]
+                // qr = rms_norm(q_a) [T, q_lora]; the latent row [rms_norm(c_kv) | rope(k_pe)]
+                // goes straight into the cache (both norms in one step).
+                let il = RopeLayout::Interleaved;
+                let (eps, norms) = (LATENT_NORM_EPS, (&w.q_a_norm, &w.kv_a_norm));
+                let qr = b.mla_norms(&q_a, norms.0, &kv, r, norms.1, eps, il, positions, rope, latent)?;
                 let q = b.matmul_t(&qr, &w.q_b)?; // [T, H*(nope+P)]
                 // q_nope [T, H*nope], q_pe [T, H*P] (RoPE'd)
-                let il = RopeLayout::Interleaved;
                 let (q_nope, q_pe) = b.split_heads_rope(&q, heads, nope, p, il, positions, rope)?;
                 let q_lat = b.matmul_heads(&q_nope, &w.w_uk)?; // [T, H*R] absorbed
-                // The latent row [rms_norm(c_kv) | rope(k_pe)] goes straight into the cache.
-                b.latent_store(&kv, r, &w.kv_a_norm, LATENT_NORM_EPS, il, positions, rope, latent)?;
                 Q::Mla { q_lat, q_pe, qr }
             }
             (AttentionWeights::Gqa(w), LayerKv::Gqa { k: kc, v: vc }) => {
@@ -824,8 +829,8 @@ impl<B: Backend> DsaModel<B> {
         let out = match (q, &lw.attn, &lc.kv) {
             (Q::Mla { q_lat, q_pe, .. }, AttentionWeights::Mla(w), LayerKv::Latent(latent)) => {
                 let sel = sel.ok_or_else(|| ModelError::Invalid("MLA attention needs a selection".into()))?;
-                let o_lat = b.sparse_mla(&q_lat, &q_pe, latent, sel, c.softmax_scale)?; // [T, H*R]
-                let o = b.matmul_heads(&o_lat, &w.w_uv)?; // [T, H*v]
+                // softmax over the selection in the latent space [T, H*R], then W_UV → [T, H*v]
+                let o = b.sparse_mla_uv(&q_lat, &q_pe, latent, sel, c.softmax_scale, &w.w_uv)?;
                 b.matmul_t(&o, &w.o)?
             }
             (Q::Gqa { q }, AttentionWeights::Gqa(w), LayerKv::Gqa { k, v }) => {

@@ -542,6 +542,29 @@ impl<'a, B: Backend> Suite<'a, B> {
                 Ok((s.b.download(&got)?, s.b.download(&want)?))
             });
         }
+        for (rows, q_cols, r, p) in [(1usize, 768usize, 512usize, 64usize), (4, 40, 40, 16)] {
+            let case = format!("{rows} rows: q_a [{q_cols}], kv [{r} | {p}] = rms_norm + latent_store");
+            self.rel("mla_norms", case, 0.0, |s| {
+                let q_a = s.up(&s.data(47, rows * q_cols, 2.0), rows, q_cols)?;
+                let qw = s.b.vector(&s.data(48, q_cols, 1.0))?;
+                let kv = s.up(&s.data(49, rows * (r + p), 2.0), rows, r + p)?;
+                let kw = s.b.vector(&s.data(50, r, 1.0))?;
+                let pos = s.b.positions(&[9, 40, 3, 63][..rows])?;
+                let table = s.b.rope_table(&RopeTable::new(&vec![0.01; p / 2], 1.0, 64))?;
+                let init = s.data(51, 64 * (r + p), 1.0);
+                let il = RopeLayout::Interleaved;
+                let mut got_c = s.up(&init, 64, r + p)?;
+                let qr = s.b.mla_norms(&q_a, &qw, &kv, r, &kw, 1e-6, il, &pos, &table, &mut got_c)?;
+                let mut want_c = s.up(&init, 64, r + p)?;
+                let want_qr = s.b.rms_norm(&q_a, &qw, 1e-6)?;
+                s.b.latent_store(&kv, r, &kw, 1e-6, il, &pos, &table, &mut want_c)?;
+                let mut got = s.b.download(&qr)?;
+                got.extend(s.b.download(&got_c)?);
+                let mut want = s.b.download(&want_qr)?;
+                want.extend(s.b.download(&want_c)?);
+                Ok((got, want))
+            });
+        }
     }
 
     // ---- matmuls ------------------------------------------------------------------------------
@@ -715,6 +738,23 @@ impl<'a, B: Backend> Suite<'a, B> {
                 if fused.iter().zip(&plain).any(|(a, b)| a.to_bits() != b.to_bits()) {
                     return Err(crate::OpError::new("moe_residual", "", "differs from moe + add_inplace"));
                 }
+                // add_rms_norm_moe: exactly add_rms_norm then moe_residual (a device may run the
+                // add and norm in the router kernel).
+                let attn = s.up(&s.data(seed + 9, t * hidden, 1.0), t, hidden)?;
+                let w = s.b.vector(&s.data(seed + 10, hidden, 1.0))?;
+                let mut fused = s.up(&r0, t, hidden)?;
+                s.b.add_rms_norm_moe(&mut fused, &attn, &w, 1e-6, &moe)?;
+                let mut plain = s.up(&r0, t, hidden)?;
+                let h = s.b.add_rms_norm(&mut plain, &attn, &w, 1e-6)?;
+                s.b.moe_residual(&mut plain, &h, &moe)?;
+                let (fused, plain) = (s.b.download(&fused)?, s.b.download(&plain)?);
+                if fused.iter().zip(&plain).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                    return Err(crate::OpError::new(
+                        "add_rms_norm_moe",
+                        "",
+                        "differs from add_rms_norm + moe_residual",
+                    ));
+                }
                 Ok((s.b.download(&y)?, want))
             });
         }
@@ -810,6 +850,33 @@ impl<'a, B: Backend> Suite<'a, B> {
                     scale,
                 )?;
                 Ok((s.b.download(&got)?, want))
+            });
+        }
+        // sparse_mla_uv: exactly sparse_mla then matmul_heads (a device may merge the projection
+        // into the split-k combine: decode rows over many selected positions).
+        for (rows, h, r, p, k, n_out) in
+            [(1usize, 20usize, 512usize, 64usize, 2048usize, 256usize), (3, 4, 64, 16, 256, 24)]
+        {
+            let case =
+                format!("T {rows}, H {h}, R {r}, P {p}, K {k}, W_UV [{h}, {n_out}, {r}] = sparse_mla + matmul_heads");
+            self.rel("sparse_mla_uv", case, 0.0, |s| {
+                let cache_rows = k + 8;
+                let q_lat = s.up(&s.data(320, rows * h * r, 3.0), rows, h * r)?;
+                let q_pe = s.up(&s.data(321, rows * h * p, 3.0), rows, h * p)?;
+                let cache = s.up(&s.data(322, cache_rows * (r + p), 1.0), cache_rows, r + p)?;
+                let w = s.wt(&s.data(323, h * n_out * r, 1.0 / (r as f32).sqrt()), h, n_out, r)?;
+                let mut data = Vec::with_capacity(rows * k);
+                for t in 0..rows {
+                    let picks = shuffle(324 + t as u64, cache_rows);
+                    data.extend(
+                        picks.iter().take(k).enumerate().map(|(i, &q)| if i % 97 == 5 { -1 } else { q as i32 }),
+                    );
+                }
+                let sel = s.b.selection_from_host(&TopK { rows, k, data })?;
+                let scale = 1.0 / ((r + p) as f32).sqrt();
+                let got = s.b.sparse_mla_uv(&q_lat, &q_pe, &cache, &sel, scale, &w)?;
+                let want = s.b.matmul_heads(&s.b.sparse_mla(&q_lat, &q_pe, &cache, &sel, scale)?, &w)?;
+                Ok((s.b.download(&got)?, s.b.download(&want)?))
             });
         }
     }
@@ -1167,9 +1234,11 @@ mod tests {
         let results = run(&Faulty(CpuBackend::new()), Tolerance::for_dtype(DType::F32));
         println!("{}", table(&results));
         let failed: BTreeSet<&str> = results.iter().filter(|r| !r.passed).map(|r| r.op).collect();
-        // `latent_store` falls with them: its default is built from the broken `columns` (which
-        // yields NaN, never equal to itself); the fused checks compare against the plain ops.
-        let want: BTreeSet<&str> = ["columns", "scale", "rms_norm", "indexer_topk", "moe", "latent_store"].into();
+        // `latent_store` and `mla_norms` fall with them: their defaults are built from the broken
+        // `columns` (which yields NaN, never equal to itself); the fused checks compare against
+        // the plain ops.
+        let want: BTreeSet<&str> =
+            ["columns", "scale", "rms_norm", "indexer_topk", "moe", "latent_store", "mla_norms"].into();
         assert_eq!(failed, want, "{}", table(&results));
         // Every check of a broken op fails (each case exercises the bug).
         for r in results.iter().filter(|r| want.contains(r.op)) {

@@ -325,6 +325,42 @@ pub trait Backend: Send + Sync {
         self.write_rows(cache, pos, r, &k_pe)
     }
 
+    /// The MLA's two latent norms of a step: returns `rms_norm(q_a, q_w, eps)` (the q latent)
+    /// and stores the KV latent rows as [`Backend::latent_store`] does (`kv_w`, the same `eps`).
+    /// A device may run both in one launch; the results equal the two ops exactly.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_norms(
+        &self,
+        q_a: &Self::Tensor,
+        q_w: &Self::Vector,
+        kv: &Self::Tensor,
+        r: usize,
+        kv_w: &Self::Vector,
+        eps: f32,
+        layout: RopeLayout,
+        pos: &Positions<Self::PosData>,
+        table: &Self::Rope,
+        cache: &mut Self::Tensor,
+    ) -> OpResult<Self::Tensor> {
+        let qr = self.rms_norm(q_a, q_w, eps)?;
+        self.latent_store(kv, r, kv_w, eps, layout, pos, table, cache)?;
+        Ok(qr)
+    }
+    /// The MoE half of a layer: `x += y`, `h = rms_norm(x, w, eps)`, `x += moe(h)`
+    /// ([`Backend::add_rms_norm`] then [`Backend::moe_residual`]). A device may compute the add
+    /// and the norm inside the MoE's routing kernel; the result equals the two ops exactly.
+    fn add_rms_norm_moe(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+        moe: &Moe<Self::Weight, Self::Vector>,
+    ) -> OpResult<()> {
+        let h = self.add_rms_norm(x, y, w, eps)?;
+        self.moe_residual(x, &h, moe)
+    }
+
     // ---- matmuls ------------------------------------------------------------------------
     /// `x [T, in] · wᵀ` → `[T, out]` for a `[1, out, in]` weight.
     fn matmul_t(&self, x: &Self::Tensor, w: &Self::Weight) -> OpResult<Self::Tensor>;
@@ -374,6 +410,21 @@ pub trait Backend: Send + Sync {
         sel: &Self::Selection,
         scale: f32,
     ) -> OpResult<Self::Tensor>;
+    /// [`Backend::sparse_mla`] then the per-head value projection `matmul_heads(·, w_uv)`
+    /// (`w_uv [H, out, R]`) → `[T, H*out]`. A device may merge the projection into the
+    /// attention's last kernel; the result equals the two ops exactly.
+    fn sparse_mla_uv(
+        &self,
+        q_lat: &Self::Tensor,
+        q_pe: &Self::Tensor,
+        cache: &Self::Tensor,
+        sel: &Self::Selection,
+        scale: f32,
+        w_uv: &Self::Weight,
+    ) -> OpResult<Self::Tensor> {
+        let o = self.sparse_mla(q_lat, q_pe, cache, sel, scale)?;
+        self.matmul_heads(&o, w_uv)
+    }
 
     /// Multi-head attention with grouped KV heads (GQA; MHA when `kv_heads == heads`):
     /// `q [T, heads*D]` (RoPE applied), caches `k [≥S, kv_heads*D]`, `v [≥S, kv_heads*Dv]`; query

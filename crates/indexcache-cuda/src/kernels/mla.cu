@@ -18,7 +18,8 @@
 // MLA_HOST_EMU: defined only by a host-side emulator (C++ threads standing in for CUDA threads,
 // ldmatrix / mma / cp.async emulated from the PTX ISA fragment layouts) used to check the index
 // arithmetic without a GPU; it supplies the primitives guarded below (and `PDL_ENTRY`, which
-// pdl.cuh, prepended for NVRTC, defines). NVRTC never defines it.
+// pdl.cuh, prepended for NVRTC, defines). NVRTC never defines it. combine.cuh (the combine's
+// arithmetic, shared with moe_decode.cu's mla_combine_uv) is prepended too.
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
@@ -650,10 +651,10 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 template <typename T>
 __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
                                             T* __restrict__ out, int heads, int r, int splits, float* sw) {
-    // The weights of all splits in parallel (block max, then block sum), not in one thread: the
-    // (m, l) loads of the splits are independent, and a serial loop waits on each in turn.
+    // The weights of all splits in parallel (block max, then block sum: combine.cuh), not in one
+    // thread: the (m, l) loads of the splits are independent, and a serial loop waits on each in turn.
     __shared__ float red[32];
-    const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, nw = blockDim.x >> 5;
+    const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
     const u64 base = (u64)t * splits * heads + h;  // entry (t, s, h) = base + s * heads
     // A thread's first column of partial outputs, loaded before the reductions below (they do not
     // depend on them): the loads' latency overlaps the weights' computation.
@@ -663,36 +664,9 @@ __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, cons
     float pv[COMBINE_PRE];
 #pragma unroll
     for (int u = 0; u < COMBINE_PRE; ++u) pv[u] = pre && u < splits ? ws_o[(base + (u64)u * heads) * r + c_first] : 0.0f;
-    float M = neg_inf();
-    for (int s = tid; s < splits; s += blockDim.x) {
-        const u64 w = base + (u64)s * heads;
-        if (ws_ml[w * 2 + 1] > 0.0f) M = fmaxf(M, ws_ml[w * 2]);
-    }
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    if ((tid & 31) == 0) red[tid >> 5] = M;
-    __syncthreads();
-    M = red[0];
-    for (int i = 1; i < nw; ++i) M = fmaxf(M, red[i]);
-    __syncthreads();  // everyone has read red before it is reused
-    float L = 0.0f;
-    for (int s = tid; s < splits; s += blockDim.x) {
-        const u64 w = base + (u64)s * heads;
-        const float l = ws_ml[w * 2 + 1];
-        const float e = l > 0.0f ? expf(ws_ml[w * 2] - M) : 0.0f;
-        sw[s] = e;
-        L += e * l;
-    }
-    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
-    if ((tid & 31) == 0) red[tid >> 5] = L;
-    __syncthreads();
-    // The same summation order in every thread (warp partials in warp order).
-    L = red[0];
-    for (int i = 1; i < nw; ++i) L += red[i];
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    const float inv = combine_weights(ws_ml, base, heads, splits, sw, red, blockDim.x);
     for (int c = blockIdx.z * blockDim.x + tid; c < r; c += gridDim.z * blockDim.x) {
-        // Splits in order; loads in groups of COMBINE_UNR so they are in flight together (a split
-        // with weight 0 is loaded but not added, as in the one-at-a-time loop).
-        constexpr int COMBINE_UNR = 8;
+        // Splits in order (combine.cuh); the thread's first column from its preloaded values.
         float acc = 0.0f;
         int s = 0;
         if (pre && c == c_first) {
@@ -705,20 +679,7 @@ __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, cons
             }
             s = splits;
         }
-        for (; s + COMBINE_UNR <= splits; s += COMBINE_UNR) {
-            float v[COMBINE_UNR];
-#pragma unroll
-            for (int u = 0; u < COMBINE_UNR; ++u) v[u] = ws_o[(base + (u64)(s + u) * heads) * r + c];
-#pragma unroll
-            for (int u = 0; u < COMBINE_UNR; ++u) {
-                const float w = sw[s + u];
-                if (w != 0.0f) acc = fmaf(w, v[u], acc);
-            }
-        }
-        for (; s < splits; ++s) {
-            const float w = sw[s];
-            if (w != 0.0f) acc = fmaf(w, ws_o[(base + (u64)s * heads) * r + c], acc);
-        }
+        acc = combine_col(ws_o, base, heads, r, splits, sw, c, s, acc);
         st_val(out + ((u64)t * heads + h) * r + c, acc * inv);
     }
 }

@@ -25,7 +25,9 @@ extern "C" __global__ void moe_route(const float* logits, const float* bias, int
     const int warp = threadIdx.x >> 5;
     const int t = blockIdx.x * (blockDim.x >> 5) + warp;
     if (t >= T) return;  // a whole warp leaves together
-    route_token(logits, bias, ids, wts, counts, t, E, G, topk_group, top_k, norm, scaling,
+    float b[ROUTE_PER_LANE];
+    route_bias(bias, E, b);
+    route_token(logits, b, ids, wts, counts, t, E, G, topk_group, top_k, norm, scaling,
                 smem + (i64)warp * (3 * E + 2 * G + top_k));
 }
 

@@ -76,12 +76,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
 
-// Butterfly sum: every lane ends with the same value (each step adds the same two operands).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
+// warp_sum (a butterfly: every lane ends with the same value), block_sum and the row RMSNorm
+// norm_row: norm.cuh (prepended).
 
 // `v` rounded to the storage type T and back (identity for f32).
 template <typename T>
@@ -169,29 +165,58 @@ __device__ __forceinline__ int take_members(const Plan& p, int q, int (&mq)[MAXM
 // ---- kernel 1: gate/up GEMV + SwiGLU ------------------------------------------------------------
 // Grid: any number of CTAs (persistent; the host sizes it to the resident capacity), blockDim.x a
 // multiple of 32. sg, su: the shared expert's gate and up [I, hidden], or null (both) for none.
+// early: load the shared expert's first weights before the PDL wait (below).
 // h: [n + ns, I] f32, ns = n / top_k with a shared expert, else 0.
 template <typename T>
 __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int* __restrict__ ids,
                                              const T* __restrict__ gu, const T* __restrict__ sg,
                                              const T* __restrict__ su, float* __restrict__ h, int n, int top_k, int E,
-                                             int hidden, int I, int pf) {
+                                             int hidden, int I, int pf, int early) {
     __shared__ Plan plan;
     if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
     const int ns = sg ? n / top_k : 0;                   // shared-expert slots, one per token
     if (ns > MAX_TOKENS) return;                         // uniform; the host rejects these
-    make_plan(plan, ids, n, n + ns, E);
     constexpr int N = VecT<T>::N;
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int nvec = hidden / N;  // 16-byte vectors per weight row (the host checks hidden % N == 0)
-    const i64 units = (i64)plan.n_lead * I;
     const i64 step = (i64)gridDim.x * warps;
     const i64 first = (i64)blockIdx.x * warps + (threadIdx.x >> 5);
     const unsigned row_bytes = (unsigned)hidden * sizeof(T);
+    // With a shared expert its units come first (units 0 .. I-1; its leader is the plan's last):
+    // they need no routing, so a warp whose first unit is one loads that unit's first step of
+    // weights before waiting for the routing kernel (`pdl_wait`) and building the plan. Which warp
+    // computes a unit never changes its result.
+    uint4 wg[UNR], wu[UNR];
+    bool preloaded = false;
+    auto load_step = [&](const T* grow, const T* urow, int c0) {
+#pragma unroll
+        for (int k = 0; k < UNR; ++k) {
+            const int c = c0 + k * 32 + lane;
+            if (c < nvec) {
+                wg[k] = ld_stream(grow + (i64)c * N);
+                wu[k] = ld_stream(urow + (i64)c * N);
+            } else {
+                wg[k] = wu[k] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    };
+    if (early && ns > 0 && first < I) {
+        load_step(sg + first * hidden, su + first * hidden, 0);
+        preloaded = true;
+    }
+    pdl_wait();
+    make_plan(plan, ids, n, n + ns, E);
+    const i64 units = (i64)plan.n_lead * I;
+    // Leader of unit u (the shared expert's first).
+    auto leader_of = [&](i64 u) {
+        const int li = (int)(u / I);
+        return ns > 0 ? (li + plan.n_lead - 1) % plan.n_lead : li;
+    };
     // Gate and up rows of unit u: a routed expert's up row is I rows after its gate row in the
     // stacked tensor; the shared expert (id E) has separate gate and up matrices.
     auto rows_of = [&](i64 u, const T*& g, const T*& up) {
-        const int li = (int)(u / I), i = (int)(u - (i64)li * I);
-        const int e = plan.id[plan.lead[li]];
+        const int i = (int)(u % I);
+        const int e = plan.id[plan.lead[leader_of(u)]];
         if (e < E) {
             g = gu + ((i64)e * 2 * I + i) * hidden;
             up = g + (i64)I * hidden;
@@ -221,10 +246,10 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
                 prefetch_l2(up, row_bytes);
             }
         }
-        const int li = (int)(u / I), i = (int)(u - (i64)li * I);
+        const int i = (int)(u % I);
         const T *grow, *urow;
         rows_of(u, grow, urow);
-        int q = plan.lead[li];
+        int q = plan.lead[leader_of(u)];
         while (q >= 0) {  // uniform over the warp
             int mq[MAXM];
             q = take_members(plan, q, mq);
@@ -232,17 +257,10 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) ga[m] = ua[m] = 0.0f;
             for (int c0 = 0; c0 < nvec; c0 += 32 * UNR) {
-                uint4 wg[UNR], wu[UNR];
-#pragma unroll
-                for (int k = 0; k < UNR; ++k) {
-                    const int c = c0 + k * 32 + lane;
-                    if (c < nvec) {
-                        wg[k] = ld_stream(grow + (i64)c * N);
-                        wu[k] = ld_stream(urow + (i64)c * N);
-                    } else {
-                        wg[k] = wu[k] = make_uint4(0u, 0u, 0u, 0u);
-                    }
-                }
+                if (preloaded)
+                    preloaded = false;  // the first step of the first unit: loaded before the wait
+                else
+                    load_step(grow, urow, c0);
 #pragma unroll
                 for (int m = 0; m < MAXM; ++m) {
                     if (mq[m] < 0) break;  // the chain ended (uniform)
@@ -285,14 +303,12 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
 #define ENTRY extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS)
 
 ENTRY moe_decode_gate_up_f32(const float* x, const int* ids, const float* gu, const float* sg, const float* su,
-                             float* h, int n, int top_k, int E, int hidden, int I, int pf) {
-    PDL_ENTRY();
-    gate_up_impl<float>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf);
+                             float* h, int n, int top_k, int E, int hidden, int I, int pf, int early) {
+    gate_up_impl<float>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf, early);
 }
 ENTRY moe_decode_gate_up_bf16(const bf16_t* x, const int* ids, const bf16_t* gu, const bf16_t* sg, const bf16_t* su,
-                              float* h, int n, int top_k, int E, int hidden, int I, int pf) {
-    PDL_ENTRY();
-    gate_up_impl<bf16_t>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf);
+                              float* h, int n, int top_k, int E, int hidden, int I, int pf, int early) {
+    gate_up_impl<bf16_t>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf, early);
 }
 
 // ---- kernel 2: down GEMV + weighted combine -----------------------------------------------------
@@ -431,9 +447,11 @@ ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const
 // over its vectors lane, lane + 32, ... in order whatever U and C are, so every (U, C) gives the
 // same bits. C > 1 serves short rows: a warp then keeps C rows in flight instead of one short row
 // (and the grid needs C times fewer warps).
-template <int U, int C, typename TO>
-__device__ __forceinline__ void gemv_cols(const bf16_t* x, i64 ldx, const bf16_t* w0, i64 ldw, TO* y, i64 ldy,
-                                          int j0, int nc, int rows, int n_in) {
+// `pre()` runs between the first weight loads and the first read of x (every caller but
+// add_norm_router_route: `pdl_wait`); XS: x is in shared memory (generic loads) instead of global.
+template <int U, int C, typename TO, bool XS = false, typename Pre>
+__device__ __forceinline__ void gemv_cols_pre(const bf16_t* x, i64 ldx, const bf16_t* w0, i64 ldw, TO* y, i64 ldy,
+                                              int j0, int nc, int rows, int n_in, Pre pre) {
     const int lane = threadIdx.x & 31;
     const int nv = n_in >> 3;
     float acc[C][GEMV_ROWS];
@@ -454,7 +472,7 @@ __device__ __forceinline__ void gemv_cols(const bf16_t* x, i64 ldx, const bf16_t
     // The first step's weights are loaded before waiting for the kernel that wrote x (`pdl_wait`):
     // under PDL their fetch overlaps that kernel's end.
     load(0);
-    pdl_wait();
+    pre();
     for (int v0 = 0; v0 < nv; v0 += 32 * U) {
         if (v0 > 0) load(v0);
 #pragma unroll
@@ -465,7 +483,8 @@ __device__ __forceinline__ void gemv_cols(const bf16_t* x, i64 ldx, const bf16_t
             for (int t = 0; t < GEMV_ROWS; ++t) {
                 if (t < rows) {
                     float xf[8];
-                    VecT<bf16_t>::unpack(ld_act(x + t * ldx + 8 * (i64)v), xf);
+                    const bf16_t* xv = x + t * ldx + 8 * (i64)v;
+                    VecT<bf16_t>::unpack(XS ? *(const uint4*)xv : ld_act(xv), xf);
 #pragma unroll
                     for (int c = 0; c < C; ++c) {
                         float wf[8];
@@ -487,6 +506,12 @@ __device__ __forceinline__ void gemv_cols(const bf16_t* x, i64 ldx, const bf16_t
             }
         }
     }
+}
+
+template <int U, int C, typename TO>
+__device__ __forceinline__ void gemv_cols(const bf16_t* x, i64 ldx, const bf16_t* w0, i64 ldw, TO* y, i64 ldy,
+                                          int j0, int nc, int rows, int n_in) {
+    gemv_cols_pre<U, C, TO>(x, ldx, w0, ldw, y, ldy, j0, nc, rows, n_in, [] { pdl_wait(); });
 }
 
 // One column (gemv2_bf16, router_route).
@@ -515,6 +540,14 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
               int n_out, int n_in) {
     gemv<UNR, 1, bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
 }
+// 4 vectors per lane per step (backend.rs `gemv_u4`, the default; same bits): a standalone H200
+// microbenchmark read the 5120-wide o rows in 9.8 us at 4 against 10.8 at 8, and the 30B decode
+// step measured +0.6 % (4K) / +2.8 % (200K, paper 1/4) with it.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_bf16_u4(const bf16_t* x, i64 ldx, i64 sx, const bf16_t* w, i64 ldw, i64 sw, bf16_t* y, i64 ldy, i64 sy,
+                 int rows, int n_out, int n_in) {
+    gemv<4, 1, bf16_t>(x, ldx, sx, w, ldw, sw, y, ldy, sy, rows, n_out, n_in);
+}
 // Short rows (backend.rs `gemv_cols`): 2 columns per warp for rows of up to 128 vectors (4 per
 // lane), 4 for rows of up to 64, the same register budget as one long row.
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
@@ -535,16 +568,26 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 
 // Two GEMVs of one input in one launch (backend.rs `matmul_t2`): warps j < n1 compute y1 from w1,
 // the rest y2 from w2, each column exactly as `gemv_bf16` computes it. x [rows, n_in] contiguous.
+template <int U>
+__device__ __forceinline__ void gemv2(const bf16_t* x, int rows, int n_in, const bf16_t* w1, bf16_t* y1, int n1,
+                                      const bf16_t* w2, bf16_t* y2, int n2) {
+    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (j < n1) {
+        gemv_col<U, bf16_t>(x, n_in, w1 + (i64)j * n_in, y1, n1, j, rows, n_in);
+    } else if (j < n1 + n2) {
+        const int k = j - n1;
+        gemv_col<U, bf16_t>(x, n_in, w2 + (i64)k * n_in, y2, n2, k, rows, n_in);
+    }
+}
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv2_bf16(const bf16_t* x, int rows, int n_in, const bf16_t* w1, bf16_t* y1, int n1, const bf16_t* w2,
                bf16_t* y2, int n2) {
-    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (j < n1) {
-        gemv_col<UNR, bf16_t>(x, n_in, w1 + (i64)j * n_in, y1, n1, j, rows, n_in);
-    } else if (j < n1 + n2) {
-        const int k = j - n1;
-        gemv_col<UNR, bf16_t>(x, n_in, w2 + (i64)k * n_in, y2, n2, k, rows, n_in);
-    }
+    gemv2<UNR>(x, rows, n_in, w1, y1, n1, w2, y2, n2);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv2_bf16_u4(const bf16_t* x, int rows, int n_in, const bf16_t* w1, bf16_t* y1, int n1, const bf16_t* w2,
+                  bf16_t* y2, int n2) {
+    gemv2<4>(x, rows, n_in, w1, y1, n1, w2, y2, n2);
 }
 
 // The router GEMV and the routing in one launch (backend.rs `moe`, decode rows): the CTAs compute
@@ -559,6 +602,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
     __shared__ int last;
     const int warp = threadIdx.x >> 5;
     const int j = blockIdx.x * GEMV_WARPS + warp;
+    float b[ROUTE_PER_LANE];  // constant: loaded now, in case this CTA is the one that routes
+    if (warp < rows) route_bias(bias, E, b);
     if (j < E)
         gemv_col<UNR, float>(x, n_in, w + (i64)j * n_in, logits, E, j, rows, n_in);  // waits (pdl_wait)
     else
@@ -569,7 +614,94 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
     __syncthreads();
     if (!last) return;  // the others' logits: fenced before they counted, read past L1 (ld_cg)
     if (warp < rows)
-        route_token(logits, bias, ids, wts, nullptr, warp, E, G, topk_group, top_k, norm, scaling,
+        route_token(logits, b, ids, wts, nullptr, warp, E, G, topk_group, top_k, norm, scaling,
                     smem + (i64)warp * (3 * E + 2 * G + top_k));
     if (threadIdx.x == 0) *done = 0u;
+}
+
+// The post-attention residual add + RMSNorm, the router GEMV and the routing in one launch
+// (backend.rs `add_rms_norm_moe`, decode rows): add_rms_norm_bf16 then router_route, the same bits.
+// Every CTA (ROUTER_WARPS warps, as many threads as the add_rms_norm kernel, so the same norm
+// reduction) computes h = rms_norm(x + y) of every row into shared memory — nobody writes x yet —
+// then its warps compute router columns from that copy, each exactly as router_route does. The
+// last CTA to finish (device counter `done`, reset by that CTA) then routes (warps < rows, as
+// router_route) and stores x += y and h (the other warps): every CTA has read x by then.
+// Dynamic shared memory: GEMV_WARPS * (3E + 2G + top_k) floats of routing scratch (a multiple of 4
+// floats, the host rounds it up), then h [rows, hidden] bf16.
+#define ROUTER_WARPS 8  // 256 threads: add_rms_norm's block (backend.rs ROUTER_WARPS)
+extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
+    add_norm_router_route(bf16_t* res, const bf16_t* y, const float* nw, float eps, bf16_t* h_out, int rows,
+                          int hidden, const bf16_t* w, float* logits, const float* bias, int* ids, float* wts,
+                          unsigned* done, int E, int G, int topk_group, int top_k, int norm, float scaling,
+                          int scratch_floats) {
+    extern __shared__ float smem[];
+    __shared__ float red[33];
+    __shared__ int last;
+    bf16_t* hs = (bf16_t*)(smem + scratch_floats);
+    const int warp = threadIdx.x >> 5;
+    const int j = blockIdx.x * ROUTER_WARPS + warp;
+    float b[ROUTE_PER_LANE];  // constant: loaded now, in case this CTA is the one that routes
+    if (warp < rows) route_bias(bias, E, b);
+    auto pre = [&] {
+        pdl_wait();
+        for (int t = 0; t < rows; ++t) {
+            const i64 o = (i64)t * hidden;
+            norm_row<bf16_t, true>(res + o, y + o, nw, hs + o, hidden, eps, red, false);
+            __syncthreads();  // xs (norm_row's staging) is reused by the next row; hs complete
+        }
+    };
+    // Warps past the last column load nothing and store nothing (nc = 0) but take part in the norm.
+    gemv_cols_pre<UNR, 1, float, true>(hs, hidden, w + (i64)min(j, E - 1) * hidden, 0, logits, E, j, j < E ? 1 : 0,
+                                       rows, hidden, pre);
+    __threadfence();  // this CTA's logits are visible device-wide before it counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    if (warp < rows) {
+        route_token(logits, b, ids, wts, nullptr, warp, E, G, topk_group, top_k, norm, scaling,
+                    smem + (i64)warp * (3 * E + 2 * G + top_k));
+    } else if (warp >= GEMV_ROWS) {
+        // x += y as add_rms_norm stores it (every CTA has read x), and h for the expert kernels.
+        const int n = rows * hidden, tid = threadIdx.x - GEMV_ROWS * 32, nt = blockDim.x - GEMV_ROWS * 32;
+        for (int i = tid; i < n; i += nt) {
+            res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(y[i]));
+            h_out[i] = hs[i];
+        }
+    }
+    if (threadIdx.x == 0) *done = 0u;
+}
+
+// The sparse-MLA split combine merged into the per-head W_UV GEMV (backend.rs `sparse_mla_uv`,
+// decode rows): mla_combine_bf16 then gemv on the [rows, heads*r] output, the same bits, without
+// the combined rows' round trip through memory and one launch fewer. Grid (rows, heads, column
+// blocks of CU_WARPS * 4 outputs); every CTA of (row t, head h) combines that head's splits into
+// shared memory — split weights as mla_combine's 128-thread block computes them (combine.cuh),
+// each column rounded to bf16 as mla_combine stores it — then its warps compute 4 output columns
+// each from that copy, as the GEMV does (its weight rows are loaded before the PDL wait).
+// w: [heads, n_out, r] bf16; y: [rows, heads * n_out] bf16. Dynamic shared memory: `splits` floats
+// rounded up to a multiple of 4, then the combined row, r bf16 (r % 8 == 0).
+#define CU_WARPS 8               // backend.rs CU_WARPS
+#define COMBINE_BLOCK_THREADS 128  // mla.rs COMBINE_THREADS: the combine's reduction shape
+extern "C" __global__ void __launch_bounds__(CU_WARPS * 32)
+    mla_combine_uv(const float* ws_o, const float* ws_ml, int heads, int r, int splits, const bf16_t* w, int n_out,
+                   bf16_t* y) {
+    extern __shared__ float smem[];
+    __shared__ float red[32];
+    float* sw = smem;
+    bf16_t* xs = (bf16_t*)(smem + ((splits + 3) & ~3));
+    const int t = blockIdx.x, h = blockIdx.y;
+    const int j0 = (blockIdx.z * CU_WARPS + (threadIdx.x >> 5)) * 4;
+    const unsigned long long base = (unsigned long long)t * splits * heads + h;
+    auto pre = [&] {
+        pdl_wait();
+        const float inv = combine_weights(ws_ml, base, heads, splits, sw, red, COMBINE_BLOCK_THREADS);
+        for (int c = threadIdx.x; c < r; c += blockDim.x)
+            xs[c] = f32_to_bf16(combine_col(ws_o, base, heads, r, splits, sw, c) * inv);
+        __syncthreads();
+    };
+    // Warps past the last column load and store nothing (nc = 0) but take part in the combine.
+    const int nc = max(0, min(4, n_out - j0));
+    gemv_cols_pre<2, 4, bf16_t, true>(xs, r, w + ((i64)h * n_out + min(j0, n_out - 1)) * r, r,
+                                      y + ((i64)t * heads + h) * n_out, 0, j0, nc, 1, r, pre);
 }

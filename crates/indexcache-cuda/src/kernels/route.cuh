@@ -48,7 +48,15 @@ __device__ int warp_argmax(const float* v, const int* flag, int n) {
 //   weight = score (unbiased); if norm: / (sum of picked scores + 1e-20); then * scaling
 // counts[e] += picks of e (atomics) when `counts` is not null (the grouped-GEMM path needs them).
 #define ROUTE_PER_LANE 8  // backend.rs ROUTE_MAX_EXPERTS = 32 * this
-__device__ void route_token(const float* logits, const float* bias, int* ids, float* wts, int* counts, int t, int E,
+// The lane's biases (experts lane, lane + 32, ...), loadable before the logits exist.
+__device__ __forceinline__ void route_bias(const float* bias, int E, float (&b)[ROUTE_PER_LANE]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER_LANE; ++i) b[i] = lane + 32 * i < E ? bias[lane + 32 * i] : 0.0f;
+}
+
+__device__ void route_token(const float* logits, const float (&bias)[ROUTE_PER_LANE], int* ids, float* wts,
+                            int* counts, int t, int E,
                             int G, int topk_group, int top_k, int norm, float scaling, float* smem) {
     const int lane = threadIdx.x & 31;
     float* choice_s = smem;
@@ -67,7 +75,7 @@ __device__ void route_token(const float* logits, const float* bias, int* ids, fl
         ch[i] = 0.0f;
         if (live[i]) {
             sc[i] = 1.0f / (1.0f + expf(-ld_cg(l + e)));
-            ch[i] = sc[i] + bias[e];
+            ch[i] = sc[i] + bias[i];
         }
     }
 
