@@ -31,6 +31,11 @@
 //! plan it is expert id `E`; a routed expert's up row is `I` rows after its gate row in the stacked
 //! `gate_up`, the shared expert's gate and up rows come from their own matrices.
 //!
+//! **Early loads.** With a fused shared expert, the gate/up kernel puts the shared expert's units
+//! first in its work order: they need no routing, so a warp whose first unit is one loads that
+//! row pair before waiting for the routing kernel (programmatic dependent launch), while the
+//! router still runs. Which warp computes a unit never changes its bits.
+//!
 //! Both kernels can prefetch the weight rows a warp will read `pf` units ahead into L2
 //! (`cp.async.bulk.prefetch.L2`, one instruction per row, no registers).
 //!
