@@ -408,7 +408,8 @@ pub struct CudaBackend {
     /// previous shape; same bits).
     gemv_u4: bool,
     /// Fused launches across op boundaries (`mla_norms` in one launch, the post-attention
-    /// add + norm inside the MoE router kernel); `INDEXCACHE_FUSE=0`: the plain launches.
+    /// add + norm inside the MoE router kernel, the sparse-MLA combine inside the W_UV GEMV);
+    /// `INDEXCACHE_FUSE=0`: the plain launches (same bits).
     fuse: bool,
     /// `router_route`'s count of finished CTAs (zero between launches; its last CTA resets it).
     route_done: DevBuf,
