@@ -3,7 +3,8 @@
 # REPS times interleaved (leases differ by several per cent, runs on one lease by ~1 %), printing
 # the decode tok/s of every row. On the GPU machine, from the repo root, with scripts/gpu/bundle.sh's
 # binaries:
-#   bash scripts/gpu/ab.sh "base:INDEXCACHE_FUSE=0" "new:"      (label:ENV=V ENV=V ...)
+#   bash scripts/gpu/ab.sh "base:INDEXCACHE_FUSE=0" "new:"      (label:ENV=V ENV=V ...[|bench args])
+#   bash scripts/gpu/ab.sh "host:|--host-argmax" "device:"
 # CONTEXT (4096), PATTERNS (full,<paper 1/4>), DECODE (48), REPS (3); JSON per run in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,10 +16,14 @@ P14=FSFSFSSSSFSSSFSSFFSSFSSFSSSSFSSSFSSSSFSSSSSSSSS
 for rep in $(seq 1 "${REPS:-3}"); do
     for cfg in "$@"; do
         label=${cfg%%:*}
-        read -r -a envs <<< "${cfg#*:}"
+        spec=${cfg#*:}
+        extra=""
+        [[ $spec == *"|"* ]] && extra=${spec#*|} && spec=${spec%%|*}
+        read -r -a envs <<< "$spec"
+        read -r -a args <<< "$extra"
         env "${envs[@]}" "$B"/indexcache bench --device cuda --dtype bf16 --random-weights configs/glm-30b-dsa.json \
             --contexts "${CONTEXT:-4096}" --patterns "${PATTERNS:-full,$P14}" --decode "${DECODE:-48}" \
-            --json "$O/ab-$label-$rep.json" > "$O/ab-$label-$rep.log" 2>&1
+            --json "$O/ab-$label-$rep.json" "${args[@]}" > "$O/ab-$label-$rep.log" 2>&1
         echo "$label#$rep rc=$? decode tok/s: $(grep '^| [0-9]' "$O/ab-$label-$rep.log" | awk -F'|' '{printf "%s", $8}')"
     done
 done
