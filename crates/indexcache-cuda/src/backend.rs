@@ -1168,31 +1168,8 @@ impl Backend for CudaBackend {
     ) -> OpResult<()> {
         const OP: &str = "latent_store";
         let shapes = || format!("kv {} r {r}, cache {}, {} positions", kv.shape(), cache.shape(), pos.len());
-        if kv.cols != r + 2 * table.half || cache.cols != kv.cols || w.len != r || kv.rows != pos.len() || r == 0 {
-            return Err(bad(OP, shapes(), format!("inconsistent shapes (table has {} frequencies)", table.half)));
-        }
-        if pos.max_visible() > cache.rows || pos.max_visible() > table.max_positions {
-            return Err(bad(OP, shapes(), "position beyond the cache or the RoPE table"));
-        }
-        self.launch(
-            &LATENT_STORE,
-            self.dtype,
-            row_cfg(OP, kv.rows, THREADS)?,
-            OP,
-            shapes,
-            &[
-                Arg::Ptr(kv.ptr()),
-                Arg::Ptr(w.buf.ptr()),
-                Arg::Ptr(cache.ptr()),
-                Arg::Ptr(pos.device.ptr()),
-                Arg::Ptr(table.cos.ptr()),
-                Arg::Ptr(table.sin.ptr()),
-                Arg::I32(r as i32),
-                Arg::I32(table.half as i32),
-                Arg::I32(rope_layout_id(layout)),
-                Arg::F32(eps),
-            ],
-        )
+        let args = latent_store_args(OP, kv, r, w, eps, layout, pos, table, cache)?;
+        self.launch(&LATENT_STORE, self.dtype, row_cfg(OP, kv.rows, THREADS)?, OP, shapes, &args)
     }
 
     fn mla_norms(
@@ -1220,38 +1197,13 @@ impl Backend for CudaBackend {
         if q_w.len != q_a.cols {
             return Err(bad(OP, shapes(), "q norm weight length != columns"));
         }
-        if kv.cols != r + 2 * table.half || cache.cols != kv.cols || kv_w.len != r || kv.rows != pos.len() || r == 0 {
-            return Err(bad(OP, shapes(), format!("inconsistent shapes (table has {} frequencies)", table.half)));
-        }
-        if pos.max_visible() > cache.rows || pos.max_visible() > table.max_positions {
-            return Err(bad(OP, shapes(), "position beyond the cache or the RoPE table"));
-        }
+        let store = latent_store_args(OP, kv, r, kv_w, eps, layout, pos, table, cache)?;
         let qr = self.tensor_out(OP, q_a.rows, q_a.cols)?;
         let mut cfg = row_cfg(OP, kv.rows, THREADS)?;
         cfg.grid_dim.1 = 2;
-        self.launch(
-            &MLA_NORMS,
-            self.dtype,
-            cfg,
-            OP,
-            shapes,
-            &[
-                Arg::Ptr(q_a.ptr()),
-                Arg::Ptr(q_w.buf.ptr()),
-                Arg::Ptr(qr.ptr()),
-                i64a(q_a.cols),
-                Arg::Ptr(kv.ptr()),
-                Arg::Ptr(kv_w.buf.ptr()),
-                Arg::Ptr(cache.ptr()),
-                Arg::Ptr(pos.device.ptr()),
-                Arg::Ptr(table.cos.ptr()),
-                Arg::Ptr(table.sin.ptr()),
-                Arg::I32(r as i32),
-                Arg::I32(table.half as i32),
-                Arg::I32(rope_layout_id(layout)),
-                Arg::F32(eps),
-            ],
-        )?;
+        let mut args = vec![Arg::Ptr(q_a.ptr()), Arg::Ptr(q_w.buf.ptr()), Arg::Ptr(qr.ptr()), i64a(q_a.cols)];
+        args.extend(store);
+        self.launch(&MLA_NORMS, self.dtype, cfg, OP, shapes, &args)?;
         Ok(qr)
     }
 
@@ -1312,24 +1264,7 @@ impl Backend for CudaBackend {
             return Err(bad("matmul_heads", format!("x {} · w {}ᵀ", x.shape(), w.shape()), "x.cols != heads·in"));
         }
         let out = self.tensor_out("matmul_heads", x.rows, heads * n_out)?;
-        let g = MatmulT {
-            dtype: self.dtype,
-            out_f32: false,
-            rows: x.rows,
-            n_out,
-            n_in,
-            x: x.ptr(),
-            ldx: heads * n_in,
-            w: w.ptr(),
-            ldw: n_in,
-            y: out.ptr(),
-            ldy: heads * n_out,
-            batch: heads,
-            stride_x: n_in,
-            stride_w: n_out * n_in,
-            stride_y: n_out,
-        };
-        self.matmul("matmul_heads", &g)?;
+        self.matmul("matmul_heads", &self.heads_gemm(x.rows, x.ptr(), w, out.ptr()))?;
         Ok(out)
     }
 
@@ -1406,23 +1341,7 @@ impl Backend for CudaBackend {
         let o_lat = self.tensor_out("sparse_mla", args.rows, args.heads * args.r)?;
         args.out = o_lat.ptr();
         let out = self.tensor_out("matmul_heads", args.rows, heads * n_out)?;
-        let g = MatmulT {
-            dtype: self.dtype,
-            out_f32: false,
-            rows: args.rows,
-            n_out,
-            n_in,
-            x: o_lat.ptr(),
-            ldx: heads * n_in,
-            w: w_uv.ptr(),
-            ldw: n_in,
-            y: out.ptr(),
-            ldy: heads * n_out,
-            batch: heads,
-            stride_x: n_in,
-            stride_w: n_out * n_in,
-            stride_y: n_out,
-        };
+        let g = self.heads_gemm(args.rows, o_lat.ptr(), w_uv, out.ptr());
         // The combine merged into the projection only where the projection is the decode GEMV
         // (the same sums); otherwise, or without split-k, the two ops.
         let projected = if self.fuse && self.gemv_applies(&g) {
@@ -1644,6 +1563,41 @@ pub struct CudaStepGraph {
 // driver API is callable from any thread with the context bound (cudarc binds it).
 unsafe impl Send for CudaStepGraph {}
 
+/// The checked kernel arguments of a latent store (`latent_store`, and the second half of
+/// `mla_norms`): kv, w, cache, positions, RoPE table, r, half, layout, eps.
+#[allow(clippy::too_many_arguments)]
+fn latent_store_args(
+    op: &'static str,
+    kv: &CudaTensor,
+    r: usize,
+    w: &CudaVector,
+    eps: f32,
+    layout: RopeLayout,
+    pos: &Positions<DevBuf>,
+    table: &CudaRope,
+    cache: &CudaTensor,
+) -> OpResult<[Arg; 10]> {
+    let shapes = || format!("kv {} r {r}, cache {}, {} positions", kv.shape(), cache.shape(), pos.len());
+    if kv.cols != r + 2 * table.half || cache.cols != kv.cols || w.len != r || kv.rows != pos.len() || r == 0 {
+        return Err(bad(op, shapes(), format!("inconsistent shapes (table has {} frequencies)", table.half)));
+    }
+    if pos.max_visible() > cache.rows || pos.max_visible() > table.max_positions {
+        return Err(bad(op, shapes(), "position beyond the cache or the RoPE table"));
+    }
+    Ok([
+        Arg::Ptr(kv.ptr()),
+        Arg::Ptr(w.buf.ptr()),
+        Arg::Ptr(cache.ptr()),
+        Arg::Ptr(pos.device.ptr()),
+        Arg::Ptr(table.cos.ptr()),
+        Arg::Ptr(table.sin.ptr()),
+        Arg::I32(r as i32),
+        Arg::I32(table.half as i32),
+        Arg::I32(rope_layout_id(layout)),
+        Arg::F32(eps),
+    ])
+}
+
 /// The residual add + norm a MoE block starts with (`add_rms_norm_moe`).
 #[derive(Clone, Copy)]
 struct PreNorm<'a> {
@@ -1665,6 +1619,29 @@ fn expert_offsets(counts: &[i32]) -> Vec<i32> {
 }
 
 impl CudaBackend {
+    /// The per-head product `x [rows, H·in] · w [H, out, in]ᵀ → y [rows, H·out]` as one batched
+    /// matmul (`matmul_heads`, and the W_UV projection of `sparse_mla_uv`).
+    fn heads_gemm(&self, rows: usize, x: u64, w: &CudaWeight, y: u64) -> MatmulT {
+        let (heads, n_out, n_in) = (w.groups, w.rows, w.cols);
+        MatmulT {
+            dtype: self.dtype,
+            out_f32: false,
+            rows,
+            n_out,
+            n_in,
+            x,
+            ldx: heads * n_in,
+            w: w.ptr(),
+            ldw: n_in,
+            y,
+            ldy: heads * n_out,
+            batch: heads,
+            stride_x: n_in,
+            stride_w: n_out * n_in,
+            stride_y: n_out,
+        }
+    }
+
     /// The checked arguments of a sparse-MLA call (`out` left 0 for the caller).
     fn mla_args(
         &self,
