@@ -7,38 +7,11 @@
 //                 into shared memory before the wait, dot products from shared memory after it.
 // `early` 1: the predecessor triggers its dependents before its own wait. Checks that the staged
 // GEMV gives the warp GEMV's bits (same per-lane order).
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cuda_runtime.h>
-typedef unsigned short bf16_t;
-#define CK(x)                                                                               \
-    do {                                                                                    \
-        cudaError_t e = (x);                                                                \
-        if (e != cudaSuccess) {                                                             \
-            printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__);                     \
-            exit(1);                                                                        \
-        }                                                                                   \
-    } while (0)
+#include "mb.cuh"
 
 __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;");
-}
-__device__ __forceinline__ uint4 ldw(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ void acc8(const uint4& w, const uint4& x, float& a) {
-    const unsigned* wp = (const unsigned*)&w;
-    const unsigned* xp = (const unsigned*)&x;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        a = fmaf(__uint_as_float(wp[i] << 16), __uint_as_float(xp[i] << 16), a);
-        a = fmaf(__uint_as_float(wp[i] & 0xffff0000u), __uint_as_float(xp[i] & 0xffff0000u), a);
-    }
 }
 __device__ __forceinline__ unsigned saddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
@@ -63,7 +36,7 @@ __global__ void __launch_bounds__(128) gemv_warp(const bf16_t* x, const bf16_t* 
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int v = v0 + u * 32 + lane;
-            wv[u] = (j < n_out && v < nv) ? ldw(wr + 8 * (size_t)v) : make_uint4(0, 0, 0, 0);
+            wv[u] = (j < n_out && v < nv) ? ldw<0>(wr + 8 * (size_t)v) : make_uint4(0, 0, 0, 0);
         }
     };
     load(0);
