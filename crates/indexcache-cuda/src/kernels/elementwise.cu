@@ -401,6 +401,18 @@ __device__ __forceinline__ bool argmax_better(float v, int i, float bv, int bi) 
     return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
 }
 
+// The warp's best (value, index) pair in every lane (bi < 0: none).
+__device__ __forceinline__ void warp_argmax_pair(float& bv, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (argmax_better(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 template <typename T>
 __device__ void argmax_rows(const T* x, unsigned* out, i64 cols) {
     __shared__ float sv[32];
@@ -416,14 +428,7 @@ __device__ void argmax_rows(const T* x, unsigned* out, i64 cols) {
             bi = (int)c;
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-        if (argmax_better(ov, oi, bv, bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
+    warp_argmax_pair(bv, bi);
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     if (lane == 0) {
         sv[w] = bv;
@@ -433,14 +438,7 @@ __device__ void argmax_rows(const T* x, unsigned* out, i64 cols) {
     if (w == 0) {
         bv = lane < nw ? sv[lane] : 0.0f;
         bi = lane < nw ? si[lane] : -1;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-            const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-            if (argmax_better(ov, oi, bv, bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax_pair(bv, bi);
         if (lane == 0) {
             const float first = cols > 0 ? ld(xr, 0) : 0.0f;
             out[row] = (first != first || bi < 0) ? 0u : (unsigned)bi;
