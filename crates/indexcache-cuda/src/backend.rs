@@ -63,6 +63,7 @@
 //! | mla_norms | `mla_norms`: rms_norm of the q latent and latent_store in one launch (grid y picks) | as both |
 //! | sparse_mla_uv | bf16 split-k decode where W_UV runs on the GEMV: the split combine merged into the W_UV GEMV (`mla_combine_uv`); else sparse_mla + matmul_heads | as both |
 //! | nll | one block per row: max, Σexp | `T·vocab·s` |
+//! | argmax_rows | one block of 1024 threads per row; `T` indices come back | `T·vocab·s` |
 //!
 //! Every launch is checked; a failure (or an out-of-memory allocation) becomes an [`OpError`]
 //! naming the op and its shapes.
@@ -256,6 +257,8 @@ const GQA_ATTN: Kernel = Kernel {
     sig: &[TP, TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TF],
 };
 const NLL: Kernel = Kernel { src: &kernels::ELEMENTWISE, names: ["nll_f32", "nll_bf16"], sig: &[TP, TP, TP, TL] };
+const ARGMAX_ROWS: Kernel =
+    Kernel { src: &kernels::ELEMENTWISE, names: ["argmax_rows_f32", "argmax_rows_bf16"], sig: &[TP, TP, TL] };
 const MOE_ROUTE: Kernel =
     Kernel { src: &kernels::MOE, names: ["moe_route"; 2], sig: &[TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TI, TF] };
 /// The decode router GEMV with the routing in its last CTA (`moe_decode.cu`).
@@ -312,6 +315,7 @@ pub(crate) const ALL_KERNELS: &[&Kernel] = &[
     &MLA_NORMS,
     &GQA_ATTN,
     &NLL,
+    &ARGMAX_ROWS,
     &MOE_ROUTE,
     &MOE_SLOTS,
     &MOE_COMBINE,
@@ -1468,6 +1472,28 @@ impl Backend for CudaBackend {
             self.add_inplace(residual, &y)?;
         }
         Ok(())
+    }
+
+    // ---- sampling ---------------------------------------------------------------------------
+
+    fn argmax_rows(&self, x: &CudaTensor) -> OpResult<Vec<u32>> {
+        const OP: &str = "argmax_rows";
+        if x.rows == 0 {
+            return Ok(Vec::new());
+        }
+        if x.cols > i32::MAX as usize {
+            return Err(bad(OP, x.shape(), "rows longer than the kernel's i32 indices"));
+        }
+        let out = self.out_buf(OP, x.rows * 4)?;
+        self.launch(
+            &ARGMAX_ROWS,
+            self.dtype,
+            row_cfg(OP, x.rows, 1024)?,
+            OP,
+            || x.shape(),
+            &[Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr()), i64a(x.cols)],
+        )?;
+        self.dev.download::<u32>(OP, &out, x.rows)
     }
 
     // ---- loss -------------------------------------------------------------------------------

@@ -341,6 +341,17 @@ impl<B: Backend> Suite<'_, B> {
         cache.truncate(p0);
         let again = decode(&mut cache)?;
         let recordings = cache.step_recordings();
+        // The same steps asking for the greedy token only (picked by the backend): each is the
+        // argmax of the logits the step returns.
+        let greedy = ForwardOptions { logits: Logits::Greedy, capture_topk: false };
+        let mut cache = model.new_cache(t).map_err(e)?;
+        model.forward(&r.ids[..p0], &mut cache, &none).map_err(e)?;
+        let mut tokens = Vec::new();
+        for &id in &r.ids[p0..] {
+            tokens.extend(model.forward(&[id], &mut cache, &greedy).map_err(e)?.tokens);
+        }
+        let vocab = model.config().vocab_size;
+        let want: Vec<u32> = first.chunks(vocab).map(indexcache_ops::argmax).collect();
 
         let mut checks = vec![
             Check::at_most(
@@ -354,6 +365,11 @@ impl<B: Backend> Suite<'_, B> {
                 rel_err(&again, &eager),
                 0.0,
                 "same recording, positions rewound".into(),
+            ),
+            Check::holds(
+                format!("{name}: greedy steps pick the logits' argmax"),
+                tokens == want,
+                format!("{} tokens", tokens.len()),
             ),
         ];
         if self.records_steps {

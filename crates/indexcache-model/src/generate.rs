@@ -2,7 +2,7 @@
 
 use crate::cache::Cache;
 use crate::error::ModelError;
-use crate::model::{DsaModel, ForwardOptions};
+use crate::model::{DsaModel, ForwardOptions, ForwardOutput, Logits};
 use crate::sampler::{Sampler, SamplingParams};
 use indexcache_ops::Backend;
 use std::time::Instant;
@@ -38,10 +38,19 @@ pub fn generate<B: Backend, E: From<ModelError>>(
     mut on_token: impl FnMut(u32) -> Result<(), E>,
 ) -> Result<(Vec<u32>, GenStats), E> {
     let mut sampler = Sampler::new(params);
+    // Greedy: the backend picks the token (only it comes back); sampling needs the logits.
+    let greedy = params.temperature <= 0.0;
+    let opts = ForwardOptions { logits: if greedy { Logits::Greedy } else { Logits::Last }, capture_topk: false };
+    let mut pick = |o: &ForwardOutput| -> Result<u32, ModelError> {
+        match greedy {
+            true => o.tokens.first().copied().ok_or_else(|| ModelError::Invalid("no greedy token".into())),
+            false => Ok(sampler.sample(&o.logits)),
+        }
+    };
     let eos = &model.config().eos_token_ids;
     let t0 = Instant::now();
-    let out = model.forward(prompt, cache, &ForwardOptions::default())?;
-    let mut next = sampler.sample(&out.logits);
+    let out = model.forward(prompt, cache, &opts)?;
+    let mut next = pick(&out)?;
     let ttft = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut generated = Vec::new();
@@ -51,8 +60,8 @@ pub fn generate<B: Backend, E: From<ModelError>>(
         if eos.contains(&next) || stop.contains(&next) || generated.len() == max_tokens {
             break;
         }
-        let out = model.forward(&[next], cache, &ForwardOptions::default())?;
-        next = sampler.sample(&out.logits);
+        let out = model.forward(&[next], cache, &opts)?;
+        next = pick(&out)?;
     }
     let stats = GenStats {
         prompt_tokens: prompt.len(),

@@ -68,6 +68,10 @@ pub enum Logits {
     All,
     Last,
     None,
+    /// No logits: the greedy next token ([`indexcache_ops::argmax`] of the last row's logits,
+    /// computed by the backend, so the `vocab` logits never leave a device) in
+    /// [`ForwardOutput::tokens`].
+    Greedy,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +168,8 @@ pub struct ForwardOutput {
     /// `[rows, vocab]` row-major, `rows` = T (All), 1 (Last) or 0.
     pub logits: Vec<f32>,
     pub rows: usize,
+    /// The greedy next token (`Logits::Greedy`), else empty.
+    pub tokens: Vec<u32>,
     /// `(layer, top-k)` for each Full layer, when captured.
     pub topk: Vec<(usize, TopK)>,
     pub times: StageTimes,
@@ -460,12 +466,12 @@ impl<B: Backend> DsaModel<B> {
     ) -> Result<ForwardOutput, ModelError> {
         use std::sync::atomic::Ordering::Relaxed;
         if ids.len() == 1
-            && opts.logits == Logits::Last
+            && matches!(opts.logits, Logits::Last | Logits::Greedy)
             && !opts.capture_topk
             && !self.stage_timing.load(Relaxed)
             && self.step_graphs.load(Relaxed)
             && !cache.step_failed
-            && let Some(out) = self.forward_recorded(ids[0], cache)?
+            && let Some(out) = self.forward_recorded(ids[0], cache, opts.logits == Logits::Greedy)?
         {
             return Ok(out);
         }
@@ -477,9 +483,14 @@ impl<B: Backend> DsaModel<B> {
                 return Ok(out);
             }
             Logits::All => x,
-            Logits::Last => b.rows(&x, ids.len() - 1, 1)?,
+            Logits::Last | Logits::Greedy => b.rows(&x, ids.len() - 1, 1)?,
         };
         let logits = self.logits(&x)?;
+        if opts.logits == Logits::Greedy {
+            out.tokens = b.argmax_rows(&logits)?;
+            out.times = state.times(b)?;
+            return Ok(out);
+        }
         out.rows = b.dims(&logits).0;
         out.logits = b.download(&logits)?;
         out.times = state.times(b)?;
@@ -490,8 +501,14 @@ impl<B: Backend> DsaModel<B> {
     /// there is none, it was recorded for another model or numerics, or the position has
     /// outgrown its launch shapes). `None`: the backend does not record, or recording failed
     /// (logged once; the cache then decodes op by op). Same result as the op-by-op pass: the
-    /// same kernels run, only their launch shapes cover up to the step's bound.
-    fn forward_recorded(&self, id: u32, cache: &mut Cache<B>) -> Result<Option<ForwardOutput>, ModelError> {
+    /// same kernels run, only their launch shapes cover up to the step's bound. `greedy`: return
+    /// the argmax token instead of the logits.
+    fn forward_recorded(
+        &self,
+        id: u32,
+        cache: &mut Cache<B>,
+        greedy: bool,
+    ) -> Result<Option<ForwardOutput>, ModelError> {
         let b = &self.backend;
         if id as usize >= self.cfg.vocab_size {
             return Err(ModelError::TokenOutOfRange { id, index: 0, vocab: self.cfg.vocab_size });
@@ -528,9 +545,13 @@ impl<B: Backend> DsaModel<B> {
         let x = b.embedding(&self.weights.embed, &[id])?;
         b.write_block(&mut g.x, 0, 0, &x)?;
         b.graph_replay(&mut g.graph)?;
-        let logits = b.download(&g.logits)?;
+        let out = if greedy {
+            ForwardOutput { tokens: b.argmax_rows(&g.logits)?, ..Default::default() }
+        } else {
+            ForwardOutput { logits: b.download(&g.logits)?, rows: 1, ..Default::default() }
+        };
         cache.advance(1);
-        Ok(Some(ForwardOutput { logits, rows: 1, ..Default::default() }))
+        Ok(Some(out))
     }
 
     /// Record one decode step at `pos` over `cache` (nothing runs; the cache is untouched).
@@ -585,10 +606,12 @@ impl<B: Backend> DsaModel<B> {
             let logits = match opts.logits {
                 Logits::All => Logits::All,
                 Logits::Last if last => Logits::Last,
+                Logits::Greedy if last => Logits::Greedy,
                 _ => Logits::None,
             };
             let out = self.forward(part, cache, &ForwardOptions { logits, ..*opts })?;
             total.logits.extend_from_slice(&out.logits);
+            total.tokens.extend_from_slice(&out.tokens);
             total.rows += out.rows;
             total.times.add(&out.times);
             if opts.capture_topk {

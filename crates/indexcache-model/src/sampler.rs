@@ -72,16 +72,9 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit (lowest index on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+/// Index of the largest logit (lowest index on ties): the backends' greedy choice
+/// ([`indexcache_ops::argmax`], `Backend::argmax_rows` on a device).
+pub use indexcache_ops::argmax;
 
 #[cfg(test)]
 mod tests {

@@ -970,6 +970,27 @@ impl<'a, B: Backend> Suite<'a, B> {
                 Err(e) => self.failed("nll", case, Measure::RelErr, tol, e),
             }
         }
+        // argmax_rows: exactly the host scan (`crate::argmax`) of the stored values (ties to the
+        // lower index; NaN wins only at index 0): random rows, a repeated maximum, -inf, NaN.
+        self.rel("argmax_rows", "[4, 154880]: random, repeated maximum, NaN at 0, NaN inside".into(), 0.0, |s| {
+            let (rows, vocab) = (4usize, 154_880usize);
+            let mut x = s.data(450, rows * vocab, 8.0);
+            x[vocab + 77] = 100.0; // row 1: the maximum twice
+            x[vocab + 90_000] = 100.0;
+            x[2 * vocab] = f32::NAN; // row 2: NaN first (the scan keeps index 0)
+            x[3 * vocab + 5] = f32::NAN; // row 3: NaN inside, -inf around the maximum
+            x[3 * vocab + 6] = f32::NEG_INFINITY;
+            let t = s.up(&x, rows, vocab)?;
+            let got: Vec<f32> = s.b.argmax_rows(&t)?.into_iter().map(|i| i as f32).collect();
+            let stored = s.b.download(&t)?;
+            let want: Vec<f32> = stored.chunks(vocab).map(|r| crate::argmax(r) as f32).collect();
+            Ok((got, want))
+        });
+        self.rel("argmax_rows", "[2, 3], all -inf".into(), 0.0, |s| {
+            let x = [f32::NEG_INFINITY; 6];
+            let got: Vec<f32> = s.b.argmax_rows(&s.up(&x, 2, 3)?)?.into_iter().map(|i| i as f32).collect();
+            Ok((got, vec![0.0, 0.0]))
+        });
     }
 }
 

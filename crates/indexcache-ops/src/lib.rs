@@ -35,6 +35,21 @@ mod topk;
 pub use rope::{RopeLayout, RopeTable};
 pub use topk::{TopK, select_topk};
 
+/// Index of the largest value of `row`, as a left-to-right scan keeping the first strict
+/// maximum finds it: the lowest index on ties; a NaN never replaces the running maximum (so it
+/// is chosen only at index 0, which the scan starts from). 0 for an empty row.
+pub fn argmax(row: &[f32]) -> u32 {
+    let Some(&first) = row.first() else { return 0 };
+    let (mut best, mut best_v) = (0usize, first);
+    for (i, &v) in row.iter().enumerate().skip(1) {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    best as u32
+}
+
 use std::time::Duration;
 
 /// An op failed on the device: out of memory, a failed launch or copy, a kernel that did not
@@ -458,6 +473,15 @@ pub trait Backend: Send + Sync {
     ) -> OpResult<()> {
         let y = self.moe(x, moe)?;
         self.add_inplace(residual, &y)
+    }
+
+    // ---- sampling -----------------------------------------------------------------------
+    /// Greedy tokens: [`argmax`] of every row of `x [T, vocab]`, computed on the device: only `T`
+    /// indices come back, not the logits.
+    fn argmax_rows(&self, x: &Self::Tensor) -> OpResult<Vec<u32>> {
+        let (rows, cols) = self.dims(x);
+        let v = self.download(x)?;
+        Ok((0..rows).map(|r| argmax(&v[r * cols..(r + 1) * cols])).collect())
     }
 
     // ---- loss ---------------------------------------------------------------------------

@@ -15,8 +15,8 @@ use crate::load::{ExecArgs, load_model, progress_bar, with_backend};
 use anyhow::{Context, Result, bail};
 use indexcache_config::{IndexSchedule, ModelConfig, ScheduleOverride};
 use indexcache_model::{
-    Cache, DsaModel, ForwardOptions, IndexerSelection, Logits, StageTimes, cache_bytes_per_token, parameter_count,
-    sampler::argmax,
+    Cache, DsaModel, ForwardOptions, ForwardOutput, IndexerSelection, Logits, StageTimes, cache_bytes_per_token,
+    parameter_count, sampler::argmax,
 };
 use indexcache_ops::Backend;
 use serde::Serialize;
@@ -50,6 +50,11 @@ pub struct Args {
     /// Timed runs per (context, pattern); the median prefill and decode are reported.
     #[arg(long, default_value_t = 1, value_parser = crate::load::positive)]
     pub repeats: usize,
+    /// Pick each greedy token on the host from the downloaded logits (`[vocab]` per step) instead
+    /// of on the device (`Backend::argmax_rows`, the default): the older decode loop, for
+    /// comparison.
+    #[arg(long)]
+    pub host_argmax: bool,
     /// Seed of the random prompt (and of random weights).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -211,7 +216,7 @@ fn run_with<B: Backend>((model, label): (DsaModel<B>, String), a: &Args, context
         // length) is compiled and loaded before it is timed.
         let warm: Vec<u32> = synthetic_prompt(contexts[0].min(8192), cfg.vocab_size, a.seed ^ 1);
         let mut cache = model.new_cache_with(patterns[0].1.clone(), warm.len() + 2)?;
-        measure(&model, &mut cache, &warm, a.decode.min(2), chunk)?;
+        measure(&model, &mut cache, &warm, a.decode.min(2), chunk, a.host_argmax)?;
     }
     let mut rows: Vec<Row> = Vec::new();
     for &ctx in contexts {
@@ -285,8 +290,9 @@ fn bench_row<B: Backend>(
     b.synchronize()?;
     b.reset_peak_memory();
     let mut cache = model.new_cache_with(schedule.clone(), ctx + a.decode)?;
-    let mut runs: Vec<Measurement> =
-        (0..a.repeats.max(1)).map(|_| measure(model, &mut cache, prompt, a.decode, chunk)).collect::<Result<_>>()?;
+    let mut runs: Vec<Measurement> = (0..a.repeats.max(1))
+        .map(|_| measure(model, &mut cache, prompt, a.decode, chunk, a.host_argmax))
+        .collect::<Result<_>>()?;
     b.synchronize()?;
     let peak = b.memory().peak;
     drop(cache);
@@ -449,24 +455,33 @@ impl Measurement {
 /// `chunk` tokens, then `decode` greedy one-token steps: most of them with stage marks off (the
 /// tok/s), up to 8 with marks on (the stage shares) and up to 4 issued back to back without
 /// reading logits (host issue time against device time). Host clocks are read after
-/// [`Backend::synchronize`], so queued device work is counted.
+/// [`Backend::synchronize`], so queued device work is counted. Greedy tokens are picked by the
+/// backend (`Logits::Greedy`: only the token comes back), or with `host_argmax` on the host from
+/// the downloaded logits.
 pub fn measure<B: Backend>(
     model: &DsaModel<B>,
     cache: &mut Cache<B>,
     prompt: &[u32],
     decode: usize,
     chunk: usize,
+    host_argmax: bool,
 ) -> Result<Measurement> {
     let b = model.backend();
+    let step = ForwardOptions { logits: if host_argmax { Logits::Last } else { Logits::Greedy }, capture_topk: false };
+    let pick = |o: &ForwardOutput| -> Result<u32> {
+        match host_argmax {
+            true => Ok(argmax(&o.logits)),
+            false => o.tokens.first().copied().context("the forward pass returned no token"),
+        }
+    };
     cache.clear();
     model.set_stage_timing(true);
     b.synchronize()?;
     let t0 = Instant::now();
-    let out =
-        model.forward_chunked(prompt, cache, &ForwardOptions { logits: Logits::Last, capture_topk: false }, chunk)?;
+    let out = model.forward_chunked(prompt, cache, &step, chunk)?;
     b.synchronize()?;
     let prefill = t0.elapsed().as_secs_f64();
-    let mut next = argmax(&out.logits);
+    let mut next = pick(&out)?;
     let ttft = t0.elapsed().as_secs_f64();
     let (n_issue, n_timed) = ((decode / 8).min(4), (decode / 4).min(8));
     let n_speed = decode - n_issue - n_timed;
@@ -483,8 +498,8 @@ pub fn measure<B: Backend>(
                 b.profiler(i == 1)?;
             }
             let ts = Instant::now();
-            let o = model.forward(&[next], cache, &ForwardOptions::default())?;
-            next = argmax(&o.logits); // the logits download waits for the step
+            let o = model.forward(&[next], cache, &step)?;
+            next = pick(&o)?; // reading the token (or the logits) back waits for the step
             steps.push(ts.elapsed().as_secs_f64());
         }
         Ok(())
@@ -498,9 +513,9 @@ pub fn measure<B: Backend>(
     let mut decode_times = StageTimes::default();
     let t2 = Instant::now();
     for _ in 0..n_timed {
-        let o = model.forward(&[next], cache, &ForwardOptions::default())?;
+        let o = model.forward(&[next], cache, &step)?;
         decode_times.add(&o.times);
-        next = argmax(&o.logits);
+        next = pick(&o)?;
     }
     let decode_timed = t2.elapsed().as_secs_f64();
 

@@ -120,7 +120,7 @@ fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {
     {
         let warm = &long[..context.min(256)];
         let mut cache = base.new_cache_with(base.schedule().clone(), warm.len() + 2)?;
-        measure(&base, &mut cache, warm, 2, chunk)?;
+        measure(&base, &mut cache, warm, 2, chunk, false)?;
     }
     let mut rows = Vec::new();
     // The searched 1/4 pattern when the model directory ships one, else uniform 1/4.
@@ -132,7 +132,7 @@ fn run_with<B: Backend>(base: DsaModel<B>, a: &Args, dir: &Path) -> Result<()> {
     for (label, o) in [("DSA (all Full)", ScheduleOverride::Off), ("IndexCache 1/4", quarter)] {
         let schedule = o.apply(cfg.num_hidden_layers)?;
         let mut cache = base.new_cache_with(schedule.clone(), context + a.decode)?;
-        let m = measure(&base, &mut cache, &long, a.decode, chunk)?;
+        let m = measure(&base, &mut cache, &long, a.decode, chunk, false)?;
         rows.push((label, schedule.to_pattern(), m.prefill, m.decode_tok_s()));
     }
     println!("{:<16} {:<10} {:>12} {:>14}", "schedule", "pattern", "prefill s", "decode tok/s");

@@ -391,6 +391,69 @@ extern "C" __global__ void mla_norms_bf16(const bf16_t* q_a, const float* qw, bf
     mla_norms<bf16_t>(q_a, qw, qr, q_cols, kv, kvw, cache, pos, cos_t, sin_t, r, half, layout, eps);
 }
 
+// ---- greedy argmax (one block per row) ----------------------------------------------------------
+// out[r] = indexcache_ops::argmax(x[r, :]): the first index of the row's maximum over its non-NaN
+// values (ties -> lower index), or 0 when x[r, 0] is NaN (the scan that argmax defines starts
+// there and no value is > NaN). Thread t keeps the first maximum of columns t, t + blockDim, ...;
+// the (value, index) pairs then reduce with "larger value, else lower index".
+
+__device__ __forceinline__ bool argmax_better(float v, int i, float bv, int bi) {
+    return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
+}
+
+// The warp's best (value, index) pair in every lane (bi < 0: none).
+__device__ __forceinline__ void warp_argmax_pair(float& bv, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (argmax_better(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
+template <typename T>
+__device__ void argmax_rows(const T* x, unsigned* out, i64 cols) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const i64 row = blockIdx.x;
+    const T* xr = x + row * cols;
+    float bv = 0.0f;
+    int bi = -1;
+    for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = ld(xr, c);
+        if (v == v && (bi < 0 || v > bv)) {  // v == v: not NaN
+            bv = v;
+            bi = (int)c;
+        }
+    }
+    warp_argmax_pair(bv, bi);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        sv[w] = bv;
+        si[w] = bi;
+    }
+    __syncthreads();
+    if (w == 0) {
+        bv = lane < nw ? sv[lane] : 0.0f;
+        bi = lane < nw ? si[lane] : -1;
+        warp_argmax_pair(bv, bi);
+        if (lane == 0) {
+            const float first = cols > 0 ? ld(xr, 0) : 0.0f;
+            out[row] = (first != first || bi < 0) ? 0u : (unsigned)bi;
+        }
+    }
+}
+extern "C" __global__ void argmax_rows_f32(const float* x, unsigned* out, i64 cols) {
+    PDL_ENTRY();
+    argmax_rows<float>(x, out, cols);
+}
+extern "C" __global__ void argmax_rows_bf16(const bf16_t* x, unsigned* out, i64 cols) {
+    PDL_ENTRY();
+    argmax_rows<bf16_t>(x, out, cols);
+}
+
 // ---- NLL (one block per row) --------------------------------------------------------------------
 // out[r] = (max - logit[target]) + log(sum(exp(logit - max))), f32, two passes over the row.
 // Targets are validated (< vocab) by the caller.
