@@ -21,7 +21,7 @@ pub use error::ModelError;
 pub use generate::{GenStats, generate};
 pub use model::{
     DsaModel, ForwardOptions, ForwardOutput, LayerTap, LoadOptions, LoadReport, Logits, StageTimes, StepState,
-    check_indexers,
+    check_indexers, format_layers,
 };
 pub use sampler::{Sampler, SamplingParams};
 pub use weights::{IndexerSelection, RandomSource, WeightSource, parameter_count};

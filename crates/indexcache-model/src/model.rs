@@ -884,7 +884,8 @@ pub fn check_indexers(
     Ok(())
 }
 
-fn format_layers(ls: &[usize]) -> String {
+/// Layer numbers for messages: `[0, 4, 8]`, or `(none)`.
+pub fn format_layers(ls: &[usize]) -> String {
     if ls.is_empty() {
         return "(none)".into();
     }

@@ -20,7 +20,7 @@
 use crate::data::Window;
 use crate::error::ToolError;
 use indexcache_config::IndexSchedule;
-use indexcache_model::{DsaModel, ForwardOptions, Logits};
+use indexcache_model::{DsaModel, ForwardOptions, Logits, format_layers};
 use indexcache_ops::{Backend, TopK};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -75,8 +75,8 @@ pub fn overlap_matrix<B: Backend>(
              (loaded: {}): either the checkpoint ships indexers only on some layers (an IndexCache \
              checkpoint whose Shared layers were stripped), or the model was loaded without them \
              (load with IndexerSelection::All)",
-            list(&missing),
-            list(&loaded)
+            format_layers(&missing),
+            format_layers(&loaded)
         )));
     }
     if windows.is_empty() {
@@ -156,7 +156,7 @@ fn ordered_topk(
     }
     let absent: Vec<usize> = (0..n).filter(|&l| by_layer[l].is_none()).collect();
     if !absent.is_empty() {
-        return Err(bad(format!("the forward pass returned no top-k for layers {}", list(&absent))));
+        return Err(bad(format!("the forward pass returned no top-k for layers {}", format_layers(&absent))));
     }
     Ok(by_layer.into_iter().flatten().collect())
 }
@@ -206,14 +206,6 @@ fn window_intersections(topk: &[TopK], k: usize, rows: usize) -> Vec<u64> {
                 a
             },
         )
-}
-
-fn list(ls: &[usize]) -> String {
-    if ls.is_empty() {
-        return "(none)".into();
-    }
-    let v: Vec<String> = ls.iter().map(|l| l.to_string()).collect();
-    format!("[{}]", v.join(", "))
 }
 
 #[cfg(test)]
