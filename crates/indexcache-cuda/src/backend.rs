@@ -1852,6 +1852,13 @@ impl CudaBackend {
             let res = residual.as_deref_mut().ok_or_else(|| bad(OP, shapes(), "a pre-norm needs the residual"))?;
             self.add_rms_norm_to(res, p.y, p.w, p.eps, x)?;
         }
+        // The arguments both router-GEMV kernels take after their input rows: [T, hidden], the
+        // router weight, the logits, the routing outputs, the done counter, the routing parameters.
+        let gemv_route = || {
+            let head =
+                [Arg::I32(t as i32), Arg::I32(hidden as i32), Arg::Ptr(moe.router.ptr()), Arg::Ptr(logits.ptr())];
+            head.into_iter().chain(route_args).chain([Arg::Ptr(self.route_done.ptr())]).chain(routing)
+        };
         let counts = if let (Some(p), Some(res)) = (fused_pre, residual.as_deref_mut()) {
             let mut a = vec![
                 Arg::Ptr(res.ptr()),
@@ -1859,14 +1866,8 @@ impl CudaBackend {
                 Arg::Ptr(p.w.buf.ptr()),
                 Arg::F32(p.eps),
                 Arg::Ptr(x.ptr()),
-                Arg::I32(t as i32),
-                Arg::I32(hidden as i32),
-                Arg::Ptr(moe.router.ptr()),
-                Arg::Ptr(logits.ptr()),
             ];
-            a.extend(route_args);
-            a.push(Arg::Ptr(self.route_done.ptr()));
-            a.extend(routing);
+            a.extend(gemv_route());
             a.push(Arg::I32(scratch_floats as i32));
             let cfg = LaunchConfig {
                 grid_dim: (dev::blocks(n_exp, ROUTER_WARPS), 1, 1),
@@ -1876,16 +1877,8 @@ impl CudaBackend {
             self.launch(&ADD_NORM_ROUTER_ROUTE, DType::F32, cfg, OP, shapes, &a)?;
             None
         } else if router_gemv {
-            let mut a = vec![
-                Arg::Ptr(x.ptr()),
-                Arg::I32(t as i32),
-                Arg::I32(hidden as i32),
-                Arg::Ptr(moe.router.ptr()),
-                Arg::Ptr(logits.ptr()),
-            ];
-            a.extend(route_args);
-            a.push(Arg::Ptr(self.route_done.ptr()));
-            a.extend(routing);
+            let mut a = vec![Arg::Ptr(x.ptr())];
+            a.extend(gemv_route());
             let cfg = LaunchConfig {
                 grid_dim: (dev::blocks(n_exp, GEMV_WARPS), 1, 1),
                 block_dim: (32 * GEMV_WARPS as u32, 1, 1),
