@@ -415,6 +415,11 @@ pub struct CudaBackend {
     /// add + norm inside the MoE router kernel, the sparse-MLA combine inside the W_UV GEMV);
     /// `INDEXCACHE_FUSE=0`: the plain launches (same bits).
     fuse: bool,
+    /// Decode-shaped sparse MLA on the one-tile kernel (`mla_dec_*`; `INDEXCACHE_MLA_DEC=0`: the
+    /// split prefill kernel, as before).
+    mla_dec: bool,
+    /// `mla_combine_uv` as thread-block clusters (`INDEXCACHE_UV_CLUSTER=0`: off; same bits).
+    uv_cluster: bool,
     /// `router_route`'s count of finished CTAs (zero between launches; its last CTA resets it).
     route_done: DevBuf,
 }
@@ -442,6 +447,8 @@ impl CudaBackend {
         let gemv = std::env::var("INDEXCACHE_GEMV").map_or(true, |v| v != "0");
         let gemv_u4 = std::env::var("INDEXCACHE_GEMV_U4").map_or(true, |v| v != "0");
         let fuse = std::env::var("INDEXCACHE_FUSE").map_or(true, |v| v != "0");
+        let mla_dec = std::env::var("INDEXCACHE_MLA_DEC").map_or(true, |v| v != "0");
+        let uv_cluster = std::env::var("INDEXCACHE_UV_CLUSTER").map_or(true, |v| v != "0");
         let route_done = dev.alloc_zeroed("cuda init", 4)?;
         Ok(Self {
             dev,
@@ -453,8 +460,15 @@ impl CudaBackend {
             gemv,
             gemv_u4,
             fuse,
+            mla_dec,
+            uv_cluster,
             route_done,
         })
+    }
+
+    /// The sparse-MLA launch options this backend's switches select.
+    fn mla_opts(&self) -> mla::MlaOpts {
+        mla::MlaOpts { no_decode: !self.mla_dec, no_cluster: !self.uv_cluster, ..mla::MlaOpts::default() }
     }
 
     pub fn dev(&self) -> &Arc<Dev> {
@@ -1323,7 +1337,7 @@ impl Backend for CudaBackend {
         let mut args = self.mla_args(q_lat, q_pe, cache, sel, scale)?;
         let out = self.tensor_out("sparse_mla", args.rows, args.heads * args.r)?;
         args.out = out.ptr();
-        mla::sparse_mla(&self.dev, &args)?;
+        mla::sparse_mla_with(&self.dev, &args, self.mla_opts())?;
         Ok(out)
     }
 
@@ -1350,9 +1364,9 @@ impl Backend for CudaBackend {
         // (the same sums); otherwise, or without split-k, the two ops.
         let projected = if self.fuse && self.gemv_applies(&g) {
             let uv = mla::UvArgs { w: w_uv.ptr(), n_out, y: out.ptr() };
-            mla::sparse_mla_uv(&self.dev, &args, uv)? // the attention ran; projected or not
+            mla::sparse_mla_uv_with(&self.dev, &args, uv, self.mla_opts())? // the attention ran; projected or not
         } else {
-            mla::sparse_mla(&self.dev, &args)?;
+            mla::sparse_mla_with(&self.dev, &args, self.mla_opts())?;
             false
         };
         if !projected {

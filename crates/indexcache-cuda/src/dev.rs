@@ -485,8 +485,33 @@ impl Dev {
     /// launch overlaps.
     pub fn launch(
         &self,
+        args: Args<'_>,
+        cfg: LaunchConfig,
+        op: &'static str,
+        shapes: impl FnOnce() -> String,
+    ) -> OpResult<()> {
+        self.launch_ex(args, cfg, None, op, shapes)
+    }
+
+    /// [`Dev::launch`] of a grid in thread-block clusters of `cluster` CTAs (each grid dimension a
+    /// multiple of the cluster's; at most 8 CTAs, the portable size): the CTAs of a cluster run at
+    /// the same time and may read each other's shared memory.
+    pub fn launch_cluster(
+        &self,
+        args: Args<'_>,
+        cfg: LaunchConfig,
+        cluster: (u32, u32, u32),
+        op: &'static str,
+        shapes: impl FnOnce() -> String,
+    ) -> OpResult<()> {
+        self.launch_ex(args, cfg, Some(cluster), op, shapes)
+    }
+
+    fn launch_ex(
+        &self,
         mut args: Args<'_>,
         cfg: LaunchConfig,
+        cluster: Option<(u32, u32, u32)>,
         op: &'static str,
         shapes: impl FnOnce() -> String,
     ) -> OpResult<()> {
@@ -495,14 +520,40 @@ impl Dev {
             return Ok(());
         }
         self.ctx.bind_to_thread().map_err(|e| driver_err(op, "bind context", e))?;
-        // SAFETY: a plain-old-data union; the field written is the one the attribute id names.
-        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-        value.programmaticStreamSerializationAllowed = 1;
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value,
-        };
+        let mut attrs: Vec<sys::CUlaunchAttribute> = Vec::with_capacity(2);
+        if self.pdl {
+            // SAFETY: a plain-old-data union; the field written is the one the attribute id names.
+            let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+            value.programmaticStreamSerializationAllowed = 1;
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value,
+            });
+        }
+        if let Some((x, y, z)) = cluster {
+            let fits = x >= 1 && y >= 1 && z >= 1 && x * y * z <= 8;
+            let divides = cfg.grid_dim.0.is_multiple_of(x)
+                && cfg.grid_dim.1.is_multiple_of(y)
+                && cfg.grid_dim.2.is_multiple_of(z);
+            if !fits || !divides {
+                return Err(OpError::new(
+                    op,
+                    shapes(),
+                    format!("cluster {x}×{y}×{z} does not tile the grid {:?}", cfg.grid_dim),
+                ));
+            }
+            // SAFETY: as above.
+            let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+            value.clusterDim.x = x;
+            value.clusterDim.y = y;
+            value.clusterDim.z = z;
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+                pad: [0; 4],
+                value,
+            });
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -512,10 +563,10 @@ impl Dev {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: if self.pdl { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: self.pdl as u32,
+            attrs: if attrs.is_empty() { std::ptr::null_mut() } else { attrs.as_mut_ptr() },
+            numAttrs: attrs.len() as u32,
         };
-        // SAFETY: each op passes arguments matching its kernel's signature; they and `attr`
+        // SAFETY: each op passes arguments matching its kernel's signature; they and `attrs`
         // outlive this call, which copies them.
         unsafe { sys::cuLaunchKernelEx(&config, args.f.cu_function(), args.params.as_mut_ptr(), std::ptr::null_mut()) }
             .result()

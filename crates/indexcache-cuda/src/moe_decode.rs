@@ -509,7 +509,7 @@ mod tests {
         }
         // mla.rs launches the combine merged into W_UV: ws_o, ws_ml, heads, r, splits, w, n_out, y.
         let kinds = entry_params(&ptx, "mla_combine_uv");
-        assert_eq!(kinds, ["u64", "u64", "u32", "u32", "u32", "u64", "u32", "u64"], "mla_combine_uv");
+        assert_eq!(kinds, ["u64", "u64", "u32", "u32", "u32", "u64", "u32", "u64", "u32"], "mla_combine_uv");
     }
 
     /// The PTX parameter types (`u64`, `u32`, ...) of kernel `name`, in order.

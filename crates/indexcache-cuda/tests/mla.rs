@@ -219,7 +219,7 @@ const F32_TOL: f64 = 1e-5;
 const BF16_TOL: f64 = 1e-2;
 
 fn opts(path: MlaPath, splits: Option<usize>) -> MlaOpts {
-    MlaOpts { path, splits }
+    MlaOpts { path, splits, ..MlaOpts::default() }
 }
 
 /// f32 (CUDA cores) and bf16 (tensor cores where allowed, and CUDA cores) against the reference,
@@ -242,6 +242,11 @@ fn check_all(dev: &Dev, c: Case, seed: u64, patterns: &[usize], splits: &[Option
             let got = run_gpu(dev, &c, &db, DType::BF16, opts(path, s));
             check(&c, &db, &got, &want, BF16_TOL, &format!("bf16 {path:?} splits {s:?}"));
         }
+    }
+    // The one-tile decode kernel (its own split count) wherever its shapes allow.
+    if tc && c.heads <= 32 && c.k > 0 {
+        let got = run_gpu(dev, &c, &db, DType::BF16, opts(MlaPath::Decode, None));
+        check(&c, &db, &got, &want, BF16_TOL, "bf16 decode kernel");
     }
 }
 
@@ -355,7 +360,15 @@ fn decode_rows() {
             let seed = 40 + rows as u64 * 3 + heads as u64;
             let d = make_data(&c, seed, &[0, 3, 0, 4], true);
             let want = reference_f64(&c, &d);
-            // Auto picks split-k here; the single-split kernel must agree.
+            // Auto picks split-k here (the decode kernel at 20 heads); the single-split kernel
+            // and the split prefill kernel must agree.
+            let dec = c.heads <= 32;
+            let got = run_gpu(&dev, &c, &d, DType::BF16, MlaOpts { no_decode: true, ..MlaOpts::default() });
+            check(&c, &d, &got, &want, BF16_TOL, "decode bf16 without the decode kernel");
+            if dec {
+                let got = run_gpu(&dev, &c, &d, DType::BF16, opts(MlaPath::Decode, None));
+                check(&c, &d, &got, &want, BF16_TOL, "decode bf16, the decode kernel");
+            }
             for s in [None, Some(1)] {
                 let got = run_gpu(&dev, &c, &d, DType::BF16, opts(MlaPath::Auto, s));
                 check(&c, &d, &got, &want, BF16_TOL, &format!("decode bf16 splits {s:?}"));

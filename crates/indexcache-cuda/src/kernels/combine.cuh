@@ -45,17 +45,18 @@ __device__ __forceinline__ float combine_weights(const float* __restrict__ ws_ml
 }
 
 // Column c of the combined output before the 1/L scaling: splits in order, a split of weight 0
-// skipped (its value is loaded, not added), loads in groups of COMBINE_UNR so they are in flight
-// together.
+// skipped (its value is loaded, not added), loads in groups of UNR so they are in flight together
+// (the group size changes which loads overlap, not the sums).
 #define COMBINE_UNR 8
+template <int UNR = COMBINE_UNR>
 __device__ __forceinline__ float combine_col(const float* __restrict__ ws_o, unsigned long long base, int heads, int r,
                                              int splits, const float* sw, int c, int s = 0, float acc = 0.0f) {
-    for (; s + COMBINE_UNR <= splits; s += COMBINE_UNR) {
-        float v[COMBINE_UNR];
+    for (; s + UNR <= splits; s += UNR) {
+        float v[UNR];
 #pragma unroll
-        for (int u = 0; u < COMBINE_UNR; ++u) v[u] = ws_o[(base + (unsigned long long)(s + u) * heads) * r + c];
+        for (int u = 0; u < UNR; ++u) v[u] = ws_o[(base + (unsigned long long)(s + u) * heads) * r + c];
 #pragma unroll
-        for (int u = 0; u < COMBINE_UNR; ++u) {
+        for (int u = 0; u < UNR; ++u) {
             const float w = sw[s + u];
             if (w != 0.0f) acc = fmaf(w, v[u], acc);
         }

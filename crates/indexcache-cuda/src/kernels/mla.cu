@@ -310,6 +310,106 @@ extern "C" __global__ void __launch_bounds__(256) mla_cc_bf16(const bf16_t* q_la
 //            A = P via ldmatrix, B = G via ldmatrix.trans (rows of G are the k index).
 // FLOPs per valid entry: 2*HP*(Wp + r) issued, 2*heads*(W + r) useful.
 // =============================================================================================
+// Shared memory of the tensor-core kernels that cp.async never writes, zeroed (256 threads): Q
+// rows h >= nh of sQ [HP, ws] and columns [W, Wp) of the HP Q rows and the `g_rows` rows of sG
+// (contiguous after sQ).
+__device__ __forceinline__ void tc_zero_pad(bf16_t* sQ, int HP, int nh, int g_rows, int W, int Wp, int ws) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int h = nh + warp; h < HP; h += 8)
+        for (int c = lane; c < (Wp >> 1); c += 32) ((u32*)(sQ + h * ws))[c] = 0u;
+    if (Wp > W) {
+        for (int row = threadIdx.x; row < HP + g_rows; row += 256) {
+            bf16_t* rp = sQ + row * ws;
+            for (int c = W; c < Wp; ++c) rp[c] = 0;
+        }
+    }
+}
+
+// Q_t = [q_lat_h | q_pe_h] of heads h0 .. h0 + nh into sQ rows (cp.async, one warp per row; the
+// caller commits).
+__device__ __forceinline__ void tc_load_q(bf16_t* sQ, const bf16_t* q_lat, const bf16_t* q_pe, int t, int heads, int h0,
+                                          int nh, int r, int p, int ws) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int CPR = (r + p) >> 3, RCH = r >> 3;  // 16-byte chunks per row, of the q_lat part
+    for (int h = warp; h < nh; h += 8) {
+        const u64 qrow = (u64)t * heads + h0 + h;
+        const bf16_t* ql = q_lat + qrow * r;
+        const bf16_t* qp = q_pe + qrow * p;
+        const u32 dst = smem_addr(sQ + h * ws);
+        for (int c = lane; c < CPR; c += 32) cp_async16(dst + c * 16, c < RCH ? ql + c * 8 : qp + (c - RCH) * 8, 16);
+    }
+}
+
+// O += P . G[:, :r] for one k16 step `kk` of a tile (mla_tc, mla_dec): warp w owns the n8 column
+// tiles w, w+8, ... (NTW of them, so r <= 64 * NTW) for all 16*MT rows; A = P via ldmatrix (pa:
+// this lane's row address in sP, row stride ps), B = G via ldmatrix.trans (rows of G are the k
+// index, stride ws).
+template <int MT, int NTW>
+__device__ __forceinline__ void o_step(float (&o)[MT][NTW][4], u32 pa, int ps, const bf16_t* G, int ws, int kk, int warp,
+                                       int lane, int NR) {
+    u32 a[MT][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) ldsm_x4(pa + (mi * 16 * ps + kk * 16) * 2, a[mi]);
+#pragma unroll
+    for (int i = 0; i < NTW; i += 2) {
+        const int nt0 = warp + 8 * i, nt1 = warp + 8 * (i + 1);
+        if (nt0 < NR) {
+            const int ntl = (lane < 16 || nt1 >= NR) ? nt0 : nt1;
+            u32 x[4];
+            ldsm_x4_t(smem_addr(G + (kk * 16 + (lane & 15)) * ws + ntl * 8), x);
+            const u32 b0[2] = {x[0], x[1]};
+            const u32 b1[2] = {x[2], x[3]};
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) mma_bf16(o[mi][i], a[mi], b0);
+            if (nt1 < NR) {
+#pragma unroll
+                for (int mi = 0; mi < MT; ++mi) mma_bf16(o[mi][i + 1], a[mi], b1);
+            }
+        }
+    }
+}
+
+// The attention kernels' epilogue: head rows h < nh of the accumulators (layout of o_step) with
+// their softmax max (natural log) / sum in sML[h] / sML[HP + h]. One split: the normalised row to
+// `out` (bf16); else the unnormalised partial and (m, l) to the split-k workspace.
+template <int MT, int NTW>
+__device__ __forceinline__ void tc_store(const float (&o)[MT][NTW][4], const float* sML, int HP, int nh, bf16_t* out,
+                                         float* ws_o, float* ws_ml, int t, int heads, int h0, int r, int split,
+                                         int splits, int warp, int lane, int NR) {
+    const int g = lane >> 2, tg = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int h = mi * 16 + g + 8 * hh;
+            if (h >= nh) continue;
+            const float l = sML[HP + h];
+            if (splits == 1) {
+                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+                bf16_t* orow = out + ((u64)t * heads + h0 + h) * r;
+#pragma unroll
+                for (int i = 0; i < NTW; ++i) {
+                    const int nt = warp + 8 * i;
+                    if (nt < NR)
+                        *(u32*)&orow[nt * 8 + 2 * tg] =
+                            pack_bf16x2(o[mi][i][2 * hh] * inv, o[mi][i][2 * hh + 1] * inv);
+                }
+            } else {
+                const u64 wrow = ((u64)t * splits + split) * heads + h0 + h;
+                float* orow = ws_o + wrow * r;
+#pragma unroll
+                for (int i = 0; i < NTW; ++i) {
+                    const int nt = warp + 8 * i;
+                    if (nt < NR) *(mla_f2*)&orow[nt * 8 + 2 * tg] = mla_f2{o[mi][i][2 * hh], o[mi][i][2 * hh + 1]};
+                }
+                if (warp == 0 && tg == 0) {
+                    ws_ml[wrow * 2] = sML[h];
+                    ws_ml[wrow * 2 + 1] = l;
+                }
+            }
+        }
+}
+
 template <int MT>
 struct TcCfg {
     static constexpr int HP = 16 * MT;
@@ -343,7 +443,6 @@ __device__ __forceinline__ void mla_tc(const bf16_t* __restrict__ q_lat, const b
     const int Wp = (W + 15) & ~15;
     const int WS = Wp + 8;
     const int CPR = W >> 3;  // 16-byte chunks per row
-    const int RCH = r >> 3;  // chunks of the q_lat part
     const int KSTEPS = Wp >> 4;
     const int NR = r >> 3;   // n8 tiles of O
     const int jb = imin(k, split * split_len);
@@ -362,25 +461,9 @@ __device__ __forceinline__ void mla_tc(const bf16_t* __restrict__ q_lat, const b
     const int ntiles = (n_end - jb + NT - 1) / NT;
 
     // Zero what cp.async never writes: Q rows >= nh, and columns [W, Wp) of every Q / G row.
-    for (int i = tid; i < (HP - nh) * (Wp >> 1); i += 256) {
-        const int h = nh + i / (Wp >> 1), c = i % (Wp >> 1);
-        ((u32*)(sQ + h * WS))[c] = 0u;
-    }
-    if (Wp > W) {
-        for (int row = tid; row < HP + STAGES * NT; row += 256) {
-            bf16_t* rp = (row < HP) ? sQ + row * WS : sG + (row - HP) * WS;
-            for (int c = W; c < Wp; ++c) rp[c] = 0;
-        }
-    }
-
+    tc_zero_pad(sQ, HP, nh, STAGES * NT, W, Wp, WS);
     // Q rows via cp.async (joins the first commit group).
-    for (int h = warp; h < nh; h += 8) {
-        const u64 qrow = (u64)t * heads + h0 + h;
-        const bf16_t* ql = q_lat + qrow * r;
-        const bf16_t* qp = q_pe + qrow * p;
-        const u32 dst = smem_addr(sQ + h * WS);
-        for (int c = lane; c < CPR; c += 32) cp_async16(dst + c * 16, c < RCH ? ql + c * 8 : qp + (c - RCH) * 8, 16);
-    }
+    tc_load_q(sQ, q_lat, q_pe, t, heads, h0, nh, r, p, WS);
 
     // Gather tile `it` (entries jb + it*NT ..) into stage `st`: one warp per row, lanes over chunks.
     auto load_tile = [&](int it, int st) {
@@ -558,28 +641,7 @@ __device__ __forceinline__ void mla_tc(const bf16_t* __restrict__ q_lat, const b
             }
             const u32 pa = smem_addr(sP + (lane & 15) * PS + (lane >> 4) * 8);
 #pragma unroll
-            for (int kk = 0; kk < NT / 16; ++kk) {
-                u32 a[MT][4];
-#pragma unroll
-                for (int mi = 0; mi < MT; ++mi) ldsm_x4(pa + (mi * 16 * PS + kk * 16) * 2, a[mi]);
-#pragma unroll
-                for (int i = 0; i < NTW; i += 2) {
-                    const int nt0 = warp + 8 * i, nt1 = warp + 8 * (i + 1);
-                    if (nt0 < NR) {
-                        const int ntl = (lane < 16 || nt1 >= NR) ? nt0 : nt1;
-                        u32 x[4];
-                        ldsm_x4_t(smem_addr(G + (kk * 16 + (lane & 15)) * WS + ntl * 8), x);
-                        const u32 b0[2] = {x[0], x[1]};
-                        const u32 b1[2] = {x[2], x[3]};
-#pragma unroll
-                        for (int mi = 0; mi < MT; ++mi) mma_bf16(o[mi][i], a[mi], b0);
-                        if (nt1 < NR) {
-#pragma unroll
-                            for (int mi = 0; mi < MT; ++mi) mma_bf16(o[mi][i + 1], a[mi], b1);
-                        }
-                    }
-                }
-            }
+            for (int kk = 0; kk < NT / 16; ++kk) o_step<MT, NTW>(o, pa, PS, G, WS, kk, warp, lane, NR);
         }
     }
     cp_async_wait<0>();
@@ -590,37 +652,7 @@ __device__ __forceinline__ void mla_tc(const bf16_t* __restrict__ q_lat, const b
         sML[HP + srow] = l_run;
     }
     __syncthreads();
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int h = mi * 16 + g + 8 * hh;
-            if (h >= nh) continue;
-            const float l = sML[HP + h];
-            if (splits == 1) {
-                const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-                bf16_t* orow = out + ((u64)t * heads + h0 + h) * r;
-#pragma unroll
-                for (int i = 0; i < NTW; ++i) {
-                    const int nt = warp + 8 * i;
-                    if (nt < NR)
-                        *(u32*)&orow[nt * 8 + 2 * tg] =
-                            pack_bf16x2(o[mi][i][2 * hh] * inv, o[mi][i][2 * hh + 1] * inv);
-                }
-            } else {
-                const u64 wrow = ((u64)t * splits + split) * heads + h0 + h;
-                float* orow = ws_o + wrow * r;
-#pragma unroll
-                for (int i = 0; i < NTW; ++i) {
-                    const int nt = warp + 8 * i;
-                    if (nt < NR) *(mla_f2*)&orow[nt * 8 + 2 * tg] = mla_f2{o[mi][i][2 * hh], o[mi][i][2 * hh + 1]};
-                }
-                if (warp == 0 && tg == 0) {
-                    ws_ml[wrow * 2] = sML[h];
-                    ws_ml[wrow * 2 + 1] = l;
-                }
-            }
-        }
+    tc_store<MT, NTW>(o, sML, HP, nh, out, ws_o, ws_ml, t, heads, h0, r, split, splits, warp, lane, NR);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -642,6 +674,176 @@ extern "C" __global__ void __launch_bounds__(256, 1)
               float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
     PDL_ENTRY();
     mla_tc<4>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
+}
+
+// =============================================================================================
+// Decode path (bf16, tensor cores): one tile of DEC_NT selected entries per CTA, nothing else.
+//
+// At decode a row's k entries are split across many CTAs (split_len == DEC_NT, the host's plan),
+// so each CTA runs one tile: the prefill kernel's double buffering, online-softmax rescaling and
+// loop bookkeeping are pure latency there. CTA = (row t, head group of HP = 16*MT heads, split),
+// 8 warps, two CTAs per SM. Shared memory (WS as in mla_tc):
+//   sQ [HP, WS] bf16 | sG [DEC_NT, WS] bf16 | sS [64, SS] f32 (K-split partial logits) |
+//   sP [HP, PS] bf16 | sML [2, HP] f32 | sOk [DEC_NT] int
+// Steps: Q and the tile's rows land with cp.async (invalid entries zero-filled, flagged in sOk);
+//   S = Q . G^T, warp w = (k-split, m16 tile, n16 half): 4 / MT k-splits, summed in split order;
+//   softmax of the tile per head (max, exp2, sum in f32; P rounded to bf16);
+//   O = P . G[:, :r], warp w owns the n8 column tiles w, w+8, ... for all HP rows (as mla_tc);
+//   epilogue as mla_tc: split-k partials (O, m, l) or, with one split, the normalised row.
+// Same semantics as mla_tc with one tile per split; the partial sums run in another order.
+// =============================================================================================
+#define DEC_NT 32
+#define DEC_SS (DEC_NT + 8)  // sS row stride (f32)
+#define DEC_PS (DEC_NT + 8)  // sP row stride (bf16): 80-byte rows, ldmatrix conflict-free
+
+template <int MT>
+__device__ __forceinline__ void mla_dec(const bf16_t* __restrict__ q_lat, const bf16_t* __restrict__ q_pe,
+                                        const bf16_t* __restrict__ cache, const int* __restrict__ sel,
+                                        bf16_t* __restrict__ out, float* __restrict__ ws_o,
+                                        float* __restrict__ ws_ml, int heads, int r, int p, int k, float scale,
+                                        int split_len, int splits, unsigned char* smem) {
+    constexpr int HP = 16 * MT, NT = DEC_NT, SS = DEC_SS, PS = DEC_PS, NTW = 8;
+    constexpr int KS = 4 / MT;         // k-splits of the S phase: 8 warps = KS x MT x 2
+    constexpr int TPR = 256 / HP;      // softmax threads per head row
+    constexpr int KPT = NT / TPR;      // entries per softmax thread
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int t = blockIdx.x;
+    const int h0 = blockIdx.y * HP;
+    const int nh = imin(HP, heads - h0);
+    const int split = blockIdx.z;
+    const int W = r + p;
+    const int Wp = (W + 15) & ~15;
+    const int WS = Wp + 8;
+    const int CPR = W >> 3;
+    const int KSTEPS = Wp >> 4;
+    const int NR = r >> 3;
+    const int jb = split * split_len;
+    const int je = imin(k, jb + imin(split_len, NT));
+    const int* sel_row = sel + (u64)t * k;
+
+    bf16_t* sQ = (bf16_t*)smem;
+    bf16_t* sG = sQ + HP * WS;
+    float* sS = (float*)(sG + NT * WS);
+    bf16_t* sP = (bf16_t*)(sS + 64 * SS);
+    float* sML = (float*)(sP + HP * PS);
+    int* sOk = (int*)(sML + 2 * HP);
+
+    // Shared memory only, before the wait: zero Q rows >= nh and the K padding [W, Wp).
+    tc_zero_pad(sQ, HP, nh, NT, W, Wp, WS);
+    PDL_ENTRY();
+
+    int idx[NT / 8];  // entry warp + 8 i of the tile; index loads first, so their latencies overlap
+#pragma unroll
+    for (int i = 0; i < NT / 8; ++i) {
+        const int j = jb + warp + 8 * i;
+        idx[i] = j < je ? sel_row[j] : -1;
+    }
+    tc_load_q(sQ, q_lat, q_pe, t, heads, h0, nh, r, p, WS);
+#pragma unroll
+    for (int i = 0; i < NT / 8; ++i) {
+        const int e = warp + 8 * i;
+        const bf16_t* src = cache + (u64)(idx[i] < 0 ? 0 : idx[i]) * W;
+        const int bytes = idx[i] < 0 ? 0 : 16;
+        const u32 dst = smem_addr(sG + e * WS);
+        for (int c = lane; c < CPR; c += 32) cp_async16(dst + c * 16, src + c * 8, bytes);
+        if (lane == 0) sOk[e] = idx[i] >= 0;
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    const int g = lane >> 2, tg = lane & 3;
+    // ---- S phase: warp = (k-split ks, m16 tile mi, n16 half nj) ----
+    {
+        const int ks = warp / (2 * MT), mi = (warp >> 1) % MT, nj = warp & 1;
+        const int per = (KSTEPS + KS - 1) / KS;
+        const int kb = ks * per, ke = imin(KSTEPS, kb + per);
+        float acc[2][4];
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[ni][e] = 0.0f;
+        const u32 qa = smem_addr(sQ + (mi * 16 + (lane & 15)) * WS + (lane >> 4) * 8);
+        const u32 ga = smem_addr(sG + (nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * WS + ((lane >> 3) & 1) * 8);
+        for (int kk = kb; kk < ke; ++kk) {
+            u32 a[4], x[4];
+            ldsm_x4(qa + kk * 32, a);
+            ldsm_x4(ga + kk * 32, x);
+            const u32 b0[2] = {x[0], x[1]};
+            const u32 b1[2] = {x[2], x[3]};
+            mma_bf16(acc[0], a, b0);
+            mma_bf16(acc[1], a, b1);
+        }
+        float* S = sS + ks * HP * SS;
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni) {
+            const int row = mi * 16 + g, col = nj * 16 + ni * 8 + 2 * tg;
+            *(mla_f2*)&S[row * SS + col] = mla_f2{acc[ni][0], acc[ni][1]};
+            *(mla_f2*)&S[(row + 8) * SS + col] = mla_f2{acc[ni][2], acc[ni][3]};
+        }
+    }
+    __syncthreads();
+
+    // ---- softmax of the tile (log2 domain), TPR threads per head row ----
+    {
+        const int srow = tid / TPR, sq = tid % TPR;
+        const float sl2 = scale * 1.4426950408889634f;
+        float x[KPT];
+#pragma unroll
+        for (int e = 0; e < KPT; ++e) {
+            const int j = sq * KPT + e;
+            float v = sS[srow * SS + j];
+#pragma unroll
+            for (int ks = 1; ks < KS; ++ks) v += sS[(ks * HP + srow) * SS + j];
+            x[e] = sOk[j] ? v * sl2 : neg_inf();
+        }
+        float mx = x[0];
+#pragma unroll
+        for (int e = 1; e < KPT; ++e) mx = fmaxf(mx, x[e]);
+#pragma unroll
+        for (int off = TPR / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float sum = 0.0f;
+#pragma unroll
+        for (int e = 0; e < KPT; ++e) {
+            x[e] = mx == neg_inf() ? 0.0f : exp2f(x[e] - mx);
+            sum += x[e];
+        }
+#pragma unroll
+        for (int off = TPR / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+#pragma unroll
+        for (int e = 0; e < KPT; e += 2) *(u32*)&sP[srow * PS + sq * KPT + e] = pack_bf16x2(x[e], x[e + 1]);
+        if (sq == 0) {
+            sML[srow] = mx * 0.6931471805599453f;  // natural-log units
+            sML[HP + srow] = sum;
+        }
+    }
+    __syncthreads();
+
+    // ---- O phase ----
+    float o[MT][NTW][4];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int i = 0; i < NTW; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mi][i][e] = 0.0f;
+    const u32 pa = smem_addr(sP + (lane & 15) * PS + (lane >> 4) * 8);
+#pragma unroll
+    for (int kk = 0; kk < NT / 16; ++kk) o_step<MT, NTW>(o, pa, PS, sG, WS, kk, warp, lane, NR);
+
+    tc_store<MT, NTW>(o, sML, HP, nh, out, ws_o, ws_ml, t, heads, h0, r, split, splits, warp, lane, NR);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    mla_dec_m1(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
+               float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    mla_dec<1>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    mla_dec_m2(const bf16_t* q_lat, const bf16_t* q_pe, const bf16_t* cache, const int* sel, bf16_t* out,
+               float* ws_o, float* ws_ml, int heads, int r, int p, int k, float scale, int split_len, int splits) {
+    mla_dec<2>(q_lat, q_pe, cache, sel, out, ws_o, ws_ml, heads, r, p, k, scale, split_len, splits, MLA_SMEM);
 }
 
 // =============================================================================================
@@ -679,7 +881,7 @@ __device__ __forceinline__ void mla_combine(const float* __restrict__ ws_o, cons
             }
             s = splits;
         }
-        acc = combine_col(ws_o, base, heads, r, splits, sw, c, s, acc);
+        acc = combine_col<32>(ws_o, base, heads, r, splits, sw, c, s, acc);
         st_val(out + ((u64)t * heads + h) * r + c, acc * inv);
     }
 }

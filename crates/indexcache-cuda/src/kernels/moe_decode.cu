@@ -675,17 +675,40 @@ extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
 // The sparse-MLA split combine merged into the per-head W_UV GEMV (backend.rs `sparse_mla_uv`,
 // decode rows): mla_combine_bf16 then gemv on the [rows, heads*r] output, the same bits, without
 // the combined rows' round trip through memory and one launch fewer. Grid (rows, heads, column
-// blocks of CU_WARPS * 4 outputs); every CTA of (row t, head h) combines that head's splits into
-// shared memory — split weights as mla_combine's 128-thread block computes them (combine.cuh),
-// each column rounded to bf16 as mla_combine stores it — then its warps compute 4 output columns
-// each from that copy, as the GEMV does (its weight rows are loaded before the PDL wait).
+// blocks of CU_WARPS * 4 outputs). The combined row of (row t, head h) — split weights as
+// mla_combine's 128-thread block computes them (combine.cuh), each column rounded to bf16 as
+// mla_combine stores it — lands in every CTA's shared memory, then its warps compute 4 output
+// columns each from that copy, as the GEMV does (their weight rows are loaded before the PDL wait).
+// cz > 1: the grid's z CTAs of a (row, head) are one thread-block cluster of cz = gridDim.z CTAs;
+// CTA z combines the columns of chunk z only and reads the others from its peers' shared memory,
+// so each partial is read once, not cz times. cz == 1: every CTA combines the whole row.
+// A thread's first column's partials of the first CU_PRE splits are loaded before the split
+// weights are reduced (they do not depend on them, so the latencies overlap, as in mla_combine);
+// a column's sum runs over the splits in order either way.
 // w: [heads, n_out, r] bf16; y: [rows, heads * n_out] bf16. Dynamic shared memory: `splits` floats
 // rounded up to a multiple of 4, then the combined row, r bf16 (r % 8 == 0).
-#define CU_WARPS 8               // backend.rs CU_WARPS
+#define CU_WARPS 8  // mla.rs CU_WARPS
+#define CU_PRE 32  // with the GEMV's preloaded weights, <= 128 registers: two CTAs per SM
 #define COMBINE_BLOCK_THREADS 128  // mla.rs COMBINE_THREADS: the combine's reduction shape
-extern "C" __global__ void __launch_bounds__(CU_WARPS * 32)
+
+__device__ __forceinline__ void cluster_barrier() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// 16 bytes at the same shared-memory offset as `local` in cluster CTA `rank`.
+__device__ __forceinline__ uint4 ld_peer16(const void* local, unsigned rank) {
+    unsigned long long g;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(g) : "l"(local));
+    unsigned a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"((unsigned)g), "r"(rank));
+    uint4 v;
+    asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(CU_WARPS * 32, 2)
     mla_combine_uv(const float* ws_o, const float* ws_ml, int heads, int r, int splits, const bf16_t* w, int n_out,
-                   bf16_t* y) {
+                   bf16_t* y, int cz) {
     extern __shared__ float smem[];
     __shared__ float red[32];
     float* sw = smem;
@@ -695,9 +718,37 @@ extern "C" __global__ void __launch_bounds__(CU_WARPS * 32)
     const unsigned long long base = (unsigned long long)t * splits * heads + h;
     auto pre = [&] {
         pdl_wait();
+        const int chunk = cz > 1 ? (((r + cz - 1) / cz + 7) & ~7) : r;
+        const int cb = cz > 1 ? (int)blockIdx.z * chunk : 0, ce = min(r, cb + chunk);
+        const int c0 = cb + threadIdx.x;
+        const int npre = c0 < ce ? min(splits, CU_PRE) : 0;
+        float pv[CU_PRE];
+#pragma unroll
+        for (int u = 0; u < CU_PRE; ++u) pv[u] = u < npre ? ws_o[(base + (unsigned long long)u * heads) * r + c0] : 0.0f;
         const float inv = combine_weights(ws_ml, base, heads, splits, sw, red, COMBINE_BLOCK_THREADS);
-        for (int c = threadIdx.x; c < r; c += blockDim.x)
-            xs[c] = f32_to_bf16(combine_col(ws_o, base, heads, r, splits, sw, c) * inv);
+        for (int c = c0; c < ce; c += blockDim.x) {
+            float acc = 0.0f;
+            int s = 0;
+            if (c == c0) {  // splits 0 .. npre from the preloaded values, in order (combine.cuh)
+#pragma unroll
+                for (int u = 0; u < CU_PRE; ++u) {
+                    if (u < npre) {
+                        const float wt = sw[u];
+                        if (wt != 0.0f) acc = fmaf(wt, pv[u], acc);
+                    }
+                }
+                s = npre;
+            }
+            xs[c] = f32_to_bf16(combine_col<32>(ws_o, base, heads, r, splits, sw, c, s, acc) * inv);
+        }
+        if (cz > 1) {
+            cluster_barrier();  // every CTA's chunk is in its shared memory
+            for (int v = threadIdx.x; v < (r >> 3); v += blockDim.x) {
+                const int owner = (8 * v) / chunk;
+                if (owner != (int)blockIdx.z) *(uint4*)(xs + 8 * v) = ld_peer16(xs + 8 * v, (unsigned)owner);
+            }
+            cluster_barrier();  // no CTA reads a peer's row after this (a peer may exit)
+        }
         __syncthreads();
     };
     // Warps past the last column load and store nothing (nc = 0) but take part in the combine.
