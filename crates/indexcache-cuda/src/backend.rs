@@ -59,7 +59,7 @@
 //! | mlp | 2 GEMMs, `silu_mul`, 1 GEMM | `6·T·hidden·I` flops |
 //! | moe | router GEMM (f32 out), `moe_route`, counts → host, `moe_slots`, gather, per-expert GEMMs, `silu_mul`, `moe_combine`; T ≤ 16: `router_route` (T ≤ 4) or router GEMV + `moe_route`, then `moe_decode` (2 launches, no host sync) | `6·T·top_k·hidden·I` flops + shared MLP |
 //! | moe_residual | decode: `moe_decode`'s down kernel adds into the residual; else moe + add | as moe |
-//! | add_rms_norm_moe | decode (bf16, T ≤ 4, the norm rows beside norm_row's staging in 48 KB): `add_norm_router_route` — the post-attention add + RMSNorm in every router CTA, router GEMV, routing in the last CTA — then `moe_decode`; else add_rms_norm + moe_residual | as both |
+//! | add_rms_norm_moe | decode (bf16, T ≤ 4, the norm rows beside norm_row's staging in 48 KB): `add_norm_router_route` — the post-attention add + RMSNorm in every router CTA, router GEMV, routing in the last CTA — then `moe_decode`, whose gate/up kernel redoes the add + norm and runs a fused shared expert before the routing is known (`moe_decode_gate_up_pre_bf16`; its down kernel stores x + y with the sum); else add_rms_norm + moe_residual | as both |
 //! | mla_norms | `mla_norms`: rms_norm of the q latent and latent_store in one launch (grid y picks) | as both |
 //! | sparse_mla_uv | bf16 split-k decode where W_UV runs on the GEMV: the split combine merged into the W_UV GEMV (`mla_combine_uv`); else sparse_mla + matmul_heads | as both |
 //! | nll | one block per row: max, Σexp | `T·vocab·s` |
@@ -272,7 +272,7 @@ const ROUTER_ROUTE: Kernel = Kernel {
 const ADD_NORM_ROUTER_ROUTE: Kernel = Kernel {
     src: &kernels::MOE_DECODE,
     names: ["add_norm_router_route"; 2],
-    sig: &[TP, TP, TP, TF, TP, TI, TI, TP, TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TF, TI],
+    sig: &[TP, TP, TP, TF, TP, TI, TI, TP, TP, TP, TP, TP, TP, TI, TI, TI, TI, TI, TF, TI, TI],
 };
 const MOE_SLOTS: Kernel = Kernel { src: &kernels::MOE, names: ["moe_slots"; 2], sig: &[TP, TP, TP, TP, TI, TI] };
 const MOE_COMBINE: Kernel =
@@ -420,6 +420,10 @@ pub struct CudaBackend {
     mla_dec: bool,
     /// `mla_combine_uv` as thread-block clusters (`INDEXCACHE_UV_CLUSTER=0`: off; same bits).
     uv_cluster: bool,
+    /// At decode, the post-attention add + RMSNorm redone inside the MoE gate/up kernel, whose
+    /// shared-expert rows then run while the router kernel still routes
+    /// (`moe_decode_gate_up_pre_bf16`; `INDEXCACHE_MOE_PRE=0`: off; the same bits).
+    moe_pre: bool,
     /// `router_route`'s count of finished CTAs (zero between launches; its last CTA resets it).
     route_done: DevBuf,
 }
@@ -449,6 +453,7 @@ impl CudaBackend {
         let fuse = std::env::var("INDEXCACHE_FUSE").map_or(true, |v| v != "0");
         let mla_dec = std::env::var("INDEXCACHE_MLA_DEC").map_or(true, |v| v != "0");
         let uv_cluster = std::env::var("INDEXCACHE_UV_CLUSTER").map_or(true, |v| v != "0");
+        let moe_pre = std::env::var("INDEXCACHE_MOE_PRE").map_or(true, |v| v != "0");
         let route_done = dev.alloc_zeroed("cuda init", 4)?;
         Ok(Self {
             dev,
@@ -462,6 +467,7 @@ impl CudaBackend {
             fuse,
             mla_dec,
             uv_cluster,
+            moe_pre,
             route_done,
         })
     }
@@ -1826,6 +1832,9 @@ impl CudaBackend {
             shared_down: fused.map_or(0, |m| m.down.ptr()),
             out: 0,
             accumulate: false,
+            pre_y: 0,
+            pre_w: 0,
+            pre_eps: 0.0,
             tokens: t,
             hidden,
             inter,
@@ -1862,6 +1871,21 @@ impl CudaBackend {
         let fused_pre = pre.filter(|_| {
             router_gemv && self.fuse && residual.is_some() && fused_smem + ROUTER_NORM_STATIC_SMEM <= 48 * 1024
         });
+        // With the fused pre-norm at decode, the expert kernels may redo it themselves
+        // (`MoeSmallArgs::pre_y`): the router kernel then leaves x and h unwritten.
+        let experts_pre = fused_pre.filter(|_| {
+            let a = moe_decode::MoeSmallArgs {
+                x: residual.as_ref().map_or(0, |r| r.ptr()),
+                out: residual.as_ref().map_or(0, |r| r.ptr()),
+                accumulate: true,
+                pre_y: fused_pre.map_or(0, |p| p.y.ptr()),
+                pre_w: fused_pre.map_or(0, |p| p.w.buf.ptr()),
+                ids: 0,
+                weights: 0,
+                ..args
+            };
+            self.moe_pre && (moe.shared.is_none() || fused.is_some()) && moe_decode::check(&a).is_ok()
+        });
         if let (Some(p), None) = (pre, fused_pre) {
             let res = residual.as_deref_mut().ok_or_else(|| bad(OP, shapes(), "a pre-norm needs the residual"))?;
             self.add_rms_norm_to(res, p.y, p.w, p.eps, x)?;
@@ -1883,6 +1907,7 @@ impl CudaBackend {
             ];
             a.extend(gemv_route());
             a.push(Arg::I32(scratch_floats as i32));
+            a.push(Arg::I32(i32::from(experts_pre.is_none()))); // store x + y and h
             let cfg = LaunchConfig {
                 grid_dim: (dev::blocks(n_exp, ROUTER_WARPS), 1, 1),
                 block_dim: (32 * ROUTER_WARPS as u32, 1, 1),
@@ -1931,6 +1956,9 @@ impl CudaBackend {
             if let Some(res) = residual {
                 args.out = res.ptr();
                 args.accumulate = true;
+                if let Some(p) = experts_pre {
+                    (args.x, args.pre_y, args.pre_w, args.pre_eps) = (res.ptr(), p.y.ptr(), p.w.buf.ptr(), p.eps);
+                }
                 moe_decode::moe_small(&self.dev, &args)?;
                 return Ok(None);
             }

@@ -120,6 +120,15 @@ pub struct MoeSmallArgs {
     /// `out += result` (the result rounded to the element type first, as a separate add would
     /// see it) instead of `out = result`
     pub accumulate: bool,
+    /// The post-attention add + RMSNorm done by the kernels (0: off): `x` is then the residual
+    /// stream before the add, `out == x` with `accumulate`, and the expert input is
+    /// `rms_norm(x + pre_y)` with weights `pre_w` (f32 `[hidden]`), computed by every gate/up CTA
+    /// (`moe_decode_gate_up_pre_bf16`, bf16 only) while the routing kernel still runs — the fused
+    /// shared expert's rows before its result — and `x + pre_y` stored by the down kernel with
+    /// the expert sum (the same bits as add_rms_norm then the MoE).
+    pub pre_y: u64,
+    pub pre_w: u64,
+    pub pre_eps: f32,
     pub tokens: usize,
     pub hidden: usize,
     pub inter: usize,
@@ -204,7 +213,30 @@ pub fn check(a: &MoeSmallArgs) -> OpResult<()> {
     if !fused.iter().all(|p| p.is_multiple_of(16)) {
         return bad("shared_gate, shared_up, shared_down must be 16-byte aligned".into());
     }
+    if a.pre_y != 0 {
+        if a.dtype != DType::BF16 || !a.accumulate || a.out != a.x || a.shared != 0 {
+            return bad("the pre-norm mode takes bf16, out == x with accumulate and no separate shared output".into());
+        }
+        if !a.pre_y.is_multiple_of(16) || !a.pre_w.is_multiple_of(4) || a.pre_w == 0 {
+            return bad("pre_y must be 16-byte aligned and pre_w 4-byte aligned".into());
+        }
+        if pre_smem(a) > PRE_SMEM_MAX {
+            return bad(format!("the normalised rows need {} bytes of shared memory", pre_smem(a)));
+        }
+    }
     Ok(())
+}
+
+/// Threads per CTA of the pre-norm gate/up kernel (`PRE_THREADS` in moe_decode.cu: the 256 of
+/// add_rms_norm, whose reduction it repeats).
+const PRE_THREADS: u32 = 256;
+/// Dynamic shared memory the pre-norm gate/up kernel may ask for: with its ~37 KB static (norm
+/// staging, plan) two CTAs still fit an SM.
+const PRE_SMEM_MAX: usize = 64 * 1024;
+
+/// Dynamic shared memory of the pre-norm gate/up kernel: the normalised rows, bf16.
+fn pre_smem(a: &MoeSmallArgs) -> usize {
+    a.tokens * a.hidden * 2
 }
 
 /// `out[t] = Σ_j w[t,j] · down_e(silu(gate_e x[t]) ⊙ up_e x[t]) (+ down_s(silu(gate_s x[t]) ⊙
@@ -243,17 +275,18 @@ fn kernel_name(a: &MoeSmallArgs, stage: &str) -> &'static str {
     }
 }
 
-/// Resident CTAs per SM of `f` at [`THREADS`] threads (cached per device and kernel; the grid size
-/// only affects speed, never results).
-fn blocks_per_sm(dev: &Dev, f: &CudaFunction, name: &'static str) -> OpResult<usize> {
-    static CACHE: Mutex<Vec<((usize, &str), usize)>> = Mutex::new(Vec::new());
-    let key = (dev.ctx.ordinal(), name);
+/// Resident CTAs per SM of `f` at `threads` threads and `smem` bytes of dynamic shared memory
+/// (cached per device, kernel and shared memory; the grid size only affects speed, never results).
+fn blocks_per_sm(dev: &Dev, f: &CudaFunction, name: &'static str, threads: u32, smem: usize) -> OpResult<usize> {
+    type Key = (usize, &'static str, usize); // device, kernel, dynamic shared memory
+    static CACHE: Mutex<Vec<(Key, usize)>> = Mutex::new(Vec::new());
+    let key = (dev.ctx.ordinal(), name, smem);
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(&(_, v)) = cache.iter().find(|(k, _)| *k == key) {
         return Ok(v);
     }
     let v = f
-        .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+        .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
         .map_err(|e| OpError::new(OP, name, format!("occupancy query: {e:?}")))? as usize;
     let v = v.max(1);
     cache.push((key, v));
@@ -273,20 +306,32 @@ fn early_loads() -> i32 {
 /// Kernel 1: `h[q, i] = silu(gate_e[i]·x[t]) · (up_e[i]·x[t])` into the workspace at `ws` (slot
 /// `q` of every routed pair and of the fused shared expert).
 fn gate_up(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
-    let name = kernel_name(a, "gate_up");
+    let pre = a.pre_y != 0;
+    let name = if pre { "moe_decode_gate_up_pre_bf16" } else { kernel_name(a, "gate_up") };
     let f = dev.function(&kernels::MOE_DECODE, name)?;
+    let (threads, smem) = if pre { (PRE_THREADS, pre_smem(a)) } else { (THREADS, 0) };
+    if pre {
+        dev.set_max_smem(&f, smem as u32)?; // beyond 48 KB with the static norm staging and plan
+    }
     let n = a.tokens * a.top_k;
     // Units: (distinct expert, intermediate row), one warp each; at most min(n, E) routed experts
     // plus the fused shared expert.
     let max_units = (n.min(a.n_experts) + usize::from(fused_shared(a))) * a.inter;
-    let warps = THREADS as usize / 32;
-    let grid = (dev.sm_count as usize * blocks_per_sm(dev, &f, name)?).min(max_units.div_ceil(warps)).max(1);
-    let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let warps = threads as usize / 32;
+    let resident = dev.sm_count as usize * blocks_per_sm(dev, &f, name, threads, smem)?;
+    let grid = resident.min(max_units.div_ceil(warps)).max(1);
+    let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
     let (n_i, k_i, e_i, hid_i, int_i) = (n as i32, a.top_k as i32, a.n_experts as i32, a.hidden as i32, a.inter as i32);
-    let mut b = dev.builder(&f);
-    b.arg(&a.x).arg(&a.ids).arg(&a.gate_up).arg(&a.shared_gate).arg(&a.shared_up).arg(&ws);
     let early = early_loads();
-    b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf).arg(&early);
+    let mut b = dev.builder(&f);
+    if pre {
+        b.arg(&a.x).arg(&a.pre_y).arg(&a.pre_w).arg(&a.pre_eps);
+        b.arg(&a.ids).arg(&a.gate_up).arg(&a.shared_gate).arg(&a.shared_up).arg(&ws);
+        b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf);
+    } else {
+        b.arg(&a.x).arg(&a.ids).arg(&a.gate_up).arg(&a.shared_gate).arg(&a.shared_up).arg(&ws);
+        b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf).arg(&early);
+    }
     dev.launch(b, cfg, OP, || shapes(a))
 }
 
@@ -297,13 +342,13 @@ fn down(dev: &Dev, a: &MoeSmallArgs, ws: u64, pf: i32) -> OpResult<()> {
     let f = dev.function(&kernels::MOE_DECODE, name)?;
     let n = a.tokens * a.top_k;
     let slices = a.hidden.div_ceil(DN_ROWS);
-    let grid = (dev.sm_count as usize * blocks_per_sm(dev, &f, name)?).min(slices).max(1);
+    let grid = (dev.sm_count as usize * blocks_per_sm(dev, &f, name, THREADS, 0)?).min(slices).max(1);
     let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let (n_i, k_i, e_i, hid_i, int_i) = (n as i32, a.top_k as i32, a.n_experts as i32, a.hidden as i32, a.inter as i32);
     let mut b = dev.builder(&f);
     let acc_i = a.accumulate as i32;
     b.arg(&ws).arg(&a.ids).arg(&a.weights).arg(&a.down).arg(&a.shared_down).arg(&a.shared).arg(&a.out);
-    b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf).arg(&acc_i);
+    b.arg(&n_i).arg(&k_i).arg(&e_i).arg(&hid_i).arg(&int_i).arg(&pf).arg(&acc_i).arg(&a.pre_y);
     dev.launch(b, cfg, OP, || shapes(a))
 }
 
@@ -409,6 +454,9 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
         shared_down: 0,
         out: out.ptr(),
         accumulate: false,
+        pre_y: 0,
+        pre_w: 0,
+        pre_eps: 0.0,
         tokens,
         hidden,
         inter,
@@ -504,9 +552,21 @@ mod tests {
             ("moe_decode_down_bf16", 7, 7),
         ] {
             let kinds = entry_params(&ptx, name);
-            let want: Vec<&str> = std::iter::repeat_n("u64", ptrs).chain(std::iter::repeat_n("u32", ints)).collect();
+            let mut want: Vec<&str> =
+                std::iter::repeat_n("u64", ptrs).chain(std::iter::repeat_n("u32", ints)).collect();
+            if name.contains("down") {
+                want.push("u64"); // ypre
+            }
             assert_eq!(kinds, want, "{name}");
         }
+        // res, y, nw, eps, ids, gate_up, shared gate, shared up, h, then n .. pf.
+        let kinds = entry_params(&ptx, "moe_decode_gate_up_pre_bf16");
+        let want: Vec<&str> = ["u64", "u64", "u64", "f32"]
+            .into_iter()
+            .chain(std::iter::repeat_n("u64", 5))
+            .chain(std::iter::repeat_n("u32", 6))
+            .collect();
+        assert_eq!(kinds, want, "moe_decode_gate_up_pre_bf16");
         // mla.rs launches the combine merged into W_UV: ws_o, ws_ml, heads, r, splits, w, n_out, y.
         let kinds = entry_params(&ptx, "mla_combine_uv");
         assert_eq!(kinds, ["u64", "u64", "u32", "u32", "u32", "u64", "u32", "u64", "u32"], "mla_combine_uv");
@@ -537,6 +597,9 @@ mod tests {
             shared_down: 0,
             out: 4096,
             accumulate: false,
+            pre_y: 0,
+            pre_w: 0,
+            pre_eps: 0.0,
             tokens,
             hidden,
             inter,

@@ -678,27 +678,31 @@ impl<'a, B: Backend> Suite<'a, B> {
             });
         }
         let loose = self.tol.rel_loose;
-        // (T, E, n_group, topk_group, norm, shared); E > 32 puts several experts on a lane of a
-        // register-resident router.
-        // (T, E, groups, kept groups, norm, shared expert, hidden). The last case is a decode
-        // batch whose rows are too wide for a device's fused add + norm + router kernel.
+        // (T, E, groups, kept groups, norm, shared expert width (0: none), hidden); E > 32 puts
+        // several experts on a lane of a register-resident router. The 2048-wide case with a
+        // 48-wide shared expert is a decode batch whose rows are too wide for a device's fused
+        // add + norm + router kernel; shared experts as wide as the routed ones (32) are the
+        // ones a device may fuse into its expert kernels.
         let cases = [
-            (64usize, 16usize, 4usize, 2usize, true, true, 64usize),
-            (1, 16, 4, 2, false, true, 64),
-            (64, 16, 4, 2, false, false, 64),
-            (1, 16, 4, 3, true, false, 64),
-            (64, 16, 1, 1, true, true, 64),
-            (1, 72, 1, 1, true, true, 64),
-            (3, 80, 8, 3, true, false, 64),
-            (4, 16, 1, 1, true, true, 2048),
+            (64usize, 16usize, 4usize, 2usize, true, 48usize, 64usize),
+            (1, 16, 4, 2, false, 48, 64),
+            (64, 16, 4, 2, false, 0, 64),
+            (1, 16, 4, 3, true, 0, 64),
+            (64, 16, 1, 1, true, 48, 64),
+            (1, 72, 1, 1, true, 48, 64),
+            (3, 80, 8, 3, true, 0, 64),
+            (4, 16, 1, 1, true, 48, 2048),
+            (1, 64, 1, 1, true, 32, 2048),
+            (3, 16, 4, 2, false, 32, 64),
         ];
-        for (ci, (t, n_exp, n_group, topk_group, norm, shared, hidden)) in cases.into_iter().enumerate() {
+        for (ci, (t, n_exp, n_group, topk_group, norm, sh_i, hidden)) in cases.into_iter().enumerate() {
+            let shared = sh_i > 0;
             let case = format!(
                 "T {t}, E {n_exp}, groups {n_group} keep {topk_group}, top-4, norm {norm}, {}, hidden {hidden}",
-                if shared { "shared" } else { "no shared" }
+                if shared { format!("shared {sh_i}") } else { "no shared".into() }
             );
             self.rel("moe", case, loose, |s| {
-                let (inter, sh_i) = (32usize, 48usize);
+                let inter = 32usize;
                 let seed = 100 + 10 * ci as u64;
                 let bh = 1.0 / (hidden as f32).sqrt();
                 let m = MoeData {

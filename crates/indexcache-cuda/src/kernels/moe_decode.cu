@@ -167,11 +167,18 @@ __device__ __forceinline__ int take_members(const Plan& p, int q, int (&mq)[MAXM
 // multiple of 32. sg, su: the shared expert's gate and up [I, hidden], or null (both) for none.
 // early: load the shared expert's first weights before the PDL wait (below).
 // h: [n + ns, I] f32, ns = n / top_k with a shared expert, else 0.
-template <typename T>
+// PRE (moe_decode_gate_up_pre_bf16): x is the residual stream before the post-attention add, and
+// the input rows are rms_norm(x + y) (weights nw), which every CTA computes into `hs` (shared
+// memory) with norm_row at 256 threads — add_rms_norm's bits — before waiting for the routing
+// kernel; the shared expert's units (which need no routing) also run before that wait. Nothing
+// here writes x: the down kernel stores x + y with its sum (`ypre`).
+template <typename T, bool PRE = false>
 __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int* __restrict__ ids,
                                              const T* __restrict__ gu, const T* __restrict__ sg,
                                              const T* __restrict__ su, float* __restrict__ h, int n, int top_k, int E,
-                                             int hidden, int I, int pf, int early) {
+                                             int hidden, int I, int pf, int early, const T* __restrict__ y = nullptr,
+                                             const float* __restrict__ nw = nullptr, float eps = 0.0f,
+                                             T* hs = nullptr) {
     __shared__ Plan plan;
     if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
     const int ns = sg ? n / top_k : 0;                   // shared-expert slots, one per token
@@ -200,7 +207,70 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
             }
         }
     };
-    if (early && ns > 0 && first < I) {
+    // Members mq of weight rows grow / urow (intermediate row i): h[mq[m], i] for each.
+    auto unit = [&](const T* grow, const T* urow, int i, const int (&mq)[MAXM]) {
+        float ga[MAXM], ua[MAXM];
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) ga[m] = ua[m] = 0.0f;
+        for (int c0 = 0; c0 < nvec; c0 += 32 * UNR) {
+            if (preloaded)
+                preloaded = false;  // the first step of the first unit: loaded before the wait
+            else
+                load_step(grow, urow, c0);
+#pragma unroll
+            for (int m = 0; m < MAXM; ++m) {
+                if (mq[m] < 0) break;  // the chain ended (uniform)
+                const T* xr = (PRE ? hs : x) + (i64)token_of(mq[m], n, top_k) * hidden;
+#pragma unroll
+                for (int k = 0; k < UNR; ++k) {
+                    const int c = c0 + k * 32 + lane;
+                    if (c < nvec) {
+                        float xf[N], gf[N], uf[N];
+                        VecT<T>::unpack(PRE ? *(const uint4*)(xr + (i64)c * N) : ld_act(xr + (i64)c * N), xf);
+                        VecT<T>::unpack(wg[k], gf);
+                        VecT<T>::unpack(wu[k], uf);
+#pragma unroll
+                        for (int v = 0; v < N; ++v) {
+                            ga[m] = fmaf(gf[v], xf[v], ga[m]);
+                            ua[m] = fmaf(uf[v], xf[v], ua[m]);
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) {
+            if (mq[m] < 0) break;
+            float g = warp_sum(ga[m]), up = warp_sum(ua[m]);
+            if (mq[m] >= n) {
+                // The shared expert rounds like the dense MLP it replaces (gate, up and
+                // silu(g)*u stored in T there), so decode matches the prefill path's numerics.
+                g = round_to<T>(g);
+                up = round_to<T>(up);
+                if (lane == 0) h[(i64)mq[m] * I + i] = round_to<T>((g / (1.0f + expf(-g))) * up);
+            } else if (lane == 0) {
+                h[(i64)mq[m] * I + i] = (g / (1.0f + expf(-g))) * up;
+            }
+        }
+    };
+    if (PRE) {
+        __shared__ float red[33];
+        for (int t = 0; t < n / top_k; ++t) {
+            const i64 o = (i64)t * hidden;
+            norm_row<T, true>(const_cast<T*>(x) + o, y + o, nw, hs + o, hidden, eps, red, false);
+            __syncthreads();  // norm_row's staging is reused by the next row; hs complete
+        }
+        // The shared expert's units (0 .. I-1 of the plan's order below), its slots n .. n+ns-1.
+        for (i64 u = first; ns > 0 && u < I; u += step) {
+            const int i = (int)u;
+            for (int q0 = 0; q0 < ns; q0 += MAXM) {
+                int mq[MAXM];
+#pragma unroll
+                for (int m = 0; m < MAXM; ++m) mq[m] = q0 + m < ns ? n + q0 + m : -1;
+                unit(sg + (i64)i * hidden, su + (i64)i * hidden, i, mq);
+            }
+        }
+    } else if (early && ns > 0 && first < I) {
         load_step(sg + first * hidden, su + first * hidden, 0);
         preloaded = true;
     }
@@ -236,7 +306,8 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
             }
         }
     }
-    for (i64 u = first; u < units; u += step) {
+    // PRE: the shared expert's units ran before the wait.
+    for (i64 u = first + (PRE && ns > 0 ? I : 0); u < units; u += step) {
         if (lane == 0 && pf > 0) {
             const i64 v = u + pf * step;
             if (v < units) {
@@ -253,49 +324,7 @@ __device__ __forceinline__ void gate_up_impl(const T* __restrict__ x, const int*
         while (q >= 0) {  // uniform over the warp
             int mq[MAXM];
             q = take_members(plan, q, mq);
-            float ga[MAXM], ua[MAXM];
-#pragma unroll
-            for (int m = 0; m < MAXM; ++m) ga[m] = ua[m] = 0.0f;
-            for (int c0 = 0; c0 < nvec; c0 += 32 * UNR) {
-                if (preloaded)
-                    preloaded = false;  // the first step of the first unit: loaded before the wait
-                else
-                    load_step(grow, urow, c0);
-#pragma unroll
-                for (int m = 0; m < MAXM; ++m) {
-                    if (mq[m] < 0) break;  // the chain ended (uniform)
-                    const T* xr = x + (i64)token_of(mq[m], n, top_k) * hidden;
-#pragma unroll
-                    for (int k = 0; k < UNR; ++k) {
-                        const int c = c0 + k * 32 + lane;
-                        if (c < nvec) {
-                            float xf[N], gf[N], uf[N];
-                            VecT<T>::unpack(ld_act(xr + (i64)c * N), xf);
-                            VecT<T>::unpack(wg[k], gf);
-                            VecT<T>::unpack(wu[k], uf);
-#pragma unroll
-                            for (int v = 0; v < N; ++v) {
-                                ga[m] = fmaf(gf[v], xf[v], ga[m]);
-                                ua[m] = fmaf(uf[v], xf[v], ua[m]);
-                            }
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int m = 0; m < MAXM; ++m) {
-                if (mq[m] < 0) break;
-                float g = warp_sum(ga[m]), up = warp_sum(ua[m]);
-                if (mq[m] >= n) {
-                    // The shared expert rounds like the dense MLP it replaces (gate, up and
-                    // silu(g)*u stored in T there), so decode matches the prefill path's numerics.
-                    g = round_to<T>(g);
-                    up = round_to<T>(up);
-                    if (lane == 0) h[(i64)mq[m] * I + i] = round_to<T>((g / (1.0f + expf(-g))) * up);
-                } else if (lane == 0) {
-                    h[(i64)mq[m] * I + i] = (g / (1.0f + expf(-g))) * up;
-                }
-            }
+            unit(grow, urow, i, mq);
         }
     }
 }
@@ -310,6 +339,17 @@ ENTRY moe_decode_gate_up_bf16(const bf16_t* x, const int* ids, const bf16_t* gu,
                               float* h, int n, int top_k, int E, int hidden, int I, int pf, int early) {
     gate_up_impl<bf16_t>(x, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf, early);
 }
+// The PRE mode (above): 256 threads (norm_row's reduction shape in add_rms_norm), res and y
+// [n / top_k, hidden], nw [hidden] f32. Dynamic shared memory: the normalised rows, bf16.
+#define PRE_THREADS 256  // moe_decode.rs PRE_THREADS
+extern "C" __global__ void __launch_bounds__(PRE_THREADS, 2)
+    moe_decode_gate_up_pre_bf16(const bf16_t* res, const bf16_t* y, const float* nw, float eps, const int* ids,
+                                const bf16_t* gu, const bf16_t* sg, const bf16_t* su, float* h, int n, int top_k,
+                                int E, int hidden, int I, int pf) {
+    extern __shared__ uint4 gu_rows[];
+    gate_up_impl<bf16_t, true>(res, ids, gu, sg, su, h, n, top_k, E, hidden, I, pf, 0, y, nw, eps,
+                               (bf16_t*)gu_rows);
+}
 
 // ---- kernel 2: down GEMV + weighted combine -----------------------------------------------------
 // Grid: any number of CTAs, each striding over slices of DN_ROWS output rows; blockDim.x a multiple
@@ -321,7 +361,7 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
                                           const float* __restrict__ wts, const T* __restrict__ dn,
                                           const T* __restrict__ sd, const T* __restrict__ shared,
                                           T* __restrict__ out, int n, int top_k, int E, int hidden, int I, int pf,
-                                          int accumulate) {
+                                          int accumulate, const T* __restrict__ ypre) {
     __shared__ Plan plan;
     __shared__ float ys[MAX_SLOTS][DN_ROWS];
     if (n <= 0 || n > MAX_PAIRS || top_k <= 0) return;  // uniform; the host rejects these
@@ -410,7 +450,9 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
             if (ns) acc += round_to<T>(ys[n + t][r]);  // the fused shared expert (stored in T by the MLP path)
             const i64 o = (i64)t * hidden + r0 + r;
             if (shared) acc += ld(shared, o);
-            if (accumulate) acc = ld(out, o) + round_to<T>(acc);  // out += result, as a separate add
+            // out += result, as a separate add; with ypre, out = (out + ypre) + result, the first sum
+            // stored as add_rms_norm stores it (the PRE gate/up kernel left out unchanged)
+            if (accumulate) acc = (ypre ? round_to<T>(ld(out, o) + ld(ypre, o)) : ld(out, o)) + round_to<T>(acc);
             st(out, o, acc);
         }
         __syncthreads();  // ys is rewritten by the next slice
@@ -419,15 +461,15 @@ __device__ __forceinline__ void down_impl(const float* __restrict__ h, const int
 
 ENTRY moe_decode_down_f32(const float* h, const int* ids, const float* w, const float* dn, const float* sd,
                           const float* shared, float* out, int n, int top_k, int E, int hidden, int I, int pf,
-                          int accumulate) {
+                          int accumulate, const float* ypre) {
     PDL_ENTRY();
-    down_impl<float>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf, accumulate);
+    down_impl<float>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf, accumulate, ypre);
 }
 ENTRY moe_decode_down_bf16(const float* h, const int* ids, const float* w, const bf16_t* dn, const bf16_t* sd,
                            const bf16_t* shared, bf16_t* out, int n, int top_k, int E, int hidden, int I, int pf,
-                           int accumulate) {
+                           int accumulate, const bf16_t* ypre) {
     PDL_ENTRY();
-    down_impl<bf16_t>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf, accumulate);
+    down_impl<bf16_t>(h, ids, w, dn, sd, shared, out, n, top_k, E, hidden, I, pf, accumulate, ypre);
 }
 
 // ---- Dense decode GEMV (backend.rs `matmul`: bf16, at most GEMV_ROWS rows) ----------------------
@@ -625,7 +667,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 // reduction) computes h = rms_norm(x + y) of every row into shared memory — nobody writes x yet —
 // then its warps compute router columns from that copy, each exactly as router_route does. The
 // last CTA to finish (device counter `done`, reset by that CTA) then routes (warps < rows, as
-// router_route) and stores x += y and h (the other warps): every CTA has read x by then.
+// router_route) and, with `store`, stores x += y and h (the other warps): every CTA has read x by
+// then. store == 0: neither (the PRE gate/up kernel computes h itself, the down kernel x + y).
 // Dynamic shared memory: GEMV_WARPS * (3E + 2G + top_k) floats of routing scratch (a multiple of 4
 // floats, the host rounds it up), then h [rows, hidden] bf16.
 #define ROUTER_WARPS 8  // 256 threads: add_rms_norm's block (backend.rs ROUTER_WARPS)
@@ -633,7 +676,7 @@ extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
     add_norm_router_route(bf16_t* res, const bf16_t* y, const float* nw, float eps, bf16_t* h_out, int rows,
                           int hidden, const bf16_t* w, float* logits, const float* bias, int* ids, float* wts,
                           unsigned* done, int E, int G, int topk_group, int top_k, int norm, float scaling,
-                          int scratch_floats) {
+                          int scratch_floats, int store) {
     extern __shared__ float smem[];
     __shared__ float red[33];
     __shared__ int last;
@@ -661,8 +704,9 @@ extern "C" __global__ void __launch_bounds__(ROUTER_WARPS * 32)
     if (warp < rows) {
         route_token(logits, b, ids, wts, nullptr, warp, E, G, topk_group, top_k, norm, scaling,
                     smem + (i64)warp * (3 * E + 2 * G + top_k));
-    } else if (warp >= GEMV_ROWS) {
-        // x += y as add_rms_norm stores it (every CTA has read x), and h for the expert kernels.
+    } else if (store && warp >= GEMV_ROWS) {
+        // x += y as add_rms_norm stores it (every CTA has read x), and h for the expert kernels
+        // (store == 0: the PRE gate/up kernel normalises for itself, the down kernel adds).
         const int n = rows * hidden, tid = threadIdx.x - GEMV_ROWS * 32, nt = blockDim.x - GEMV_ROWS * 32;
         for (int i = tid; i < n; i += nt) {
             res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(y[i]));
