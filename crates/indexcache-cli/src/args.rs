@@ -48,7 +48,7 @@ impl ScheduleArgs {
 
 /// A pattern given literally or as a file (pattern.json from `search`, or plain text).
 pub fn pattern_arg(arg: &str) -> Result<String> {
-    let input = indexcache_tools::export::read_pattern(arg)?;
+    let input = indexcache_tools::pattern::read_pattern(arg)?;
     for w in &input.warnings {
         tracing::warn!("{w}");
     }

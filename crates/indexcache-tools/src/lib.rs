@@ -7,6 +7,7 @@
 //! * [`search`] — the paper's greedy Algorithm 1 with prefix reuse and the pipeline-block variant;
 //! * [`overlap`] — |T_i ∩ T_j| / k between every pair of layers' top-k;
 //! * [`eval`] — synthetic long-context retrieval (passkey, needle-in-a-haystack);
+//! * [`pattern`] — a pattern from the command line or a file;
 //! * [`export`] — the pattern as transformers / SGLang / vLLM configuration;
 //! * [`gguf_tokenizer`] — a tokenizer and chat template from a GGUF file's metadata;
 //! * [`plot`] — heatmaps and curves (PNG + SVG).
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod gguf_tokenizer;
 pub mod loss;
 pub mod overlap;
+pub mod pattern;
 pub mod plot;
 pub mod search;
 

@@ -2,7 +2,8 @@
 
 use indexcache_config::{ModelConfig, ScheduleError};
 use indexcache_tools::ToolError;
-use indexcache_tools::export::{ExportFormat, ExportOptions, FileAction, export, read_pattern};
+use indexcache_tools::export::{ExportFormat, ExportOptions, FileAction, export};
+use indexcache_tools::pattern::read_pattern;
 use indexcache_weights::WeightStore;
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,11 @@
 //! Layout: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits. There are no infinities;
 //! `S.1111.111` (0x7F / 0xFF) is NaN, so the largest finite magnitude is `S.1111.110` = 448.
 //! Exponent field 0 encodes subnormals `m * 2^-9`.
+//!
+//! Also the loader of block-scaled FP8 checkpoint tensors (e4m3 weights with per-block scales).
+
+use crate::{PAR_THRESHOLD, SCALE_SUFFIX, WeightError, decode_plain};
+use rayon::prelude::*;
 
 /// Decoding table for all 256 e4m3fn codes, built at compile time.
 static F8E4M3_LUT: [f32; 256] = build_lut();
@@ -93,9 +98,112 @@ pub fn f32_to_f8e4m3(x: f32) -> u8 {
     sign | code.min(0x7E) as u8
 }
 
+// ---- FP8 checkpoints: e4m3 weights with their block scales ---------------------------------------
+
+impl crate::WeightStore {
+    /// Dequantises 2-D e4m3 tensor `idx` with its `{name}_scale_inv` block scales (F32, BF16, F16 or
+    /// UE8M0, shape `[ceil(rows / br), ceil(cols / bc)]` for the store's FP8 block `[br, bc]`).
+    pub(crate) fn load_fp8(&self, idx: usize) -> Result<Vec<f32>, WeightError> {
+        let e = &self.entries[idx];
+        let name = &e.info.name;
+        let &[rows, cols] = e.info.shape.as_slice() else {
+            return Err(self.invalid(
+                idx,
+                format!("fp8 e4m3 tensors must be 2-D for block dequantisation, found shape {:?}", e.info.shape),
+            ));
+        };
+        let Some([br, bc]) = self.fp8_block else {
+            return Err(self.invalid(
+                idx,
+                "fp8 e4m3 tensor but no fp8 block size is set (WeightStore::set_fp8_block, from \
+                 config.json quantization_config.weight_block_size)"
+                    .to_string(),
+            ));
+        };
+        if br == 0 || bc == 0 {
+            return Err(self.invalid(idx, format!("invalid fp8 block size [{br}, {bc}]")));
+        }
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        let Some(&sidx) = self.by_name.get(&scale_name) else {
+            return Err(
+                self.invalid(idx, format!("fp8 e4m3 tensor without its block scales {scale_name:?} in the checkpoint"))
+            );
+        };
+        let s = &self.entries[sidx];
+        let want = [rows.div_ceil(br), cols.div_ceil(bc)];
+        if s.info.shape != want {
+            return Err(self.invalid(
+                idx,
+                format!(
+                    "block scales {scale_name:?} (in {}) have shape {:?}, expected {want:?} for \
+                     shape [{rows}, {cols}] with block [{br}, {bc}]",
+                    s.info.file.display(),
+                    s.info.shape
+                ),
+            ));
+        }
+        let scales = match s.dtype_name {
+            "F8_E8M0" => self.bytes(sidx)?.iter().map(|&b| e8m0_to_f32(b)).collect(),
+            other => decode_plain(other, self.bytes(sidx)?).ok_or_else(|| {
+                self.invalid(
+                    idx,
+                    format!(
+                        "block scales {scale_name:?} have unsupported dtype {other} (need F32, \
+                         BF16, F16 or F8_E8M0)"
+                    ),
+                )
+            })?,
+        };
+        let w = self.bytes(idx)?;
+        let mut out = vec![0f32; w.len()];
+        if out.is_empty() {
+            self.mark(sidx);
+            return Ok(out);
+        }
+        let lut = f8e4m3_lut();
+        let scale_cols = want[1];
+        let row = |(r, (orow, wrow)): (usize, (&mut [f32], &[u8]))| {
+            let srow = &scales[(r / br) * scale_cols..(r / br + 1) * scale_cols];
+            for ((ob, wb), &sc) in orow.chunks_mut(bc).zip(wrow.chunks(bc)).zip(srow) {
+                for (o, &b) in ob.iter_mut().zip(wb) {
+                    *o = lut[b as usize] * sc;
+                }
+            }
+        };
+        if out.len() >= PAR_THRESHOLD {
+            out.par_chunks_mut(cols).zip(w.par_chunks(cols)).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(cols).zip(w.chunks(cols)).enumerate().for_each(row);
+        }
+        self.mark(sidx);
+        Ok(out)
+    }
+}
+
+/// Decodes an OCP e8m0 (ue8m0) scale byte: 2^(b - 127), 0xFF is NaN.
+pub(crate) fn e8m0_to_f32(b: u8) -> f32 {
+    if b == 0xFF {
+        f32::NAN
+    } else if b == 0 {
+        // 2^-127 is an f32 subnormal.
+        f32::from_bits(1 << 22)
+    } else {
+        f32::from_bits((b as u32) << 23)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn e8m0_values() {
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(128), 2.0);
+        assert_eq!(e8m0_to_f32(120), 2f32.powi(-7));
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        assert!(e8m0_to_f32(255).is_nan());
+    }
 
     /// Straightforward float-arithmetic reference decoder.
     fn reference(b: u8) -> f32 {

@@ -46,7 +46,7 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const SCALE_SUFFIX: &str = "_scale_inv";
 
 /// Tensors with at least this many elements are converted with rayon.
-const PAR_THRESHOLD: usize = 1 << 16;
+pub(crate) const PAR_THRESHOLD: usize = 1 << 16;
 
 /// A dtype as stored on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,7 +387,7 @@ impl WeightStore {
         self.by_name.get(name).copied().ok_or_else(|| WeightError::Missing { name: name.to_string() })
     }
 
-    fn bytes(&self, idx: usize) -> Result<&[u8], WeightError> {
+    pub(crate) fn bytes(&self, idx: usize) -> Result<&[u8], WeightError> {
         let e = &self.entries[idx];
         self.maps.get(e.file_idx).and_then(|m| m.get(e.start..e.end)).ok_or_else(|| WeightError::Invalid {
             name: e.info.name.clone(),
@@ -396,11 +396,11 @@ impl WeightStore {
         })
     }
 
-    fn mark(&self, idx: usize) {
+    pub(crate) fn mark(&self, idx: usize) {
         self.used[idx].store(true, Ordering::Relaxed);
     }
 
-    fn invalid(&self, idx: usize, message: String) -> WeightError {
+    pub(crate) fn invalid(&self, idx: usize, message: String) -> WeightError {
         let e = &self.entries[idx];
         WeightError::Invalid { name: e.info.name.clone(), file: e.info.file.display().to_string(), message }
     }
@@ -444,82 +444,6 @@ impl WeightStore {
         Ok(out)
     }
 
-    fn load_fp8(&self, idx: usize) -> Result<Vec<f32>, WeightError> {
-        let e = &self.entries[idx];
-        let name = &e.info.name;
-        let &[rows, cols] = e.info.shape.as_slice() else {
-            return Err(self.invalid(
-                idx,
-                format!("fp8 e4m3 tensors must be 2-D for block dequantisation, found shape {:?}", e.info.shape),
-            ));
-        };
-        let Some([br, bc]) = self.fp8_block else {
-            return Err(self.invalid(
-                idx,
-                "fp8 e4m3 tensor but no fp8 block size is set (WeightStore::set_fp8_block, from \
-                 config.json quantization_config.weight_block_size)"
-                    .to_string(),
-            ));
-        };
-        if br == 0 || bc == 0 {
-            return Err(self.invalid(idx, format!("invalid fp8 block size [{br}, {bc}]")));
-        }
-        let scale_name = format!("{name}{SCALE_SUFFIX}");
-        let Some(&sidx) = self.by_name.get(&scale_name) else {
-            return Err(
-                self.invalid(idx, format!("fp8 e4m3 tensor without its block scales {scale_name:?} in the checkpoint"))
-            );
-        };
-        let s = &self.entries[sidx];
-        let want = [rows.div_ceil(br), cols.div_ceil(bc)];
-        if s.info.shape != want {
-            return Err(self.invalid(
-                idx,
-                format!(
-                    "block scales {scale_name:?} (in {}) have shape {:?}, expected {want:?} for \
-                     shape [{rows}, {cols}] with block [{br}, {bc}]",
-                    s.info.file.display(),
-                    s.info.shape
-                ),
-            ));
-        }
-        let scales = match s.dtype_name {
-            "F8_E8M0" => self.bytes(sidx)?.iter().map(|&b| e8m0_to_f32(b)).collect(),
-            other => decode_plain(other, self.bytes(sidx)?).ok_or_else(|| {
-                self.invalid(
-                    idx,
-                    format!(
-                        "block scales {scale_name:?} have unsupported dtype {other} (need F32, \
-                         BF16, F16 or F8_E8M0)"
-                    ),
-                )
-            })?,
-        };
-        let w = self.bytes(idx)?;
-        let mut out = vec![0f32; w.len()];
-        if out.is_empty() {
-            self.mark(sidx);
-            return Ok(out);
-        }
-        let lut = f8e4m3_lut();
-        let scale_cols = want[1];
-        let row = |(r, (orow, wrow)): (usize, (&mut [f32], &[u8]))| {
-            let srow = &scales[(r / br) * scale_cols..(r / br + 1) * scale_cols];
-            for ((ob, wb), &sc) in orow.chunks_mut(bc).zip(wrow.chunks(bc)).zip(srow) {
-                for (o, &b) in ob.iter_mut().zip(wb) {
-                    *o = lut[b as usize] * sc;
-                }
-            }
-        };
-        if out.len() >= PAR_THRESHOLD {
-            out.par_chunks_mut(cols).zip(w.par_chunks(cols)).enumerate().for_each(row);
-        } else {
-            out.chunks_mut(cols).zip(w.chunks(cols)).enumerate().for_each(row);
-        }
-        self.mark(sidx);
-        Ok(out)
-    }
-
     /// Raw view of tensor `name` for upload elsewhere: `(dtype, shape, little-endian bytes)`.
     /// Marks the tensor as used. The bytes may be unaligned.
     pub fn raw(&self, name: &str) -> Result<(DType, &[usize], &[u8]), WeightError> {
@@ -560,20 +484,8 @@ impl WeightStore {
     }
 }
 
-/// Decodes an OCP e8m0 (ue8m0) scale byte: 2^(b - 127), 0xFF is NaN.
-fn e8m0_to_f32(b: u8) -> f32 {
-    if b == 0xFF {
-        f32::NAN
-    } else if b == 0 {
-        // 2^-127 is an f32 subnormal.
-        f32::from_bits(1 << 22)
-    } else {
-        f32::from_bits((b as u32) << 23)
-    }
-}
-
 /// Converts little-endian F32/BF16/F16 bytes to f32; `None` for any other dtype.
-fn decode_plain(dtype_name: &str, bytes: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn decode_plain(dtype_name: &str, bytes: &[u8]) -> Option<Vec<f32>> {
     let (width, conv): (usize, fn(&[u8]) -> f32) = match dtype_name {
         "F32" => (4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         "BF16" => (2, |c| f32::from_bits((u32::from(u16::from_le_bytes([c[0], c[1]]))) << 16)),
@@ -605,15 +517,6 @@ mod tests {
     fn store_is_send_sync() {
         fn check<T: Send + Sync>() {}
         check::<WeightStore>();
-    }
-
-    #[test]
-    fn e8m0_values() {
-        assert_eq!(e8m0_to_f32(127), 1.0);
-        assert_eq!(e8m0_to_f32(128), 2.0);
-        assert_eq!(e8m0_to_f32(120), 2f32.powi(-7));
-        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
-        assert!(e8m0_to_f32(255).is_nan());
     }
 
     #[test]
