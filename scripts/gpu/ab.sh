@@ -24,6 +24,9 @@ for rep in $(seq 1 "${REPS:-3}"); do
         env "${envs[@]}" "$B"/indexcache bench --device cuda --dtype bf16 --random-weights configs/glm-30b-dsa.json \
             --contexts "${CONTEXT:-4096}" --patterns "${PATTERNS:-full,$P14}" --decode "${DECODE:-48}" \
             --json "$O/ab-$label-$rep.json" "${args[@]}" > "$O/ab-$label-$rep.log" 2>&1
-        echo "$label#$rep rc=$? decode tok/s: $(grep '^| [0-9]' "$O/ab-$label-$rep.log" | awk -F'|' '{printf "%s", $8}')"
+        rc=$?
+        # Decode tok/s of every row, and the last row's over the first's (the pattern speedup).
+        echo "$label#$rep rc=$rc decode tok/s: $(grep '^| [0-9]' "$O/ab-$label-$rep.log" |
+            awk -F'|' '{v[NR] = $8 + 0; printf "%s", $8} END {if (NR > 1 && v[1] > 0) printf " (%.3fx)", v[NR] / v[1]}')"
     done
 done

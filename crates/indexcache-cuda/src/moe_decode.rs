@@ -503,6 +503,28 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
                 (distinct + 1) as f64 * expert_bytes,
                 6.0 * (tokens * (top_k + 1) * hidden * inter) as f64,
             ));
+            // The same with the post-attention add + RMSNorm inside the gate/up kernel (the
+            // decode layer's `add_rms_norm_moe`): x += y + MoE(rms_norm(x + y)).
+            let y = dev.upload("moe_small bench", &xs[hidden..2 * hidden])?;
+            let nw = dev.upload("moe_small bench", &vec![1.0f32; hidden])?;
+            let res = dev.upload("moe_small bench", &xs[..hidden])?;
+            let pre = |i: usize| MoeSmallArgs {
+                x: res.ptr(),
+                out: res.ptr(),
+                accumulate: true,
+                pre_y: y.ptr(),
+                pre_w: nw.ptr(),
+                pre_eps: 1e-6,
+                ..fused(i)
+            };
+            let ms = time_ms(dev, PER, |i| moe_small_ws(dev, &pre(i), ws.ptr()))?;
+            rows.push(row(
+                "moe_decode fused shared expert, add + RMSNorm inside (pre)".into(),
+                format!("{shape} + 1 shared of {inter}"),
+                ms,
+                (distinct + 1) as f64 * expert_bytes,
+                6.0 * (tokens * (top_k + 1) * hidden * inter) as f64,
+            ));
             for pf in [0, 1] {
                 let ms = time_ms(dev, PER, |i| gate_up(dev, &args(tokens, &ids[i % sets]), ws.ptr(), pf))?;
                 let bytes = 4.0 * expert_bytes * 2.0 / 3.0;
