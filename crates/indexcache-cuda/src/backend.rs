@@ -659,7 +659,7 @@ impl CudaBackend {
             && (1..=65535).contains(&g.batch)
     }
 
-    /// Enqueue `g`: the decode GEMV where it applies (bf16, at most [`GEMV_ROWS`] rows, rows and
+    /// Enqueue `g`: the decode GEMV where it applies (bf16, at most `GEMV_ROWS` (4) rows, rows and
     /// strides in whole 16-byte vectors), cuBLAS otherwise.
     pub fn matmul(&self, op: &'static str, g: &MatmulT) -> OpResult<()> {
         if !self.gemv_applies(g) {

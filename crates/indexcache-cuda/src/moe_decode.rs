@@ -56,7 +56,7 @@
 //! `3·2048·1536·2 B = 18.87 MB` (12.58 MB gate/up + 6.29 MB down), so a decode token reads
 //! `4 × 18.87 = 75.5 MB` per layer for the routed experts: 17.8 µs at the 4245 GB/s copy ceiling,
 //! 29.6 µs at 60 % of it; with the fused shared expert (`Is` = 1536) `5 × 18.87 = 94.4 MB`: 22.2 µs
-//! at the ceiling, 37.1 µs at 60 %. [`bench`] reports T = 1, 8 and 16, T = 1 with the fused shared
+//! at the ceiling, 37.1 µs at 60 %. [`bench()`] reports T = 1, 8 and 16, T = 1 with the fused shared
 //! expert, and each kernel alone.
 //!
 //! Ids outside `[0, E)` contribute zero (the routing kernel never produces them). A shared expert
