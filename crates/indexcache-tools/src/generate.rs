@@ -1,4 +1,4 @@
-//! Generation with a chunked prefill: [`indexcache_model::generate`] after the prompt's leading
+//! Generation with a chunked prefill: [`indexcache_model::generate()`] after the prompt's leading
 //! chunks went through [`DsaModel::forward_chunked`], so a long prompt's activations and the
 //! indexer's `[chunk, context]` scores stay bounded.
 
@@ -6,7 +6,7 @@ use indexcache_model::{Cache, DsaModel, ForwardOptions, GenStats, Logits, ModelE
 use indexcache_ops::Backend;
 use std::time::Instant;
 
-/// Like [`indexcache_model::generate`] (same arguments, same result), with the prompt prefilled in
+/// Like [`indexcache_model::generate()`] (same arguments, same result), with the prompt prefilled in
 /// chunks of at most `chunk` tokens, laid out as [`DsaModel::forward_chunked`] lays them out: the
 /// full chunks run without logits, the last (partial or full) chunk goes to `generate`, whose
 /// last-row logits pick the first new token. `stats` cover the whole prompt.

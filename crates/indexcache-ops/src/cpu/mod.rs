@@ -1,5 +1,5 @@
 //! CPU backend: f32 compute, matmuls through `gemm`, everything else parallel over rows with
-//! `rayon`. Fast kernels live in the sibling modules; [`reference`] holds their plain twins.
+//! `rayon`. Fast kernels live in the sibling modules; [`reference`](mod@reference) holds their plain twins.
 
 mod attention;
 pub mod fp8_indexer;
