@@ -469,33 +469,7 @@ impl ModelConfig {
         }
         let d = arch.defaults();
 
-        // Options the engine does not implement (transformers would build a different model).
-        if let Some(act) = &raw.hidden_act
-            && act != "silu"
-        {
-            return Err(e.unsupported("hidden_act", format!("{act:?} (only \"silu\" is supported)")));
-        }
-        if raw.attention_bias == Some(true) {
-            return Err(e.unsupported("attention_bias", "true (attention projections have no bias)"));
-        }
-        if raw.mlp_bias == Some(true) {
-            return Err(e.unsupported("mlp_bias", "true (MLP projections have no bias)"));
-        }
-        if let Some(f) = &raw.scoring_func
-            && f != "sigmoid"
-        {
-            return Err(e.unsupported("scoring_func", format!("{f:?} (only \"sigmoid\" is supported)")));
-        }
-        if let Some(m) = &raw.topk_method
-            && m != "noaux_tc"
-        {
-            return Err(e.unsupported("topk_method", format!("{m:?} (only \"noaux_tc\" is supported)")));
-        }
-        if let Some(freq) = raw.moe_layer_freq
-            && freq != 1
-        {
-            return Err(e.unsupported("moe_layer_freq", format!("{freq} (only 1 is supported)")));
-        }
+        reject_unsupported(raw, &e)?;
 
         let q_lora_rank = match raw.q_lora_rank {
             None => d.q_lora_rank,
@@ -553,74 +527,11 @@ impl ModelConfig {
             return Err(e.invalid("routed_scaling_factor", format!("must be finite, got {routed_scaling_factor}")));
         }
 
-        // MLP layer kinds: explicit list, else the first `first_k_dense_replace` layers dense.
-        let mlp_layer_types = match &raw.mlp_layer_types {
-            Some(types) => {
-                if types.len() != num_hidden_layers {
-                    return Err(e.invalid(
-                        "mlp_layer_types",
-                        format!("has {} entries but num_hidden_layers is {num_hidden_layers}", types.len()),
-                    ));
-                }
-                types
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| match t.as_str() {
-                        "dense" => Ok(MlpKind::Dense),
-                        "sparse" => Ok(MlpKind::Moe),
-                        other => Err(e.invalid(
-                            "mlp_layer_types",
-                            format!("invalid entry {other:?} at layer {i} (expected \"dense\" or \"sparse\")"),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-            }
-            None => {
-                let n_dense = raw.first_k_dense_replace.unwrap_or(3).min(num_hidden_layers);
-                let mut kinds = vec![MlpKind::Dense; n_dense];
-                kinds.resize(num_hidden_layers, MlpKind::Moe);
-                kinds
-            }
-        };
+        let mlp_layer_types = resolve_mlp_layer_types(raw, num_hidden_layers, &e)?;
         let has_moe = mlp_layer_types.contains(&MlpKind::Moe);
 
-        // MoE routing: n_group groups of experts, the best topk_group groups (scored by the sum of
-        // their top-2 experts), then num_experts_per_tok experts among those groups.
-        let n_routed_experts =
-            e.nonzero("n_routed_experts", raw.num_experts.or(raw.n_routed_experts).unwrap_or(256))?;
-        let n_routed_key = if raw.num_experts.is_some() { "num_experts" } else { "n_routed_experts" };
-        let n_shared_experts = raw.n_shared_experts.unwrap_or(1);
-        let num_experts_per_tok = e.nonzero("num_experts_per_tok", raw.num_experts_per_tok.unwrap_or(8))?;
-        let n_group = e.nonzero("n_group", raw.n_group.unwrap_or(d.n_group))?;
-        let topk_group = raw.topk_group.unwrap_or(d.topk_group);
-        if n_routed_experts % n_group != 0 {
-            return Err(e.invalid(
-                "n_group",
-                format!("{n_routed_key} {n_routed_experts} is not divisible by n_group {n_group}"),
-            ));
-        }
-        if topk_group == 0 || topk_group > n_group {
-            return Err(e.invalid("topk_group", format!("must be in 1..={n_group} (n_group), got {topk_group}")));
-        }
-        let per_group = n_routed_experts / n_group;
-        if num_experts_per_tok > topk_group * per_group {
-            return Err(e.invalid(
-                "num_experts_per_tok",
-                format!(
-                    "{num_experts_per_tok} exceeds the {} experts in topk_group {topk_group} groups of {per_group}",
-                    topk_group * per_group
-                ),
-            ));
-        }
-        if has_moe && per_group < 2 {
-            return Err(e.invalid(
-                "n_group",
-                format!(
-                    "{n_routed_key} {n_routed_experts} / n_group {n_group} leaves {per_group} expert per group; \
-                     the router scores each group by its top-2 experts"
-                ),
-            ));
-        }
+        let Routing { n_routed_experts, n_shared_experts, num_experts_per_tok, n_group, topk_group } =
+            resolve_routing(raw, &d, has_moe, &e)?;
 
         let rope = resolve_rope(&RopeInputs {
             origin,
@@ -832,6 +743,114 @@ fn resolve_quantization(value: Option<&Value>, e: &Errs<'_>) -> Result<Option<Fp
     // `activation_scheme` ("dynamic") and `scale_fmt` ("ue8m0") are accepted and ignored: the
     // engine dequantises FP8 weights at load and keeps activations in f32 (CPU) or bf16 (GPU).
     Ok(Some(Fp8Quant { block }))
+}
+
+/// Options the engine does not implement (transformers would build a different model).
+fn reject_unsupported(raw: &RawConfig, e: &Errs<'_>) -> Result<(), ConfigError> {
+    if let Some(act) = &raw.hidden_act
+        && act != "silu"
+    {
+        return Err(e.unsupported("hidden_act", format!("{act:?} (only \"silu\" is supported)")));
+    }
+    if raw.attention_bias == Some(true) {
+        return Err(e.unsupported("attention_bias", "true (attention projections have no bias)"));
+    }
+    if raw.mlp_bias == Some(true) {
+        return Err(e.unsupported("mlp_bias", "true (MLP projections have no bias)"));
+    }
+    if let Some(f) = &raw.scoring_func
+        && f != "sigmoid"
+    {
+        return Err(e.unsupported("scoring_func", format!("{f:?} (only \"sigmoid\" is supported)")));
+    }
+    if let Some(m) = &raw.topk_method
+        && m != "noaux_tc"
+    {
+        return Err(e.unsupported("topk_method", format!("{m:?} (only \"noaux_tc\" is supported)")));
+    }
+    if let Some(freq) = raw.moe_layer_freq
+        && freq != 1
+    {
+        return Err(e.unsupported("moe_layer_freq", format!("{freq} (only 1 is supported)")));
+    }
+    Ok(())
+}
+
+/// MLP layer kinds: the explicit `mlp_layer_types` list, else the first `first_k_dense_replace`
+/// layers dense and the rest MoE.
+fn resolve_mlp_layer_types(raw: &RawConfig, n_layers: usize, e: &Errs<'_>) -> Result<Vec<MlpKind>, ConfigError> {
+    let Some(types) = &raw.mlp_layer_types else {
+        let n_dense = raw.first_k_dense_replace.unwrap_or(3).min(n_layers);
+        let mut kinds = vec![MlpKind::Dense; n_dense];
+        kinds.resize(n_layers, MlpKind::Moe);
+        return Ok(kinds);
+    };
+    if types.len() != n_layers {
+        return Err(
+            e.invalid("mlp_layer_types", format!("has {} entries but num_hidden_layers is {n_layers}", types.len()))
+        );
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "dense" => Ok(MlpKind::Dense),
+            "sparse" => Ok(MlpKind::Moe),
+            other => Err(e.invalid(
+                "mlp_layer_types",
+                format!("invalid entry {other:?} at layer {i} (expected \"dense\" or \"sparse\")"),
+            )),
+        })
+        .collect()
+}
+
+/// The MoE's expert counts and grouped routing (`resolve_routing`).
+struct Routing {
+    n_routed_experts: usize,
+    n_shared_experts: usize,
+    num_experts_per_tok: usize,
+    n_group: usize,
+    topk_group: usize,
+}
+
+/// MoE routing: n_group groups of experts, the best topk_group groups (scored by the sum of
+/// their top-2 experts), then num_experts_per_tok experts among those groups. `has_moe`: a model
+/// with no MoE layer may leave groups of one expert.
+fn resolve_routing(raw: &RawConfig, d: &ArchDefaults, has_moe: bool, e: &Errs<'_>) -> Result<Routing, ConfigError> {
+    let n_routed_experts = e.nonzero("n_routed_experts", raw.num_experts.or(raw.n_routed_experts).unwrap_or(256))?;
+    let n_routed_key = if raw.num_experts.is_some() { "num_experts" } else { "n_routed_experts" };
+    let n_shared_experts = raw.n_shared_experts.unwrap_or(1);
+    let num_experts_per_tok = e.nonzero("num_experts_per_tok", raw.num_experts_per_tok.unwrap_or(8))?;
+    let n_group = e.nonzero("n_group", raw.n_group.unwrap_or(d.n_group))?;
+    let topk_group = raw.topk_group.unwrap_or(d.topk_group);
+    if n_routed_experts % n_group != 0 {
+        return Err(
+            e.invalid("n_group", format!("{n_routed_key} {n_routed_experts} is not divisible by n_group {n_group}"))
+        );
+    }
+    if topk_group == 0 || topk_group > n_group {
+        return Err(e.invalid("topk_group", format!("must be in 1..={n_group} (n_group), got {topk_group}")));
+    }
+    let per_group = n_routed_experts / n_group;
+    if num_experts_per_tok > topk_group * per_group {
+        return Err(e.invalid(
+            "num_experts_per_tok",
+            format!(
+                "{num_experts_per_tok} exceeds the {} experts in topk_group {topk_group} groups of {per_group}",
+                topk_group * per_group
+            ),
+        ));
+    }
+    if has_moe && per_group < 2 {
+        return Err(e.invalid(
+            "n_group",
+            format!(
+                "{n_routed_key} {n_routed_experts} / n_group {n_group} leaves {per_group} expert per group; \
+                 the router scores each group by its top-2 experts"
+            ),
+        ));
+    }
+    Ok(Routing { n_routed_experts, n_shared_experts, num_experts_per_tok, n_group, topk_group })
 }
 
 /// The checkpoint's schedule, by transformers' precedence:
