@@ -514,33 +514,7 @@ pub fn greedy_search<B: Backend>(
     let chunk = opts.chunk.unwrap_or_else(|| model.backend().default_chunk());
     let mut ev = Evaluator::new(model, windows, chunk, fixed_full.clone())?;
 
-    let mut schedule = IndexSchedule::all_full(n);
-    let mut state = match resume {
-        Some(s) => {
-            if s.fingerprint != fingerprint {
-                return Err(ToolError::Invalid(
-                    "--resume: the saved search used a different model, calibration data or options".into(),
-                ));
-            }
-            for st in &s.steps {
-                schedule = schedule.with_shared(st.flipped)?;
-            }
-            SearchState { options: opts.clone(), done: false, ..s }
-        }
-        None => SearchState {
-            fingerprint,
-            options: opts.clone(),
-            layers: n,
-            all_full_loss: f64::NAN,
-            steps: Vec::new(),
-            pattern: schedule.to_pattern(),
-            removal_order: Vec::new(),
-            done: false,
-            layer_evals: 0,
-            naive_layer_evals: 0,
-            calibration_tokens: windows.iter().map(Window::targets).sum(),
-        },
-    };
+    let (mut state, schedule) = start_state(resume, fingerprint, opts, n, windows)?;
     // Committed states of the current schedule (on resume: recomputed once).
     let committed = ev.baseline(&schedule, true)?;
     if state.steps.is_empty() {
@@ -570,19 +544,7 @@ pub fn greedy_search<B: Backend>(
         }
         state.naive_layer_evals += (remaining.len() * n * windows.len()) as u64;
 
-        // Commit the best flip of each block (one block = the plain algorithm).
-        let mut commits: Vec<(usize, f64)> = Vec::new();
-        for &(start, end) in &blocks(n, opts.blocks) {
-            let best = results
-                .iter()
-                .filter(|(l, _)| (start..end).contains(l))
-                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-            if let Some(&b) = best {
-                commits.push(b);
-            }
-        }
-        commits.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-        commits.truncate(k_total - state.removal_order.len());
+        let commits = block_commits(&results, n, opts.blocks, k_total - state.removal_order.len());
         if commits.is_empty() {
             break;
         }
@@ -608,6 +570,59 @@ pub fn greedy_search<B: Backend>(
     Ok(state)
 }
 
+/// The search's state and schedule to start from: the saved search (`resume`, which must have
+/// the same fingerprint) with its committed flips applied, or a fresh all-Full one.
+fn start_state(
+    resume: Option<SearchState>,
+    fingerprint: String,
+    opts: &SearchOptions,
+    n: usize,
+    windows: &[Window],
+) -> Result<(SearchState, IndexSchedule), ToolError> {
+    let mut schedule = IndexSchedule::all_full(n);
+    let state = match resume {
+        Some(s) => {
+            if s.fingerprint != fingerprint {
+                return Err(ToolError::Invalid(
+                    "--resume: the saved search used a different model, calibration data or options".into(),
+                ));
+            }
+            for st in &s.steps {
+                schedule = schedule.with_shared(st.flipped)?;
+            }
+            SearchState { options: opts.clone(), done: false, ..s }
+        }
+        None => SearchState {
+            fingerprint,
+            options: opts.clone(),
+            layers: n,
+            all_full_loss: f64::NAN,
+            steps: Vec::new(),
+            pattern: schedule.to_pattern(),
+            removal_order: Vec::new(),
+            done: false,
+            layer_evals: 0,
+            naive_layer_evals: 0,
+            calibration_tokens: windows.iter().map(Window::targets).sum(),
+        },
+    };
+    Ok((state, schedule))
+}
+
+/// The flips a step commits from its candidates' `(layer, loss)`: the best of each pipeline block
+/// (one block = the plain algorithm), lowest loss first (ties to the lower layer), at most `limit`.
+fn block_commits(results: &[(usize, f64)], n: usize, n_blocks: usize, limit: usize) -> Vec<(usize, f64)> {
+    let order = |a: &(usize, f64), b: &(usize, f64)| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0));
+    let mut commits: Vec<(usize, f64)> = blocks(n, n_blocks)
+        .iter()
+        .filter_map(|&(start, end)| results.iter().filter(|(l, _)| (start..end).contains(l)).min_by(|a, b| order(a, b)))
+        .copied()
+        .collect();
+    commits.sort_by(order);
+    commits.truncate(limit);
+    commits
+}
+
 /// Mean loss of an arbitrary schedule on the windows (for the uniform / all-Full comparisons),
 /// each window run in prefill chunks of `chunk` rows as the search runs it.
 pub fn schedule_loss<B: Backend>(
@@ -618,4 +633,22 @@ pub fn schedule_loss<B: Backend>(
 ) -> Result<f64, ToolError> {
     let mut ev = Evaluator::new(model, windows, chunk, vec![0])?;
     Ok(total(&ev.baseline(schedule, false)?).mean())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_commits_take_each_blocks_best_lowest_first() {
+        // 8 layers in 2 blocks [0, 4) and [4, 8); layer 2 and 3 tie, the lower layer wins.
+        let results = [(1, 3.0), (2, 2.5), (3, 2.5), (5, 2.0), (6, 2.7)];
+        assert_eq!(block_commits(&results, 8, 2, 8), [(5, 2.0), (2, 2.5)]);
+        assert_eq!(block_commits(&results, 8, 2, 1), [(5, 2.0)]);
+        // One block: the plain algorithm's single best flip.
+        assert_eq!(block_commits(&results, 8, 1, 8), [(5, 2.0)]);
+        // A block without candidates commits nothing.
+        assert_eq!(block_commits(&[(1, 1.0)], 8, 2, 8), [(1, 1.0)]);
+        assert!(block_commits(&[], 8, 2, 8).is_empty());
+    }
 }
