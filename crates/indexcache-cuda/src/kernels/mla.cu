@@ -310,6 +310,28 @@ extern "C" __global__ void __launch_bounds__(256) mla_cc_bf16(const bf16_t* q_la
 //            A = P via ldmatrix, B = G via ldmatrix.trans (rows of G are the k index).
 // FLOPs per valid entry: 2*HP*(Wp + r) issued, 2*heads*(W + r) useful.
 // =============================================================================================
+// A tensor-core CTA's place and its rows' geometry (mla_tc, mla_dec): query row t, heads h0 ..
+// h0 + nh of a head group of HP, k-split `split`; cache rows of W = r + p bf16, padded to Wp (a
+// multiple of 16, the MMA K) and strided WS = Wp + 8 in shared memory (ldmatrix rows on distinct
+// banks), CPR 16-byte chunks each; KSTEPS k16 steps of the S phase, NR n8 tiles of O.
+struct TcGeom {
+    int t, h0, nh, split, W, Wp, WS, CPR, KSTEPS, NR;
+};
+__device__ __forceinline__ TcGeom tc_geom(int HP, int heads, int r, int p) {
+    TcGeom g;
+    g.t = blockIdx.x;
+    g.h0 = blockIdx.y * HP;
+    g.nh = imin(HP, heads - g.h0);
+    g.split = blockIdx.z;
+    g.W = r + p;
+    g.Wp = (g.W + 15) & ~15;
+    g.WS = g.Wp + 8;
+    g.CPR = g.W >> 3;
+    g.KSTEPS = g.Wp >> 4;
+    g.NR = r >> 3;
+    return g;
+}
+
 // Shared memory of the tensor-core kernels that cp.async never writes, zeroed (256 threads): Q
 // rows h >= nh of sQ [HP, ws] and columns [W, Wp) of the HP Q rows and the `g_rows` rows of sG
 // (contiguous after sQ).
@@ -435,16 +457,9 @@ __device__ __forceinline__ void mla_tc(const bf16_t* __restrict__ q_lat, const b
                   KPT = C::KPT, NTW = C::NTW, SS = C::SS, PS = C::PS;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int t = blockIdx.x;
-    const int h0 = blockIdx.y * HP;
-    const int nh = imin(HP, heads - h0);
-    const int split = blockIdx.z;
-    const int W = r + p;
-    const int Wp = (W + 15) & ~15;
-    const int WS = Wp + 8;
-    const int CPR = W >> 3;  // 16-byte chunks per row
-    const int KSTEPS = Wp >> 4;
-    const int NR = r >> 3;   // n8 tiles of O
+    const TcGeom g0 = tc_geom(HP, heads, r, p);
+    const int t = g0.t, h0 = g0.h0, nh = g0.nh, split = g0.split, W = g0.W, Wp = g0.Wp, WS = g0.WS,
+              CPR = g0.CPR, KSTEPS = g0.KSTEPS, NR = g0.NR;
     const int jb = imin(k, split * split_len);
     const int je = imin(k, jb + split_len);
     const int* sel_row = sel + (u64)t * k;
@@ -707,16 +722,9 @@ __device__ __forceinline__ void mla_dec(const bf16_t* __restrict__ q_lat, const 
     constexpr int TPR = 256 / HP;      // softmax threads per head row
     constexpr int KPT = NT / TPR;      // entries per softmax thread
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int t = blockIdx.x;
-    const int h0 = blockIdx.y * HP;
-    const int nh = imin(HP, heads - h0);
-    const int split = blockIdx.z;
-    const int W = r + p;
-    const int Wp = (W + 15) & ~15;
-    const int WS = Wp + 8;
-    const int CPR = W >> 3;
-    const int KSTEPS = Wp >> 4;
-    const int NR = r >> 3;
+    const TcGeom g0 = tc_geom(HP, heads, r, p);
+    const int t = g0.t, h0 = g0.h0, nh = g0.nh, split = g0.split, W = g0.W, Wp = g0.Wp, WS = g0.WS,
+              CPR = g0.CPR, KSTEPS = g0.KSTEPS, NR = g0.NR;
     const int jb = split * split_len;
     const int je = imin(k, jb + imin(split_len, NT));
     const int* sel_row = sel + (u64)t * k;
