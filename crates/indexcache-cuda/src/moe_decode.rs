@@ -495,15 +495,7 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
                     ..args(tokens, &ids[i % sets])
                 }
             };
-            let ms = time_ms(dev, PER, |i| moe_small_ws(dev, &fused(i), ws.ptr()))?;
-            rows.push(row(
-                "moe_decode fused shared expert".into(),
-                format!("{shape} + 1 shared of {inter}"),
-                ms,
-                (distinct + 1) as f64 * expert_bytes,
-                6.0 * (tokens * (top_k + 1) * hidden * inter) as f64,
-            ));
-            // The same with the post-attention add + RMSNorm inside the gate/up kernel (the
+            // Then the same with the post-attention add + RMSNorm inside the gate/up kernel (the
             // decode layer's `add_rms_norm_moe`): x += y + MoE(rms_norm(x + y)).
             let y = dev.upload("moe_small bench", &xs[hidden..2 * hidden])?;
             let nw = dev.upload("moe_small bench", &vec![1.0f32; hidden])?;
@@ -517,14 +509,20 @@ pub fn bench(dev: &Dev) -> OpResult<Vec<KernelBench>> {
                 pre_eps: 1e-6,
                 ..fused(i)
             };
-            let ms = time_ms(dev, PER, |i| moe_small_ws(dev, &pre(i), ws.ptr()))?;
-            rows.push(row(
-                "moe_decode fused shared expert, add + RMSNorm inside (pre)".into(),
-                format!("{shape} + 1 shared of {inter}"),
-                ms,
-                (distinct + 1) as f64 * expert_bytes,
-                6.0 * (tokens * (top_k + 1) * hidden * inter) as f64,
-            ));
+            for (name, with_pre) in [
+                ("moe_decode fused shared expert", false),
+                ("moe_decode fused shared expert, add + RMSNorm inside (pre)", true),
+            ] {
+                let a = |i: usize| if with_pre { pre(i) } else { fused(i) };
+                let ms = time_ms(dev, PER, |i| moe_small_ws(dev, &a(i), ws.ptr()))?;
+                rows.push(row(
+                    name.into(),
+                    format!("{shape} + 1 shared of {inter}"),
+                    ms,
+                    (distinct + 1) as f64 * expert_bytes,
+                    6.0 * (tokens * (top_k + 1) * hidden * inter) as f64,
+                ));
+            }
             for pf in [0, 1] {
                 let ms = time_ms(dev, PER, |i| gate_up(dev, &args(tokens, &ids[i % sets]), ws.ptr(), pf))?;
                 let bytes = 4.0 * expert_bytes * 2.0 / 3.0;
