@@ -1873,15 +1873,15 @@ impl CudaBackend {
         });
         // With the fused pre-norm at decode, the expert kernels may redo it themselves
         // (`MoeSmallArgs::pre_y`): the router kernel then leaves x and h unwritten.
-        let experts_pre = fused_pre.filter(|_| {
+        let experts_pre = fused_pre.filter(|p| {
+            let res = residual.as_ref().map_or(0, |r| r.ptr());
             let a = moe_decode::MoeSmallArgs {
-                x: residual.as_ref().map_or(0, |r| r.ptr()),
-                out: residual.as_ref().map_or(0, |r| r.ptr()),
+                x: res,
+                out: res,
                 accumulate: true,
-                pre_y: fused_pre.map_or(0, |p| p.y.ptr()),
-                pre_w: fused_pre.map_or(0, |p| p.w.buf.ptr()),
-                ids: 0,
-                weights: 0,
+                pre_y: p.y.ptr(),
+                pre_w: p.w.buf.ptr(),
+                pre_eps: p.eps,
                 ..args
             };
             self.moe_pre && (moe.shared.is_none() || fused.is_some()) && moe_decode::check(&a).is_ok()
